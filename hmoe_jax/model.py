@@ -1,0 +1,319 @@
+"""gpt-oss as a Flax NNX model, computing exactly what `transformers`' `GptOssForCausalLM` computes.
+
+The forward reads top-down like `spec/gpt-oss.md`:
+
+    x = embed[ids]
+    for each block: x = x + attention(rmsnorm(x)); x = x + moe(rmsnorm(x))
+    logits = lm_head(rmsnorm(x))
+
+Every parameter is declared once, with its shape, dtype and logical axis names (metadata `axes`);
+`hmoe_jax.sharding` maps those names to mesh axes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from . import moe
+from .config import GptOssConfig
+from .rope import apply_rope, rope_tables
+
+# Attention logits of masked keys. transformers adds finfo.min; any value that underflows to 0 after
+# exp(x - max) gives the same probabilities, and a finite value keeps fully masked rows NaN-free.
+_MASKED = -1e30
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, std: float | None = 0.02, init: str = "normal") -> nnx.Param:
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, axes=axes)
+
+
+def _precision(dtype) -> jax.lax.Precision:
+    # fp32 runs are parity checks: no TF32/bf16 passes on GPU/TPU. bf16 runs take the fast default.
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+class RMSNorm(nnx.Module):
+    """`w * x * rsqrt(mean(x^2) + eps)` in float32, cast back to the input dtype.
+
+    The weight stays float32 whatever the model dtype, as transformers keeps norms in fp32.
+    """
+
+    def __init__(self, size: int, eps: float, *, rngs: nnx.Rngs):
+        self.weight = _param(rngs, (size,), ("embed",), jnp.float32, init="ones")
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        return (self.weight[...] * h).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with biases, learned sinks and an optional sliding window."""
+
+    def __init__(self, config: GptOssConfig, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        c = config
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.sliding_window = c.sliding_window if c.is_sliding[layer_idx] else None
+        self.config = c
+        self.dtype = dtype
+        pd = param_dtype
+        self.q_proj = _param(rngs, (c.hidden_size, c.num_attention_heads, c.head_dim), ("embed", "q_heads", "head_dim"), pd)
+        self.k_proj = _param(rngs, (c.hidden_size, c.num_key_value_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), pd)
+        self.v_proj = _param(rngs, (c.hidden_size, c.num_key_value_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), pd)
+        self.o_proj = _param(rngs, (c.num_attention_heads, c.head_dim, c.hidden_size), ("q_heads", "head_dim", "embed"), pd)
+        bias_init = "normal" if c.attention_bias else "zeros"
+        self.q_bias = _param(rngs, (c.num_attention_heads, c.head_dim), ("q_heads", "head_dim"), pd, init=bias_init)
+        self.k_bias = _param(rngs, (c.num_key_value_heads, c.head_dim), ("kv_heads", "head_dim"), pd, init=bias_init)
+        self.v_bias = _param(rngs, (c.num_key_value_heads, c.head_dim), ("kv_heads", "head_dim"), pd, init=bias_init)
+        self.o_bias = _param(rngs, (c.hidden_size,), ("embed",), pd, init=bias_init)
+        self.sinks = _param(rngs, (c.num_attention_heads,), ("q_heads",), pd)
+
+    def project_qkv(self, x, cos, sin):
+        """q [B,T,H,D], k and v [B,T,KV,D], with RoPE applied to q and k."""
+        p, dt = _precision(self.dtype), self.dtype
+        q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...].astype(dt), precision=p) + self.q_bias[...].astype(dt)
+        k = jnp.einsum("bte,ehd->bthd", x, self.k_proj[...].astype(dt), precision=p) + self.k_bias[...].astype(dt)
+        v = jnp.einsum("bte,ehd->bthd", x, self.v_proj[...].astype(dt), precision=p) + self.v_bias[...].astype(dt)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend(self, q, k, v, allowed):
+        """Softmax over keys plus one sink column per head (dropped after normalising).
+
+        q [B,T,H,D]; k, v [B,S,KV,D]; allowed [B,T,S] boolean. Query head h reads KV head h // (H/KV).
+        """
+        p, dt = _precision(self.dtype), self.dtype
+        b, t, _, d = q.shape
+        groups = self.num_heads // self.num_kv_heads
+        q = q.reshape(b, t, self.num_kv_heads, groups, d)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, precision=p, preferred_element_type=jnp.float32)
+        scores = scores * jnp.float32(self.head_dim**-0.5)
+        scores = jnp.where(allowed[:, None, None, :, :], scores, _MASKED)
+        sinks = self.sinks[...].astype(jnp.float32).reshape(1, self.num_kv_heads, groups, 1, 1)
+        # p_j = exp(s_j) / (exp(sink) + sum_k exp(s_k)); subtract the row max (sink included) for stability.
+        row_max = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sinks)
+        e = jnp.exp(scores - row_max)
+        probs = e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sinks - row_max))
+        out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dt), v, precision=p)
+        return out.reshape(b, t, self.num_heads, d)
+
+    def output(self, attn):
+        p, dt = _precision(self.dtype), self.dtype
+        return jnp.einsum("bthd,hde->bte", attn, self.o_proj[...].astype(dt), precision=p) + self.o_bias[...].astype(dt)
+
+    def __call__(self, x, cos, sin, allowed):
+        q, k, v = self.project_qkv(x, cos, sin)
+        return self.output(self.attend(q, k, v, allowed))
+
+
+class Router(nnx.Module):
+    """`logits = h @ W + b`; top-k of the raw logits, softmax over those k values only."""
+
+    def __init__(self, config: GptOssConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.weight = _param(rngs, (config.hidden_size, config.num_local_experts), ("embed", "experts"), param_dtype)
+        self.bias = _param(rngs, (config.num_local_experts,), ("experts",), param_dtype)
+        self.top_k = config.num_experts_per_tok
+        self.dtype = dtype
+
+    def logits(self, x):
+        dt = self.dtype
+        return jnp.einsum("nh,he->ne", x, self.weight[...].astype(dt), precision=_precision(dt)) + self.bias[...].astype(dt)
+
+    def __call__(self, x):
+        """Returns (logits [N,E], weights [N,k], indices [N,k])."""
+        logits = self.logits(x)
+        top_values, top_indices = jax.lax.top_k(logits, self.top_k)
+        return logits, jax.nn.softmax(top_values, axis=-1), top_indices
+
+
+class Experts(nnx.Module):
+    """The neural experts, stored as in the HF checkpoint: gate/up INTERLEAVED along the last axis."""
+
+    def __init__(self, config: GptOssConfig, *, dtype, param_dtype, backend: str, rngs: nnx.Rngs):
+        c = config
+        e, h, i = c.num_local_experts, c.hidden_size, c.intermediate_size
+        self.gate_up_proj = _param(rngs, (e, h, 2 * i), ("experts", "embed", "mlp"), param_dtype)
+        self.gate_up_proj_bias = _param(rngs, (e, 2 * i), ("experts", "mlp"), param_dtype)
+        self.down_proj = _param(rngs, (e, i, h), ("experts", "mlp", "embed"), param_dtype)
+        self.down_proj_bias = _param(rngs, (e, h), ("experts", "embed"), param_dtype)
+        self.activation = moe.SwiGLU(limit=c.swiglu_limit, alpha=c.swiglu_alpha)
+        self.backend = backend
+        self.dtype = dtype
+
+    def weights(self) -> moe.ExpertWeights:
+        dt = self.dtype
+        return moe.ExpertWeights(
+            self.gate_up_proj[...].astype(dt),
+            self.gate_up_proj_bias[...].astype(dt),
+            self.down_proj[...].astype(dt),
+            self.down_proj_bias[...].astype(dt),
+        )
+
+    def __call__(self, x, weights, indices):
+        return moe.dispatch(self.backend)(x, weights, indices, self.weights(), self.activation, _precision(self.dtype))
+
+
+class MoE(nnx.Module):
+    def __init__(self, config: GptOssConfig, *, dtype, param_dtype, backend: str, rngs: nnx.Rngs):
+        self.router = Router(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.experts = Experts(config, dtype=dtype, param_dtype=param_dtype, backend=backend, rngs=rngs)
+
+    def __call__(self, x):
+        """x [B,T,H] -> (y [B,T,H], routing dict)."""
+        b, t, h = x.shape
+        flat = x.reshape(b * t, h)
+        logits, weights, indices = self.router(flat)
+        y = self.experts(flat, weights, indices)
+        return y.reshape(b, t, h), {"router_logits": logits.reshape(b, t, -1), "expert_indices": indices.reshape(b, t, -1)}
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: GptOssConfig, layer_idx: int, *, dtype, param_dtype, moe_backend: str, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, rngs=rngs)
+        self.self_attn = Attention(config, layer_idx, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, rngs=rngs)
+        # Any module mapping [B,T,H] -> ([B,T,H], info dict): the hybrid layer swaps itself in here.
+        self.mlp = MoE(config, dtype=dtype, param_dtype=param_dtype, backend=moe_backend, rngs=rngs)
+
+    def __call__(self, x, cos, sin, allowed):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, allowed)
+        y, info = self.mlp(self.post_attention_layernorm(x))
+        return x + y, info
+
+
+@struct.dataclass
+class CausalLMOutput:
+    """`logits` [B,T,V] (None when the forward stopped early); `hidden_states` as in transformers:
+    entry 0 the embeddings, entry i the output of block i-1, and the last (after all L blocks) after the
+    final norm. `layer_info` holds per-layer routing details (router logits, expert indices, and for a
+    hybrid layer its extracted arguments and formula results) when requested."""
+
+    logits: jax.Array | None
+    hidden_states: tuple[jax.Array, ...] | None = None
+    layer_info: tuple[dict[str, Any], ...] | None = None
+
+
+def attention_masks(attention_mask: jax.Array, window: int) -> tuple[jax.Array, jax.Array]:
+    """Boolean [B,T,S] masks (full, sliding) over sequence indices, as transformers builds them:
+    causal, padded keys removed, and for sliding layers `q - window < k <= q`."""
+    t = attention_mask.shape[-1]
+    q = jnp.arange(t)[:, None]
+    k = jnp.arange(t)[None, :]
+    causal = (k <= q)[None]
+    keys = attention_mask.astype(bool)[:, None, :]
+    full = causal & keys
+    return full, full & (k > q - window)[None]
+
+
+def default_position_ids(attention_mask: jax.Array) -> jax.Array:
+    """Positions that make a left-padded prompt see the positions it has alone (what `generate`
+    passes); transformers' plain forward uses `arange(T)` when no `position_ids` are given."""
+    return jnp.clip(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0, None)
+
+
+class GptOssForCausalLM(nnx.Module):
+    """gpt-oss. `forward` is the traceable computation; calling the model runs it under `jax.jit`."""
+
+    def __init__(
+        self,
+        config: GptOssConfig,
+        *,
+        dtype=jnp.float32,
+        param_dtype=None,
+        moe_backend: str = "auto",
+        rngs: nnx.Rngs | None = None,
+    ):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        param_dtype = param_dtype or dtype
+        c = config
+        self.config = c
+        self.dtype = dtype
+        self.embed_tokens = _param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), param_dtype)
+        self.layers = nnx.List(
+            [
+                DecoderLayer(c, i, dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend, rngs=rngs)
+                for i in range(c.num_hidden_layers)
+            ]
+        )
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, rngs=rngs)
+        self.lm_head = _param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), param_dtype)
+
+    def forward(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+        output_hidden_states: bool = False,
+        output_layer_info: bool = False,
+        stop_after_layer: int | None = None,
+    ) -> CausalLMOutput:
+        """`stop_after_layer=L` runs blocks 0..L-1 only: no later block, no final norm, no lm_head
+        (precompute needs only `hidden_states[L]`, which is then the last entry)."""
+        c = self.config
+        n_layers = c.num_hidden_layers if stop_after_layer is None else stop_after_layer
+        if not 0 <= n_layers <= c.num_hidden_layers:
+            raise ValueError(f"stop_after_layer={stop_after_layer} is outside [0, {c.num_hidden_layers}]")
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), jnp.int32)
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        full, sliding = attention_masks(attention_mask, c.sliding_window)
+        cos, sin = rope_tables(position_ids, c, self.dtype)
+
+        x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+        hidden, infos = [x], []
+        for i in range(n_layers):
+            layer = self.layers[i]
+            x, info = layer(x, cos, sin, sliding if layer.self_attn.sliding_window else full)
+            hidden.append(x)
+            infos.append(info)
+        logits = None
+        if n_layers == c.num_hidden_layers:
+            x = self.norm(x)
+            hidden[-1] = x
+            logits = jnp.einsum("bte,ev->btv", x, self.lm_head[...].astype(self.dtype), precision=_precision(self.dtype))
+        return CausalLMOutput(
+            logits=logits,
+            hidden_states=tuple(hidden) if output_hidden_states or stop_after_layer is not None else None,
+            layer_info=tuple(infos) if output_layer_info else None,
+        )
+
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        output_hidden_states: bool = False,
+        output_layer_info: bool = False,
+        stop_after_layer: int | None = None,
+    ) -> CausalLMOutput:
+        graphdef, state = nnx.split(self)
+        return _jitted_forward(
+            graphdef, state, jnp.asarray(input_ids),
+            None if attention_mask is None else jnp.asarray(attention_mask),
+            None if position_ids is None else jnp.asarray(position_ids),
+            output_hidden_states, output_layer_info, stop_after_layer,
+        )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
+def _jitted_forward(graphdef, state, input_ids, attention_mask, position_ids, output_hidden_states, output_layer_info, stop_after_layer):
+    model = nnx.merge(graphdef, state)
+    return model.forward(
+        input_ids, attention_mask, position_ids,
+        output_hidden_states=output_hidden_states,
+        output_layer_info=output_layer_info,
+        stop_after_layer=stop_after_layer,
+    )
