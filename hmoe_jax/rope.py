@@ -1,7 +1,7 @@
-"""Rotary position embeddings with YaRN scaling, exactly as transformers computes them.
+"""Rotary position embeddings with YaRN scaling, as transformers computes them.
 
 Pure functions. The inverse frequencies are computed in float32 numpy with the same operation order as
-`transformers.modeling_rope_utils._compute_yarn_parameters`, so the tables match bit for bit; the angles
+`transformers.modeling_rope_utils._compute_yarn_parameters` (to within 2 ulp, see below); the angles
 are `position * inv_freq` in float32, and both cos and sin carry the YaRN attention factor.
 """
 
@@ -32,7 +32,9 @@ def inverse_frequencies(config: GptOssConfig) -> np.ndarray:
     """float32 [head_dim / 2]."""
     d, base = config.head_dim, config.rope_theta
     exponents = np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / np.float32(d)
-    pos_freqs = np.power(np.float32(base), exponents, dtype=np.float32)
+    # base ** (2i/d), correctly rounded to float32 (via float64). torch's float32 pow is off by one
+    # ulp for a few i, so the tables agree with transformers to within 2 ulp, not bit for bit.
+    pos_freqs = np.power(np.float64(base), exponents.astype(np.float64)).astype(np.float32)
     if config.rope_type != "yarn":
         return (np.float32(1.0) / pos_freqs).astype(np.float32)
     low, high = yarn_correction_range(config)
