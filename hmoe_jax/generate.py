@@ -1,0 +1,149 @@
+"""Jitted autoregressive generation with a KV cache that respects sliding-window layers.
+
+One compiled program per (batch, prompt length, max_new_tokens): a prefill over the (left-padded)
+prompt, then `lax.scan` over decode steps. Full-attention layers cache every position; sliding layers
+keep a ring buffer of `sliding_window` slots, since no query ever reads further back. Each slot
+remembers the sequence index it holds (-1: empty or padding), and the mask is rebuilt from those
+indices, exactly the keys transformers' masks allow: causal, non-padding, and `q - window < k` on
+sliding layers. Positions follow the attention mask (`cumsum - 1`), as `transformers.generate` does.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .model import GptOssForCausalLM, _precision, attention_masks, default_position_ids
+from .rope import rope_tables
+
+
+class LayerCache(NamedTuple):
+    k: jax.Array  # [B, S, KV, D]
+    v: jax.Array  # [B, S, KV, D]
+    index: jax.Array  # [B, S] sequence index held by each slot, -1 when empty or padding
+
+
+def _cache_size(layer, total_len: int) -> int:
+    window = layer.self_attn.sliding_window
+    return total_len if window is None else min(window, total_len)
+
+
+def _prefill(model: GptOssForCausalLM, ids, mask, total_len: int):
+    """Run the prompt, returning the last position's logits, the caches and the next positions."""
+    c = model.config
+    b, t = ids.shape
+    positions = default_position_ids(mask)
+    full, sliding = attention_masks(mask, c.sliding_window)
+    cos, sin = rope_tables(positions, c, model.dtype)
+    x = jnp.take(model.embed_tokens[...], ids, axis=0).astype(model.dtype)
+    seq_index = jnp.where(mask.astype(bool), jnp.arange(t)[None, :], -1)
+    caches = []
+    for layer in model.layers:
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q, k, v = attn.project_qkv(h, cos, sin)
+        x_mid = x + attn.output(attn.attend(q, k, v, sliding if attn.sliding_window else full))
+        y, _ = layer.mlp(layer.post_attention_layernorm(x_mid), block_input=x, token_mask=mask)
+        x = x_mid + y
+        size = _cache_size(layer, total_len)
+        keep = min(size, t)  # the last `keep` prompt positions land in slots (index % size), all distinct
+        slots = jnp.arange(t - keep, t) % size
+        cache = LayerCache(
+            jnp.zeros((b, size) + k.shape[2:], k.dtype).at[:, slots].set(k[:, t - keep:]),
+            jnp.zeros((b, size) + v.shape[2:], v.dtype).at[:, slots].set(v[:, t - keep:]),
+            jnp.full((b, size), -1, jnp.int32).at[:, slots].set(seq_index[:, t - keep:]),
+        )
+        caches.append(cache)
+    logits = _lm_head(model, x[:, -1:])
+    return logits[:, 0], tuple(caches), positions[:, -1] + 1
+
+
+def _lm_head(model, x):
+    x = model.norm(x)
+    return jnp.einsum("bte,ev->btv", x, model.lm_head[...].astype(model.dtype), precision=_precision(model.dtype))
+
+
+def _decode_step(model: GptOssForCausalLM, token, position, step_index, caches):
+    """One token per row at sequence index `step_index` (shared: prompts are left-padded)."""
+    c = model.config
+    b = token.shape[0]
+    cos, sin = rope_tables(position[:, None], c, model.dtype)
+    x = jnp.take(model.embed_tokens[...], token[:, None], axis=0).astype(model.dtype)
+    ones = jnp.ones((b, 1), jnp.int32)
+    new_caches = []
+    for layer, cache in zip(model.layers, caches):
+        attn = layer.self_attn
+        q, k, v = attn.project_qkv(layer.input_layernorm(x), cos, sin)
+        size = cache.k.shape[1]
+        slot = step_index % size
+        cache = LayerCache(
+            jax.lax.dynamic_update_slice_in_dim(cache.k, k, slot, axis=1),
+            jax.lax.dynamic_update_slice_in_dim(cache.v, v, slot, axis=1),
+            jax.lax.dynamic_update_slice_in_dim(cache.index, jnp.full((b, 1), step_index, jnp.int32), slot, axis=1),
+        )
+        allowed = (cache.index >= 0) & (cache.index <= step_index)
+        if attn.sliding_window is not None:
+            allowed &= cache.index > step_index - attn.sliding_window
+        x_mid = x + attn.output(attn.attend(q, cache.k, cache.v, allowed[:, None, :]))
+        y, _ = layer.mlp(layer.post_attention_layernorm(x_mid), block_input=x, token_mask=ones)
+        x = x_mid + y
+        new_caches.append(cache)
+    return _lm_head(model, x)[:, 0], tuple(new_caches)
+
+
+def _choose(logits, key, temperature: float, top_k: int | None):
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8))
+def _generate(graphdef, state, ids, mask, max_new_tokens, temperature, top_k, eos_token_id, pad_token_id, key):
+    model = nnx.merge(graphdef, state)
+    t = ids.shape[1]
+    logits, caches, position = _prefill(model, ids, mask, t + max_new_tokens)
+    done = jnp.zeros(ids.shape[0], bool)
+
+    def step(carry, i):
+        logits, caches, position, done, key = carry
+        key, sub = jax.random.split(key)
+        token = _choose(logits, sub, temperature, top_k)
+        token = jnp.where(done, pad_token_id, token)
+        if eos_token_id is not None:
+            done = done | (token == eos_token_id)
+        logits, caches = _decode_step(model, token, position, t + i, caches)
+        return (logits, caches, position + 1, done, key), token
+
+    _, tokens = jax.lax.scan(step, (logits, caches, position, done, key), jnp.arange(max_new_tokens))
+    return tokens.T
+
+
+def generate(
+    model: GptOssForCausalLM,
+    input_ids,
+    attention_mask=None,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int = 0,
+    seed: int = 0,
+) -> jax.Array:
+    """New tokens [B, max_new_tokens] after left-padded prompts. `temperature=0` is greedy; after a
+    row emits `eos_token_id` it emits `pad_token_id`. A hybrid model generates too, with
+    token-level extraction (causal-mean extraction needs the whole prefix and is a prefill feature)."""
+    ids = jnp.asarray(input_ids, jnp.int32)
+    mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    if bool(jnp.any(mask[:, -1] == 0)):
+        raise ValueError("generate needs left-padded prompts: every row's last position must be a real token")
+    graphdef, state = nnx.split(model)
+    return _generate(graphdef, state, ids, mask, max_new_tokens, float(temperature), top_k, eos_token_id,
+                     pad_token_id, jax.random.key(seed))
