@@ -1,0 +1,351 @@
+"""The Pallas kernels compute what the XLA path computes, checked in Pallas interpret mode on CPU.
+
+The interpreter runs the very kernel bodies (tiles, loops, masks, in-kernel MXFP4 decode) that the GPU
+compiles, so agreement here pins the algorithm; a separate test lowers both kernels for CUDA (Triton
+IR, MLIR-verified) to pin that they compile there. Shapes are small: interpret mode is slow.
+
+Tolerances (fp32):
+- attention and the whole MoE: max |kernel - XLA| <= 1e-5 * max |XLA| (the online softmax rescales in
+  a different order, the matmuls sum in K tiles; observed 2e-7, and up to 2e-6 with a sink of 20 or
+  more, where both paths lose ulp(sink) in the argument of exp);
+- grouped matmul: elementwise |kernel - ref| <= 1e-6 * (|rows| @ |W|.T), i.e. fp32 summation-order
+  rounding only, which can only hold if every decoded weight is bit-exact.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hmoe_jax import kernels, moe, mxfp4
+from hmoe_jax.config import GptOssConfig
+from hmoe_jax.kernels.moe import e2m1_bits
+from hmoe_jax.model import Attention, PackedExperts, _precision, attention_masks
+
+FP32_REL = 1e-5
+MATMUL_REL = 1e-6
+
+
+def rel_err(ours, ref) -> float:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+# ---------------------------------------------------------------------------------------------- attention
+
+
+@jax.jit
+def xla_attention(q, k, v, sinks, allowed):
+    """`model.Attention.attend` itself, jitted (op-by-op dispatch is slow here). It reads only these
+    attributes, so a namespace stands in for the module: initialising a real one (random projections)
+    costs seconds per shape on this machine."""
+    layer = SimpleNamespace(num_heads=q.shape[2], num_kv_heads=k.shape[2], head_dim=q.shape[3], dtype=q.dtype,
+                            sinks=sinks)
+    return Attention.attend(layer, q, k, v, allowed)
+
+
+def allowed_mask(t, s, key_mask, window):
+    """The spec's mask over sequence indices: causal, unpadded keys, `q - window < k <= q`."""
+    qi, ki = np.arange(t)[:, None], np.arange(s)[None, :]
+    allowed = (ki <= qi)[None] & np.asarray(key_mask, bool)[:, None, :]
+    if window is not None:
+        allowed &= (ki > qi - window)[None]
+    return jnp.asarray(allowed)
+
+
+def qkv(seed, b, t, s, h, kv, d):
+    """fp32 q [B,T,H,D], k and v [B,S,KV,D], and N(0, 1) sinks [H]."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((b, t, h, d))
+    k = rng.standard_normal((b, s, kv, d))
+    v = rng.standard_normal((b, s, kv, d))
+    return (*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), jnp.asarray(rng.standard_normal(h), jnp.float32))
+
+
+def padding(b, t, left=(), right=()):
+    """[B,T] key mask: row i loses `left[i]` leading and `right[i]` trailing positions."""
+    mask = np.ones((b, t), bool)
+    for row, n in enumerate(left):
+        mask[row, :n] = False
+    for row, n in enumerate(right):
+        mask[row, t - n:] = False
+    return mask
+
+
+ATTENTION_CASES = {
+    # name: (B, T, H, KV, D, window, left pad, right pad, block_q, block_k)
+    "full_gqa4_left_padded_rows_fully_masked": (2, 37, 8, 2, 16, None, (0, 6), (), 16, 16),
+    "sliding_window_inside_one_block_mha": (2, 45, 2, 2, 16, 5, (), (0, 9), 16, 16),
+    "sliding_window_spanning_blocks_unequal_tiles": (1, 70, 4, 2, 32, 24, (), (), 16, 32),
+    "window_one_sees_only_itself": (1, 20, 4, 1, 16, 1, (3,), (), 16, 16),
+    "single_block_default_tiles": (2, 12, 4, 2, 16, 8, (2, 0), (0, 3), 64, 64),
+}
+
+
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+def test_attention_matches_xla_on_model_masks(case):
+    """Square self-attention with the masks the model builds; the key mask is the mask's diagonal (the
+    integration recipe for `Attention.attend`)."""
+    b, t, h, kv, d, window, left, right, block_q, block_k = ATTENTION_CASES[case]
+    q, k, v, sinks = qkv(list(ATTENTION_CASES).index(case), b, t, t, h, kv, d)
+    key_mask = padding(b, t, left, right)
+    full, sliding = attention_masks(jnp.asarray(key_mask, jnp.int32), window or 8)
+    allowed = sliding if window else full
+    recovered = jnp.diagonal(allowed, axis1=1, axis2=2)
+    np.testing.assert_array_equal(recovered, key_mask)
+
+    ref = xla_attention(q, k, v, sinks, allowed)
+    out = kernels.sink_attention(q, k, v, sinks, window=window, key_mask=recovered, block_q=block_q,
+                                 block_k=block_k, interpret=True)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert rel_err(out, ref) <= FP32_REL
+
+
+@pytest.mark.parametrize("magnitude", [0.5, 20.0, 60.0], ids=["small", "large", "huge"])
+def test_attention_sinks_small_and_large(magnitude):
+    """Sinks of +-magnitude on alternating heads: a large positive sink swallows nearly all the mass
+    (outputs ~exp(-60)), a large negative one none of it; each head is exact relative to its own scale."""
+    q, k, v, _ = qkv(7, 1, 33, 33, 4, 2, 16)
+    sinks = jnp.asarray([1.0, -1.0, 1.0, -1.0], jnp.float32) * magnitude
+    ref = xla_attention(q, k, v, sinks, allowed_mask(33, 33, np.ones((1, 33), bool), 8))
+    out = kernels.sink_attention(q, k, v, sinks, window=8, block_q=16, block_k=16, interpret=True)
+    for head in range(4):
+        assert rel_err(out[:, :, head], ref[:, :, head]) <= FP32_REL
+
+
+def test_attention_more_keys_than_queries_and_a_fully_masked_batch_row():
+    """T < S over sequence indices (keys past the last query are causally invisible), a random key mask,
+    and a batch row with every key masked: that row's output is exactly 0, not NaN."""
+    b, t, s = 3, 24, 40
+    q, k, v, sinks = qkv(3, b, t, s, 6, 3, 16)
+    key_mask = np.random.default_rng(3).random((b, s)) < 0.7
+    key_mask[2] = False
+    for window in (None, 6):
+        ref = xla_attention(q, k, v, sinks, allowed_mask(t, s, key_mask, window))
+        out = kernels.sink_attention(q, k, v, sinks, window=window, key_mask=jnp.asarray(key_mask),
+                                     block_q=16, block_k=16, interpret=True)
+        assert rel_err(out, ref) <= FP32_REL
+        assert np.all(np.asarray(out[2]) == 0)
+
+
+def test_attention_bf16_within_bf16_rounding():
+    """bf16 inputs, bf16 output: the kernel keeps the softmax and accumulation in fp32, so it lands as
+    close to the fp32 result as the XLA bf16 path does (both ~5e-3: the bf16 output rounding); bound:
+    twice XLA's error, or 1e-2."""
+    q, k, v, sinks = qkv(11, 1, 40, 40, 4, 2, 16)
+    allowed = allowed_mask(40, 40, np.ones((1, 40), bool), 8)
+    exact = xla_attention(q, k, v, sinks, allowed)
+    as_bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    ref = xla_attention(*as_bf16, sinks, allowed)
+    out = kernels.sink_attention(*as_bf16, sinks, window=8, block_q=16, block_k=16, interpret=True)
+    assert out.dtype == jnp.bfloat16
+    assert rel_err(out, exact) <= max(2 * rel_err(ref, exact), 1e-2)
+
+
+def test_attention_rejects_non_triton_tiles():
+    q, k, v, sinks = qkv(0, 1, 8, 8, 2, 1, 12)
+    with pytest.raises(ValueError, match="power of two"):
+        kernels.sink_attention(q, k, v, sinks, interpret=True)
+
+
+# ------------------------------------------------------------------------------------------ MXFP4 matmul
+
+
+def test_e2m1_bits_equal_the_decode_table_for_every_scale_and_byte():
+    """All 256 scale bytes x all 256 packed bytes (both nibbles), including subnormal (scale 0/1),
+    infinite (scale 254/255) and -0 results, bit for bit against `dequantize_mxfp4`, nibble order included."""
+    scales = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 16, axis=1)  # [256 rows, 16 groups]
+    blocks = np.broadcast_to(np.arange(256, dtype=np.uint8).reshape(16, 16), (256, 16, 16))
+    expected = np.asarray(mxfp4.dequantize_mxfp4(blocks, scales)).view(np.uint32)  # [256, 512], the jnp decoder
+    packed = blocks.astype(np.int32)
+    codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(256, 16, 32)
+    bits = np.asarray(jax.jit(e2m1_bits)(jnp.asarray(codes), jnp.asarray(scales, jnp.int32)[:, :, None]))
+    np.testing.assert_array_equal(bits.view(np.uint32).reshape(256, 512), expected)
+
+
+def random_packed(seed, experts, out_features, in_features):
+    """Random MXFP4 experts; scale bytes 119..130 (factors 2**-8..2**3) keep every product normal."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (experts, out_features, in_features // 32, 16), dtype=np.uint8)
+    scales = rng.integers(119, 131, (experts, out_features, in_features // 32), dtype=np.uint8)
+    return jnp.asarray(blocks), jnp.asarray(scales)
+
+
+MATMUL_CASES = {
+    # name: (group sizes, extra rows past the groups, in, out, tile_m, tile_n, rows dtype)
+    "uneven_with_empty_groups": ((0, 7, 0, 20, 1, 0), 0, 128, 64, 8, 32, jnp.float32),
+    "odd_group_count_one_group_per_step": ((3, 0, 16, 9), 0, 96, 64, 16, 64, jnp.float32),
+    "rows_past_the_groups_are_zero": ((5, 0, 11), 4, 64, 32, 8, 16, jnp.float32),
+    "all_rows_one_expert": ((0, 0, 40, 0), 0, 128, 32, 16, 32, jnp.float32),
+    "bf16_rows": ((6, 0, 13, 2), 0, 128, 64, 16, 32, jnp.bfloat16),
+}
+
+
+@pytest.mark.parametrize("case", list(MATMUL_CASES))
+def test_grouped_matmul_equals_decode_then_matmul(case):
+    group_sizes, extra, k_in, n_out, tile_m, tile_n, dtype = MATMUL_CASES[case]
+    experts, m = len(group_sizes), sum(group_sizes) + extra
+    blocks, scales = random_packed(m, experts, n_out, k_in)
+    rows = jnp.asarray(np.random.default_rng(m).standard_normal((m, k_in)), dtype)
+    sizes = jnp.asarray(group_sizes, jnp.int32)
+
+    out = kernels.grouped_matmul_mxfp4(rows, blocks, scales, sizes, tile_m=tile_m, tile_n=tile_n, interpret=True)
+    assert out.shape == (m, n_out) and out.dtype == jnp.float32
+
+    # Reference in float64 on the host: rows (as given, upcast exactly) times the exact decoded weights.
+    w = np.swapaxes(mxfp4.dequantize_mxfp4_np(blocks, scales), -1, -2).astype(np.float64)  # bit-identical to jnp's
+    x = np.asarray(rows.astype(jnp.float32), np.float64)
+    expert_of_row = np.repeat(np.arange(experts + 1), list(group_sizes) + [extra])
+    ref, bound = np.zeros((m, n_out)), np.zeros((m, n_out))
+    for e in range(experts):
+        sel = expert_of_row == e
+        ref[sel], bound[sel] = x[sel] @ w[e], np.abs(x[sel]) @ np.abs(w[e])
+    assert np.all(np.abs(np.asarray(out, np.float64) - ref) <= MATMUL_REL * bound)
+    assert np.all(np.asarray(out)[expert_of_row == experts] == 0)
+
+
+def test_grouped_matmul_rejects_width_not_divisible_by_tile():
+    blocks, scales = random_packed(0, 2, 48, 64)
+    with pytest.raises(ValueError, match="tile_n"):
+        kernels.grouped_matmul_mxfp4(jnp.zeros((4, 64)), blocks, scales, jnp.asarray([2, 2]), tile_n=32,
+                                     interpret=True)
+
+
+def moe_config(hidden, intermediate, experts, top_k):
+    return GptOssConfig(
+        vocab_size=64, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=experts,
+        num_experts_per_tok=top_k, sliding_window=8, layer_types=("full_attention",),
+    )
+
+
+def packed_experts_module(cfg, seed):
+    """`model.PackedExperts` with random bytes, scale factors 2**-9..2**-4 and N(0, 0.5^2) biases. Built abstractly
+    and filled from numpy: its own random initialisation costs seconds on this machine."""
+    module = nnx.eval_shape(lambda: PackedExperts(cfg, dtype=jnp.float32, param_dtype=jnp.float32, backend="ragged",
+                                                  rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(seed)
+    for path, param in nnx.to_flat_state(nnx.state(module)):
+        name = path[-1]
+        if name.endswith("_blocks"):
+            value = rng.integers(0, 256, param.shape, dtype=np.uint8)
+        elif name.endswith("_scales"):
+            value = rng.integers(118, 124, param.shape, dtype=np.uint8)
+        else:
+            value = 0.5 * rng.standard_normal(param.shape).astype(np.float32)
+        param.set_value(jnp.asarray(value))
+    return module
+
+
+def pallas_adapter(module, x, weights, indices, interpret=True, **tiles):
+    """The integration recipe for `PackedExperts.__call__` on GPU: packed params in, biases in compute dtype."""
+    dt = module.dtype
+    packed = kernels.PackedExpertWeights(
+        module.gate_up_proj_blocks[...], module.gate_up_proj_scales[...], module.gate_up_proj_bias[...].astype(dt),
+        module.down_proj_blocks[...], module.down_proj_scales[...], module.down_proj_bias[...].astype(dt),
+    )
+    return kernels.moe_pallas_mxfp4(x, weights, indices, packed, module.activation, _precision(dt), interpret=interpret,
+                                    **tiles)
+
+
+@pytest.mark.parametrize("tokens,experts,top_k", [(13, 4, 2), (5, 8, 3)])
+def test_moe_pallas_matches_packed_experts_xla_path(tokens, experts, top_k):
+    """The whole MoE (gate/up, clamped SwiGLU, down, biases, routing-weighted combine) on packed experts:
+    the kernel path equals `PackedExperts` decoding to `ExpertWeights` and running `moe_ragged`.
+    Few tokens over many experts leaves experts empty and tiles unused."""
+    cfg = moe_config(hidden=64, intermediate=96, experts=experts, top_k=top_k)
+    module = packed_experts_module(cfg, tokens)
+    rng = np.random.default_rng(tokens)
+    x = jnp.asarray(rng.standard_normal((tokens, cfg.hidden_size)), jnp.float32)
+    logits = jnp.asarray(rng.standard_normal((tokens, experts)), jnp.float32)
+    top, indices = jax.lax.top_k(logits, top_k)
+    weights = jax.nn.softmax(top, axis=-1)
+
+    ref = jax.jit(lambda *args: module(*args))(x, weights, indices)
+    dense = jax.jit(lambda *args: moe.moe_dense(*args, module.weights(), module.activation,
+                                                jax.lax.Precision.HIGHEST))(x, weights, indices)
+    assert rel_err(ref, dense) <= FP32_REL
+    out = pallas_adapter(module, x, weights, indices, tile_m=8, tile_n=32)
+    assert rel_err(out, ref) <= FP32_REL
+
+
+# ----------------------------------------------------------------------------------- selection, lowering
+
+
+def test_selection_follows_the_backend(monkeypatch):
+    monkeypatch.delenv("HMOE_PALLAS", raising=False)
+    assert kernels.available() == (jax.default_backend() == "gpu")
+    assert kernels.use_pallas() == kernels.available()
+    monkeypatch.setenv("HMOE_PALLAS", "0")
+    assert not kernels.use_pallas()
+    monkeypatch.setenv("HMOE_PALLAS", "1")
+    assert kernels.use_pallas()
+
+
+def test_both_kernels_lower_to_verified_triton_ir_for_cuda(monkeypatch):
+    """No GPU here, but JAX lowers for CUDA on any host: every primitive in both kernel bodies must have
+    a Triton lowering, every tile must be a power of two, and the Triton module must pass MLIR
+    verification (this caught a scalar `where` that lowered to an i1 loop bound). gpt-oss-20b shapes."""
+    lowering = pytest.importorskip("jax._src.pallas.triton.lowering")
+    verified = []
+    original = lowering.lower_jaxpr_to_triton_module
+
+    def lower_and_verify(*args, **kwargs):
+        result = original(*args, **kwargs)
+        verified.append(result.module.operation.verify())
+        return result
+
+    monkeypatch.setattr(lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
+
+    def lower_for_cuda(fn, *shapes):
+        return jax.jit(fn).trace(*(jax.ShapeDtypeStruct(s, d) for s, d in shapes)).lower(
+            lowering_platforms=("cuda",)).as_text()
+
+    for dtype in (jnp.bfloat16, jnp.float32):
+        for window in (None, 128):
+            attend = functools.partial(kernels.sink_attention, window=window, interpret=False)
+            text = lower_for_cuda(lambda q, k, v, s, m: attend(q, k, v, s, key_mask=m),
+                                  ((1, 200, 64, 64), dtype), ((1, 200, 8, 64), dtype), ((1, 200, 8, 64), dtype),
+                                  ((64,), jnp.float32), ((1, 200), jnp.bool_))
+            assert "xla.gpu.triton" in text
+        matmul = functools.partial(kernels.grouped_matmul_mxfp4, interpret=False)
+        text = lower_for_cuda(matmul, ((512, 2880), dtype), ((32, 5760, 90, 16), jnp.uint8),
+                              ((32, 5760, 90), jnp.uint8), ((32,), jnp.int32))
+        assert "xla.gpu.triton" in text
+    assert verified == [True] * 6
+
+
+# ------------------------------------------------------------------------------------ compiled, GPU only
+
+on_gpu = pytest.mark.skipif(not kernels.available(), reason="compiled Pallas kernels need a GPU")
+
+
+@on_gpu
+@pytest.mark.parametrize("window", [None, 128])
+def test_compiled_attention_matches_xla_on_gpu(window):
+    """The Triton-compiled kernel at gpt-oss head shapes, fp32 (IEEE dots on both sides)."""
+    b, t = 2, 300
+    q, k, v, sinks = qkv(5, b, t, t, 64, 8, 64)
+    key_mask = padding(b, t, left=(0, 17))
+    ref = xla_attention(q, k, v, sinks, allowed_mask(t, t, key_mask, window))
+    out = kernels.sink_attention(q, k, v, sinks, window=window, key_mask=jnp.asarray(key_mask), interpret=False)
+    assert rel_err(out, ref) <= FP32_REL
+
+
+@on_gpu
+def test_compiled_moe_matches_packed_experts_on_gpu():
+    cfg = moe_config(hidden=256, intermediate=192, experts=8, top_k=4)
+    module = packed_experts_module(cfg, 0)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((100, cfg.hidden_size)), jnp.float32)
+    top, indices = jax.lax.top_k(jnp.asarray(rng.standard_normal((100, 8)), jnp.float32), 4)
+    weights = jax.nn.softmax(top, axis=-1)
+    ref = jax.jit(lambda *args: module(*args))(x, weights, indices)
+    out = pallas_adapter(module, x, weights, indices, interpret=False)
+    assert rel_err(out, ref) <= FP32_REL
