@@ -2,7 +2,14 @@
 
 A layout is a list of `TensorRule`s: which checkpoint keys (sources) make which model parameter
 (target, a `/`-joined NNX path), through which small named transform. `{i}` stands for the layer
-index. A new checkpoint layout is a new table, not new code paths.
+index. A new checkpoint layout is a new table, not new code paths. Transforms that have an inverse
+(`transform.inverse(value, config) -> sources`) let the same table write the layout back (export).
+
+Layouts read here:
+- Hugging Face (`model*.safetensors`), experts as MXFP4 `*_blocks`/`*_scales` or plain bf16;
+- OpenAI `original/` (`block.N.attn.qkv`, `mlp1_weight.blocks`, `norm.scale`, ...), MXFP4 experts.
+Both store MXFP4 experts as [E, out, in/32, 16] with gate/up interleaved along `out`, the order our
+dense experts keep (after the [E, in, out] transpose), so neither needs a de-interleave.
 """
 
 from __future__ import annotations
@@ -12,12 +19,18 @@ import json
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import ml_dtypes
 import numpy as np
 
 from .config import GptOssConfig
-from .mxfp4 import dequantize_mxfp4_np
+from .mxfp4 import dequantize_mxfp4_np, quantize_mxfp4_np
+from .safetensors_file import SafetensorsFormatError, read_header, read_tensor
 
 Transform = Callable[[Sequence[np.ndarray], GptOssConfig], np.ndarray]
+
+# `config.json` key and value that mark a checkpoint written by `hmoe_jax.convert` (see flax_checkpoint).
+FLAX_FORMAT_KEY = "format"
+FLAX_FORMAT = "hmoe-jax-flax"
 
 
 class CheckpointError(ValueError):
@@ -26,12 +39,32 @@ class CheckpointError(ValueError):
 
 # ---------------------------------------------------------------- named transforms (numpy, pure)
 
+def inverse_of(forward: Transform):
+    """Register the decorated function as `forward.inverse`: target value -> tuple of source tensors."""
+
+    def register(inverse):
+        forward.inverse = inverse
+        return inverse
+
+    return register
+
+
 def identity(t, c):
     return t[0]
 
 
+@inverse_of(identity)
+def _identity_back(x, c):
+    return (x,)
+
+
 def transpose(t, c):
     return np.ascontiguousarray(t[0].T)
+
+
+@inverse_of(transpose)
+def _transpose_back(x, c):
+    return (np.ascontiguousarray(x.T),)
 
 
 def in_to_heads(t, c):
@@ -40,8 +73,18 @@ def in_to_heads(t, c):
     return np.ascontiguousarray(w.T).reshape(w.shape[1], -1, c.head_dim)
 
 
+@inverse_of(in_to_heads)
+def heads_to_in(w, c):
+    return (np.ascontiguousarray(w.reshape(w.shape[0], -1).T),)
+
+
 def bias_to_heads(t, c):
     return t[0].reshape(-1, c.head_dim)
+
+
+@inverse_of(bias_to_heads)
+def heads_to_bias(b, c):
+    return (b.reshape(-1),)
 
 
 def heads_to_out(t, c):
@@ -50,12 +93,50 @@ def heads_to_out(t, c):
     return np.ascontiguousarray(w.T).reshape(-1, c.head_dim, w.shape[0])
 
 
+@inverse_of(heads_to_out)
+def out_to_heads(w, c):
+    return (np.ascontiguousarray(w.reshape(-1, w.shape[-1]).T),)
+
+
 def mxfp4_experts(t, c):
-    """MXFP4 blocks [E, out, in/32, 16] + scales [E, out, in/32] -> float32 [E, in, out]."""
+    """MXFP4 blocks [E, out, in/32, 16] + scales [E, out, in/32] -> bfloat16 [E, in, out].
+
+    bfloat16 holds every MXFP4 value exactly, at half of float32's memory; decoding one expert at a
+    time lets the transpose go straight into the output instead of through a second full-size copy."""
     blocks, scales = t
     if blocks.dtype != np.uint8 or scales.dtype != np.uint8:
         raise CheckpointError(f"MXFP4 blocks/scales must be uint8, got {blocks.dtype}/{scales.dtype}")
-    return np.ascontiguousarray(np.swapaxes(dequantize_mxfp4_np(blocks, scales, np.float32), -1, -2))
+    if blocks.ndim != 4:
+        raise ValueError(f"MXFP4 expert blocks must be [E, out, in/32, 16], got {blocks.shape}")
+    n_experts, n_out, n_groups, _ = blocks.shape
+    out = np.empty((n_experts, n_groups * 32, n_out), ml_dtypes.bfloat16)
+    for e in range(n_experts):
+        out[e] = dequantize_mxfp4_np(blocks[e], scales[e], ml_dtypes.bfloat16).T
+    return out
+
+
+@inverse_of(mxfp4_experts)
+def experts_to_mxfp4(w, c):
+    """Float [E, in, out] -> (blocks, scales). Exact for values that came from MXFP4; otherwise rounds
+    each to the nearest E2M1 value of its 32-group. One expert at a time: the packer works in float64."""
+    packed = [quantize_mxfp4_np(np.swapaxes(w[e].astype(np.float32), 0, 1)) for e in range(w.shape[0])]
+    return np.stack([b for b, _ in packed]), np.stack([s for _, s in packed])
+
+
+def from_qkv(part: str, transform: Transform) -> Transform:
+    """Take the q, k or v rows of a fused qkv weight/bias [(heads + 2 kv_heads) * D, ...] (rows q|k|v,
+    as OpenAI's `original/` stores them), then apply `transform`."""
+
+    def rows(t, c):
+        q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        qkv = t[0]
+        if qkv.shape[0] != q + 2 * kv:
+            raise ValueError(f"fused qkv has {qkv.shape[0]} rows, the config implies {q} + 2 * {kv}")
+        start, stop = {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}[part]
+        return transform([qkv[start:stop]], c)
+
+    rows.__name__ = f"{part}_of_qkv_{transform.__name__}"
+    return rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,10 +144,18 @@ class TensorRule:
     target: str
     sources: tuple[str, ...]
     transform: Transform = identity
+    # Sources are MXFP4 bytes (uint8), not floating-point tensors.
+    packed: bool = False
 
     def for_layer(self, i: int) -> "TensorRule":
-        return TensorRule(self.target.format(i=i), tuple(s.format(i=i) for s in self.sources), self.transform)
+        return dataclasses.replace(self, target=self.target.format(i=i), sources=tuple(s.format(i=i) for s in self.sources))
 
+
+def expand_rules(global_rules, layer_rules, num_layers: int) -> list[TensorRule]:
+    return list(global_rules) + [r.for_layer(i) for i in range(num_layers) for r in layer_rules]
+
+
+# ---------------------------------------------------------------- Hugging Face layout
 
 HF_GLOBAL = [
     TensorRule("embed_tokens", ("model.embed_tokens.weight",)),
@@ -99,14 +188,171 @@ HF_BF16_EXPERTS = [
 ]
 HF_MXFP4_EXPERTS = [
     TensorRule("layers/{i}/mlp/experts/gate_up_proj",
-               (_L + "mlp.experts.gate_up_proj_blocks", _L + "mlp.experts.gate_up_proj_scales"), mxfp4_experts),
+               (_L + "mlp.experts.gate_up_proj_blocks", _L + "mlp.experts.gate_up_proj_scales"), mxfp4_experts, packed=True),
     TensorRule("layers/{i}/mlp/experts/down_proj",
-               (_L + "mlp.experts.down_proj_blocks", _L + "mlp.experts.down_proj_scales"), mxfp4_experts),
+               (_L + "mlp.experts.down_proj_blocks", _L + "mlp.experts.down_proj_scales"), mxfp4_experts, packed=True),
+]
+# `--keep-mxfp4`: the bytes go into `PackedExperts` unchanged.
+HF_PACKED_EXPERTS = [
+    TensorRule(f"layers/{{i}}/mlp/experts/{name}_{part}", (_L + f"mlp.experts.{name}_{part}",), packed=True)
+    for name in ("gate_up_proj", "down_proj") for part in ("blocks", "scales")
 ]
 
 
-def expand_rules(global_rules, layer_rules, num_layers: int) -> list[TensorRule]:
-    return list(global_rules) + [r.for_layer(i) for i in range(num_layers) for r in layer_rules]
+# An MXFP4 HF checkpoint's `quantization_config.modules_to_not_convert`: what stays bf16.
+MXFP4_MODULES_NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
+
+
+def hf_tensor_shapes(config: GptOssConfig, experts: str) -> dict[str, tuple[int, ...]]:
+    """Every tensor of an HF gpt-oss checkpoint with its shape, in checkpoint order (global tensors,
+    then layer by layer); `experts` is "mxfp4" (`*_blocks`/`*_scales`) or "bf16" (plain)."""
+    c = config
+    e, h, i, v = c.num_local_experts, c.hidden_size, c.intermediate_size, c.vocab_size
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    for layer in range(c.num_hidden_layers):
+        p = _L.format(i=layer)
+        shapes.update({
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.q_proj.bias": (q,),
+            p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.k_proj.bias": (kv,),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.v_proj.bias": (kv,),
+            p + "self_attn.o_proj.weight": (h, q), p + "self_attn.o_proj.bias": (h,),
+            p + "self_attn.sinks": (c.num_attention_heads,),
+            p + "mlp.router.weight": (e, h), p + "mlp.router.bias": (e,),
+        })
+        if experts == "mxfp4":
+            shapes.update({
+                p + "mlp.experts.gate_up_proj_blocks": (e, 2 * i, h // 32, 16),
+                p + "mlp.experts.gate_up_proj_scales": (e, 2 * i, h // 32),
+                p + "mlp.experts.down_proj_blocks": (e, h, i // 32, 16),
+                p + "mlp.experts.down_proj_scales": (e, h, i // 32),
+            })
+        elif experts == "bf16":
+            shapes.update({p + "mlp.experts.gate_up_proj": (e, h, 2 * i), p + "mlp.experts.down_proj": (e, i, h)})
+        else:
+            raise ValueError(f"experts must be 'mxfp4' or 'bf16', got {experts!r}")
+        shapes.update({p + "mlp.experts.gate_up_proj_bias": (e, 2 * i), p + "mlp.experts.down_proj_bias": (e, h)})
+    return shapes
+
+
+def hf_rules(config: GptOssConfig, keys: set[str], packed_experts: bool = False) -> list[TensorRule]:
+    """HF layout rules, with MXFP4 or bf16 experts detected from the keys present. `packed_experts`
+    keeps MXFP4 experts packed (an error for a checkpoint whose experts are not MXFP4)."""
+    mxfp4 = any(k.endswith("gate_up_proj_blocks") for k in keys)
+    if packed_experts and not mxfp4:
+        raise CheckpointError(
+            "keeping the experts packed needs MXFP4 experts (*_blocks/*_scales), but this checkpoint stores "
+            "plain gate_up_proj/down_proj: load or convert it without keep_mxfp4"
+        )
+    experts = HF_PACKED_EXPERTS if packed_experts else HF_MXFP4_EXPERTS if mxfp4 else HF_BF16_EXPERTS
+    globals_ = HF_GLOBAL if not (config.tie_word_embeddings and "lm_head.weight" not in keys) else [
+        r if r.target != "lm_head" else TensorRule("lm_head", ("model.embed_tokens.weight",), transpose) for r in HF_GLOBAL
+    ]
+    return expand_rules(globals_, HF_LAYER + experts, config.num_hidden_layers)
+
+
+# ---------------------------------------------------------------- OpenAI original/ layout
+
+ORIGINAL_GLOBAL = [
+    TensorRule("embed_tokens", ("embedding.weight",)),
+    TensorRule("norm/weight", ("norm.scale",)),
+    TensorRule("lm_head", ("unembedding.weight",), transpose),
+]
+
+_B = "block.{i}."
+ORIGINAL_LAYER = [
+    TensorRule("layers/{i}/input_layernorm/weight", (_B + "attn.norm.scale",)),
+    TensorRule("layers/{i}/post_attention_layernorm/weight", (_B + "mlp.norm.scale",)),
+    TensorRule("layers/{i}/self_attn/q_proj", (_B + "attn.qkv.weight",), from_qkv("q", in_to_heads)),
+    TensorRule("layers/{i}/self_attn/k_proj", (_B + "attn.qkv.weight",), from_qkv("k", in_to_heads)),
+    TensorRule("layers/{i}/self_attn/v_proj", (_B + "attn.qkv.weight",), from_qkv("v", in_to_heads)),
+    TensorRule("layers/{i}/self_attn/q_bias", (_B + "attn.qkv.bias",), from_qkv("q", bias_to_heads)),
+    TensorRule("layers/{i}/self_attn/k_bias", (_B + "attn.qkv.bias",), from_qkv("k", bias_to_heads)),
+    TensorRule("layers/{i}/self_attn/v_bias", (_B + "attn.qkv.bias",), from_qkv("v", bias_to_heads)),
+    TensorRule("layers/{i}/self_attn/o_proj", (_B + "attn.out.weight",), heads_to_out),
+    TensorRule("layers/{i}/self_attn/o_bias", (_B + "attn.out.bias",)),
+    TensorRule("layers/{i}/self_attn/sinks", (_B + "attn.sinks",)),
+    TensorRule("layers/{i}/mlp/router/weight", (_B + "mlp.gate.weight",), transpose),
+    TensorRule("layers/{i}/mlp/router/bias", (_B + "mlp.gate.bias",)),
+    TensorRule("layers/{i}/mlp/experts/gate_up_proj_bias", (_B + "mlp.mlp1_bias",)),
+    TensorRule("layers/{i}/mlp/experts/down_proj_bias", (_B + "mlp.mlp2_bias",)),
+]
+# mlp1 is gate_up ([E, 2I, H/32, 16], gate/up interleaved like HF), mlp2 is down ([E, H, I/32, 16]).
+ORIGINAL_MXFP4_EXPERTS = [
+    TensorRule("layers/{i}/mlp/experts/gate_up_proj",
+               (_B + "mlp.mlp1_weight.blocks", _B + "mlp.mlp1_weight.scales"), mxfp4_experts, packed=True),
+    TensorRule("layers/{i}/mlp/experts/down_proj",
+               (_B + "mlp.mlp2_weight.blocks", _B + "mlp.mlp2_weight.scales"), mxfp4_experts, packed=True),
+]
+ORIGINAL_PACKED_EXPERTS = [
+    TensorRule(f"layers/{{i}}/mlp/experts/{name}_{part}", (_B + f"mlp.{mlp}_weight.{part}",), packed=True)
+    for name, mlp in (("gate_up_proj", "mlp1"), ("down_proj", "mlp2")) for part in ("blocks", "scales")
+]
+
+
+def original_rules(config: GptOssConfig, packed_experts: bool = False) -> list[TensorRule]:
+    experts = ORIGINAL_PACKED_EXPERTS if packed_experts else ORIGINAL_MXFP4_EXPERTS
+    return expand_rules(ORIGINAL_GLOBAL, ORIGINAL_LAYER + experts, config.num_hidden_layers)
+
+
+# ---------------------------------------------------------------- finding a checkpoint
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointLocation:
+    """`layout`: "hf", "original" (OpenAI), "flax" (written by `hmoe_jax.convert`) or "probe" (a `.pt`
+    state dict); `path`: the directory holding `config.json` and the tensors, or the `.pt` file."""
+
+    layout: str
+    path: Path
+
+
+def _is_metal(path: Path) -> bool:
+    return path.name == "metal" or (path / "model.bin").is_file()
+
+
+def locate_checkpoint(path: str | Path) -> CheckpointLocation:
+    """Which checkpoint `path` holds. A directory with its own `config.json` is read as it is (its
+    `config.json` tells HF, OpenAI `original/` and our Flax format apart). A directory without one but
+    with an `original/` subdirectory (a download of only `original/*`) is read from `original/`: point
+    at `original/` itself to pick it over the HF files of a full gpt-oss repository. `metal/`
+    checkpoints are refused: their MXFP4 scales carry an extra offset."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint path does not exist: {path}")
+    if path.is_file():
+        if path.suffix in (".pt", ".pth"):
+            return CheckpointLocation("probe", path)
+        raise CheckpointError(
+            f"{path}: not a checkpoint: expected a checkpoint directory or a probe state dict (.pt)"
+        )
+    if _is_metal(path):
+        raise CheckpointError(
+            f"{path}: a metal/ checkpoint is not supported (its MXFP4 scales carry an extra offset); "
+            "use the HF files or original/ of the same repository"
+        )
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        if (path / "original" / "config.json").is_file():
+            return locate_checkpoint(path / "original")
+        hint = " (only a metal/ checkpoint is here, which is not supported)" if (path / "metal").is_dir() else ""
+        raise FileNotFoundError(
+            f"no config.json in {path}: not a checkpoint directory (expected an HF checkpoint, an OpenAI "
+            f"original/ folder or a converted Flax checkpoint){hint}"
+        )
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
+    if isinstance(config, dict) and config.get(FLAX_FORMAT_KEY) == FLAX_FORMAT:
+        return CheckpointLocation("flax", path)
+    is_original = isinstance(config, dict) and "model_type" not in config and (
+        "experts_per_token" in config or "num_experts" in config
+    )
+    return CheckpointLocation("original" if is_original else "hf", path)
 
 
 # ---------------------------------------------------------------- reading safetensors
@@ -115,21 +361,21 @@ class SafetensorsReader:
     """Lazy access to the tensors of one or more `.safetensors` files, by key, one tensor at a time."""
 
     def __init__(self, files: Sequence[Path]):
-        from safetensors import safe_open
-
         self.files = list(files)
         self._where: dict[str, Path] = {}
-        self._handles = {}
+        self._info = {}
+        self._data_start: dict[Path, int] = {}
         for f in self.files:
             try:
-                handle = safe_open(str(f), framework="flax")
-            except Exception as e:  # safetensors raises its own error type for a bad header
-                raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
-            self._handles[f] = handle
-            for key in handle.keys():
+                tensors, _, data_start = read_header(f)
+            except SafetensorsFormatError as e:
+                raise CheckpointError(str(e)) from None
+            self._data_start[f] = data_start
+            for key, info in tensors.items():
                 if key in self._where:
                     raise CheckpointError(f"{f}: tensor {key!r} also appears in {self._where[key]}")
                 self._where[key] = f
+                self._info[key] = info
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -137,23 +383,27 @@ class SafetensorsReader:
     def file_of(self, key: str) -> Path:
         return self._where[key]
 
-    def shape_dtype(self, key: str) -> tuple[tuple[int, ...], str]:
-        s = self._handles[self._where[key]].get_slice(key)
-        return tuple(s.get_shape()), s.get_dtype()
+    def shape_dtype(self, key: str) -> tuple[tuple[int, ...], np.dtype]:
+        info = self._info[key]
+        return info.shape, info.dtype
+
+    def nbytes(self, key: str) -> int:
+        info = self._info[key]
+        return info.end - info.begin
 
     def get(self, key: str) -> np.ndarray:
         f = self._where.get(key)
         if f is None:
             raise CheckpointError(f"tensor {key!r} is missing from the checkpoint ({', '.join(map(str, self.files))})")
         try:
-            return np.asarray(self._handles[f].get_tensor(key))
-        except Exception as e:
+            return read_tensor(f, self._info[key], self._data_start[f])
+        except (OSError, ValueError) as e:
             raise CheckpointError(f"{f}: tensor {key!r} could not be read ({e})") from None
 
 
 def safetensors_files(directory: Path) -> list[Path]:
     """The checkpoint's shard files: from `model.safetensors.index.json` when present, else all
-    `model*.safetensors`."""
+    `*.safetensors` (HF names them `model*.safetensors`, OpenAI's `original/` has `model.safetensors`)."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -165,21 +415,40 @@ def safetensors_files(directory: Path) -> list[Path]:
         if missing:
             raise CheckpointError(f"{index}: lists shard files that do not exist: {[str(m) for m in missing]}")
         return files
-    files = sorted(directory.glob("model*.safetensors"))
+    files = sorted(directory.glob("*.safetensors"))
     if not files:
-        raise CheckpointError(f"{directory}: no model*.safetensors files (not an HF checkpoint directory)")
+        raise CheckpointError(f"{directory}: no .safetensors files (config.json without weights)")
     return files
 
 
-def hf_rules(reader: SafetensorsReader, config: GptOssConfig) -> list[TensorRule]:
-    """HF layout rules, with MXFP4 or bf16 experts detected from the keys present."""
+def _is_float(dtype: np.dtype) -> bool:
+    return dtype.kind == "f" or dtype.name == "bfloat16"
+
+
+def check_sources(reader: SafetensorsReader, rules: Sequence[TensorRule]) -> None:
+    """Before reading any data: every key the rules need is present, every key present is used, and
+    each has the right kind of dtype (uint8 MXFP4 bytes or floating point)."""
+    used = {s for r in rules for s in r.sources}
     keys = set(reader.keys())
-    mxfp4 = any(k.endswith("gate_up_proj_blocks") for k in keys)
-    experts = HF_MXFP4_EXPERTS if mxfp4 else HF_BF16_EXPERTS
-    globals_ = HF_GLOBAL if not (config.tie_word_embeddings and "lm_head.weight" not in keys) else [
-        r if r.target != "lm_head" else TensorRule("lm_head", ("model.embed_tokens.weight",), transpose) for r in HF_GLOBAL
-    ]
-    return expand_rules(globals_, HF_LAYER + experts, config.num_hidden_layers)
+    missing = [s for r in rules for s in r.sources if s not in keys]
+    if missing:
+        raise CheckpointError(
+            f"tensor {missing[0]!r} is missing from the checkpoint ({', '.join(map(str, reader.files))})"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
+    unexpected = sorted(keys - used)
+    if unexpected:
+        raise CheckpointError(
+            f"{reader.file_of(unexpected[0])}: unexpected tensor {unexpected[0]!r}"
+            + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+        )
+    for rule in rules:
+        for key in rule.sources:
+            _, dtype = reader.shape_dtype(key)
+            ok = dtype == np.uint8 if rule.packed else _is_float(dtype)
+            if not ok:
+                want = "uint8 (MXFP4 bytes)" if rule.packed else "a floating-point dtype"
+                raise CheckpointError(f"{reader.file_of(key)}: tensor {key!r} has dtype {dtype}, expected {want}")
 
 
 def read_params(
@@ -190,14 +459,8 @@ def read_params(
     progress: Callable[[str, int], None] | None = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (target, array) for every rule, checking the result's shape against `expected` (target ->
-    (shape, dtype)) and that the checkpoint holds no tensor the rules do not use."""
-    used = {s for r in rules for s in r.sources}
-    unexpected = sorted(set(reader.keys()) - used)
-    if unexpected:
-        raise CheckpointError(
-            f"unexpected tensor {unexpected[0]!r} in {reader.file_of(unexpected[0])}"
-            + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
-        )
+    (shape, dtype)); `check_sources` runs first, before any tensor is read."""
+    check_sources(reader, rules)
     produced = {r.target for r in rules}
     missing_targets = sorted(set(expected) - produced)
     if missing_targets:
@@ -206,9 +469,6 @@ def read_params(
         if rule.target not in expected:
             raise CheckpointError(f"rule target {rule.target!r} is not a parameter of the model")
         sources = [reader.get(k) for k in rule.sources]
-        for key, arr in zip(rule.sources, sources):
-            if arr.dtype.kind not in "fV" and arr.dtype != np.uint8 and str(arr.dtype) != "bfloat16":
-                raise CheckpointError(f"{reader.file_of(key)}: tensor {key!r} has unsupported dtype {arr.dtype}")
         try:
             value = rule.transform(sources, config)
         except CheckpointError as e:
@@ -216,8 +476,8 @@ def read_params(
         except ValueError as e:  # reshape failures: the stored shape cannot be this parameter
             shapes = {k: a.shape for k, a in zip(rule.sources, sources)}
             raise CheckpointError(
-                f"{reader.file_of(rule.sources[0])}: tensor(s) {shapes} cannot form parameter {rule.target!r} "
-                f"of shape {expected[rule.target][0]} ({e})"
+                f"{reader.file_of(rule.sources[0])}: tensor(s) {shapes} cannot form parameter {rule.target!r}: "
+                f"the config implies shape {expected[rule.target][0]} ({e})"
             ) from None
         want_shape, want_dtype = expected[rule.target]
         if tuple(value.shape) != tuple(want_shape):
@@ -228,4 +488,4 @@ def read_params(
             )
         if progress is not None:
             progress(rule.target, sum(a.nbytes for a in sources))
-        yield rule.target, value.astype(want_dtype)
+        yield rule.target, value.astype(want_dtype, copy=False)

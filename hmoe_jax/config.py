@@ -96,6 +96,47 @@ class GptOssConfig:
         d["layer_types"] = list(self.layer_types)
         return d
 
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The Hugging Face `config.json` of this model, in transformers 5.x spelling (`rope_parameters`);
+        `_from_hf` reads it back to an equal config."""
+        rope: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
+        if self.rope_type == "yarn":
+            rope.update(
+                factor=self.rope_factor,
+                beta_fast=self.rope_beta_fast,
+                beta_slow=self.rope_beta_slow,
+                truncate=self.rope_truncate,
+                original_max_position_embeddings=self.rope_original_max_position_embeddings,
+            )
+            if self.rope_attention_factor is not None:
+                rope["attention_factor"] = self.rope_attention_factor
+        eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
+        return {
+            "architectures": ["GptOssForCausalLM"],
+            "model_type": "gpt_oss",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "num_local_experts": self.num_local_experts,
+            "num_experts_per_tok": self.num_experts_per_tok,
+            "sliding_window": self.sliding_window,
+            "layer_types": list(self.layer_types),
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_parameters": rope,
+            "swiglu_limit": self.swiglu_limit,
+            "swiglu_alpha": self.swiglu_alpha,
+            "attention_bias": self.attention_bias,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "pad_token_id": self.pad_token_id,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+        }
+
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "<dict>") -> "GptOssConfig":
         """Build from either checkpoint layout (or from `to_dict`'s own output)."""

@@ -21,6 +21,7 @@ from flax import nnx, struct
 
 from . import moe
 from .config import GptOssConfig
+from .mxfp4 import dequantize_mxfp4
 from .rope import apply_rope, rope_tables
 
 # Attention logits of masked keys. transformers adds finfo.min; any value that underflows to 0 after
@@ -164,13 +165,69 @@ class Experts(nnx.Module):
         return moe.dispatch(self.backend)(x, weights, indices, self.weights(), self.activation, _precision(self.dtype))
 
 
-class MoE(nnx.Module):
-    def __init__(self, config: GptOssConfig, *, dtype, param_dtype, backend: str, rngs: nnx.Rngs):
-        self.router = Router(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.experts = Experts(config, dtype=dtype, param_dtype=param_dtype, backend=backend, rngs=rngs)
+# Scale byte of a freshly initialised packed expert: 2**(120 - 127) maps the E2M1 magnitudes (<= 6) to
+# <= 0.047, about the spread of the dense experts' N(0, 0.02^2) initialisation.
+_PACKED_INIT_SCALE = 120
 
-    def __call__(self, x):
-        """x [B,T,H] -> (y [B,T,H], routing dict)."""
+
+class PackedExperts(nnx.Module):
+    """The neural experts kept as MXFP4, exactly as the checkpoint stores them, decoded inside the forward.
+
+    Blocks are uint8 [E, out, in/32, 16] and scales uint8 [E, out, in/32]: 4.25 bits per value, about a
+    quarter of bf16's memory. The decode is a bit-exact table lookup in the compute dtype, so the forward computes exactly
+    what `Experts` holding the decoded weights computes.
+    """
+
+    def __init__(self, config: GptOssConfig, *, dtype, param_dtype, backend: str, rngs: nnx.Rngs):
+        c = config
+        e, h, i = c.num_local_experts, c.hidden_size, c.intermediate_size
+        for size in (h, i):
+            if size % 32:
+                raise ValueError(f"MXFP4 experts need hidden and intermediate sizes divisible by 32, got {size}")
+
+        def blocks(shape, axes):
+            return nnx.Param(jax.random.randint(rngs.params(), shape, 0, 256, jnp.int32).astype(jnp.uint8), axes=axes)
+
+        def scales(shape, axes):
+            return nnx.Param(jnp.full(shape, _PACKED_INIT_SCALE, jnp.uint8), axes=axes)
+
+        # The group axis (in/32) is the input axis in units of 32: it carries the input's logical name.
+        self.gate_up_proj_blocks = blocks((e, 2 * i, h // 32, 16), ("experts", "mlp", "embed", None))
+        self.gate_up_proj_scales = scales((e, 2 * i, h // 32), ("experts", "mlp", "embed"))
+        self.gate_up_proj_bias = _param(rngs, (e, 2 * i), ("experts", "mlp"), param_dtype)
+        self.down_proj_blocks = blocks((e, h, i // 32, 16), ("experts", "embed", "mlp", None))
+        self.down_proj_scales = scales((e, h, i // 32), ("experts", "embed", "mlp"))
+        self.down_proj_bias = _param(rngs, (e, h), ("experts", "embed"), param_dtype)
+        self.activation = moe.SwiGLU(limit=c.swiglu_limit, alpha=c.swiglu_alpha)
+        self.backend = backend
+        self.dtype = dtype
+
+    def weights(self) -> moe.ExpertWeights:
+        dt = self.dtype
+        # Decoded [E, out, in], used as [E, in, out]: XLA folds the transpose into the consuming matmul.
+        gate_up = dequantize_mxfp4(self.gate_up_proj_blocks[...], self.gate_up_proj_scales[...], dt)
+        down = dequantize_mxfp4(self.down_proj_blocks[...], self.down_proj_scales[...], dt)
+        return moe.ExpertWeights(
+            jnp.swapaxes(gate_up, -1, -2),
+            self.gate_up_proj_bias[...].astype(dt),
+            jnp.swapaxes(down, -1, -2),
+            self.down_proj_bias[...].astype(dt),
+        )
+
+    def __call__(self, x, weights, indices):
+        return moe.dispatch(self.backend)(x, weights, indices, self.weights(), self.activation, _precision(self.dtype))
+
+
+class MoE(nnx.Module):
+    def __init__(self, config: GptOssConfig, *, dtype, param_dtype, backend: str, packed_experts: bool = False,
+                 rngs: nnx.Rngs):
+        self.router = Router(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        experts = PackedExperts if packed_experts else Experts
+        self.experts = experts(config, dtype=dtype, param_dtype=param_dtype, backend=backend, rngs=rngs)
+
+    def __call__(self, x, block_input=None, token_mask=None):
+        """x [B,T,H] -> (y [B,T,H], routing dict). The block's input residual and the [B,T] token
+        mask are context a hybrid layer reads; the neural MoE ignores them."""
         b, t, h = x.shape
         flat = x.reshape(b * t, h)
         logits, weights, indices = self.router(flat)
@@ -179,16 +236,20 @@ class MoE(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: GptOssConfig, layer_idx: int, *, dtype, param_dtype, moe_backend: str, rngs: nnx.Rngs):
+    def __init__(self, config: GptOssConfig, layer_idx: int, *, dtype, param_dtype, moe_backend: str,
+                 packed_experts: bool = False, rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, rngs=rngs)
         self.self_attn = Attention(config, layer_idx, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, rngs=rngs)
-        # Any module mapping [B,T,H] -> ([B,T,H], info dict): the hybrid layer swaps itself in here.
-        self.mlp = MoE(config, dtype=dtype, param_dtype=param_dtype, backend=moe_backend, rngs=rngs)
+        # Any module mapping (normed [B,T,H], block_input=, token_mask=) -> ([B,T,H], info dict): the
+        # hybrid layer swaps itself in here.
+        self.mlp = MoE(config, dtype=dtype, param_dtype=param_dtype, backend=moe_backend, packed_experts=packed_experts,
+                       rngs=rngs)
 
-    def __call__(self, x, cos, sin, allowed):
+    def __call__(self, x, cos, sin, allowed, token_mask):
+        block_input = x
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, allowed)
-        y, info = self.mlp(self.post_attention_layernorm(x))
+        y, info = self.mlp(self.post_attention_layernorm(x), block_input=block_input, token_mask=token_mask)
         return x + y, info
 
 
@@ -232,8 +293,10 @@ class GptOssForCausalLM(nnx.Module):
         dtype=jnp.float32,
         param_dtype=None,
         moe_backend: str = "auto",
+        packed_experts: bool = False,
         rngs: nnx.Rngs | None = None,
     ):
+        """`packed_experts`: keep the experts as MXFP4 blocks/scales (`PackedExperts`) instead of dense."""
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         param_dtype = param_dtype or dtype
         c = config
@@ -242,7 +305,8 @@ class GptOssForCausalLM(nnx.Module):
         self.embed_tokens = _param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), param_dtype)
         self.layers = nnx.List(
             [
-                DecoderLayer(c, i, dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend, rngs=rngs)
+                DecoderLayer(c, i, dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend,
+                             packed_experts=packed_experts, rngs=rngs)
                 for i in range(c.num_hidden_layers)
             ]
         )
@@ -276,7 +340,7 @@ class GptOssForCausalLM(nnx.Module):
         hidden, infos = [x], []
         for i in range(n_layers):
             layer = self.layers[i]
-            x, info = layer(x, cos, sin, sliding if layer.self_attn.sliding_window else full)
+            x, info = layer(x, cos, sin, sliding if layer.self_attn.sliding_window else full, attention_mask)
             hidden.append(x)
             infos.append(info)
         logits = None

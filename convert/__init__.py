@@ -1,0 +1,1 @@
+"""`python -m convert`: turn gpt-oss checkpoints (and probe state dicts) into Flax checkpoints, and back."""

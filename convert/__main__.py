@@ -1,0 +1,64 @@
+"""`python -m convert SRC DST`: a gpt-oss checkpoint (HF or OpenAI `original/`) or a probe `.pt` -> a
+Flax checkpoint that `hmoe_jax.from_pretrained` / `hmoe_jax.load_probe` read.
+`python -m convert --to hf SRC DST`: a converted checkpoint -> an HF checkpoint transformers loads.
+
+Exit status: 0 on success, 1 when the input is unusable or DST cannot be written (the message names
+the file and key; nothing is left at DST), 2 on a usage error.
+"""
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from hmoe_jax import convert
+
+
+def _parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m convert",
+        description="Convert a gpt-oss checkpoint into a Flax (orbax) checkpoint, or export one back to HF.",
+    )
+    parser.add_argument("src", type=Path, help="HF checkpoint dir, OpenAI original/ dir (or its parent), probe .pt; "
+                                               "with --to hf: a converted Flax checkpoint")
+    parser.add_argument("dst", type=Path, help="output directory (written atomically)")
+    parser.add_argument("--to", choices=("flax", "hf"), default="flax", help="output format (default %(default)s)")
+    parser.add_argument("--keep-mxfp4", action="store_true",
+                        help="keep MXFP4 experts packed; they are decoded inside the jitted forward")
+    parser.add_argument("--mxfp4", action="store_true", help="with --to hf: write experts as MXFP4 blocks/scales")
+    parser.add_argument("--dtype", choices=sorted(convert.DTYPES),
+                        help="dtype of floating-point tensors (default: lossless for the source)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+    return parser
+
+
+def _exit_on_sigterm(signum, frame):
+    # As an exception, so the half-written temporary output is removed (as for Ctrl-C).
+    raise SystemExit(128 + signum)
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.to == "hf" and args.keep_mxfp4:
+        parser.error("--keep-mxfp4 applies to --to flax; use --mxfp4 for MXFP4 experts in an HF export")
+    if args.to == "flax" and args.mxfp4:
+        parser.error("--mxfp4 applies to --to hf; use --keep-mxfp4 to keep experts packed in a Flax checkpoint")
+    try:
+        if args.to == "hf":
+            summary = convert.export_hf(args.src, args.dst, mxfp4=args.mxfp4, dtype=args.dtype,
+                                        overwrite=args.overwrite, progress=True)
+        else:
+            summary = convert.convert_checkpoint(args.src, args.dst, keep_mxfp4=args.keep_mxfp4, dtype=args.dtype,
+                                                 overwrite=args.overwrite, progress=True)
+    except (OSError, ValueError) as e:  # CheckpointError, ConfigError and FileExistsError among them
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {summary.destination} from {summary.source_layout}: {summary.tensors} tensors, "
+          f"{summary.bytes / 1e9:.2f} GB in {summary.seconds:.1f} s ({summary.megabytes_per_second:.0f} MB/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    sys.exit(main())

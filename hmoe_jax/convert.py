@@ -1,0 +1,370 @@
+"""Checkpoint conversion: PyTorch-side formats -> our Flax checkpoint (`hmoe_jax.flax_checkpoint`) and back.
+
+- `convert_checkpoint(SRC, DST)`: an HF gpt-oss checkpoint (MXFP4 or bf16 experts), OpenAI's
+  `original/` layout, or a probe state dict (`.pt`) -> a Flax checkpoint that `from_pretrained` /
+  `load_probe` read. Streams tensor by tensor (see `flax_checkpoint` for the grouping).
+- `export_hf(SRC, DST)`: a converted gpt-oss checkpoint -> an HF checkpoint that transformers loads,
+  plain experts or MXFP4 (`mxfp4=True`), written shard by shard, tensor by tensor.
+
+Every output directory is built under a temporary name next to DST and renamed into place only when
+complete, so an interrupted or failed conversion leaves no DST (at most a hidden `.DST.partial-*`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import SingleDeviceSharding
+
+from .checkpoint import (
+    HF_BF16_EXPERTS,
+    HF_GLOBAL,
+    HF_LAYER,
+    HF_MXFP4_EXPERTS,
+    HF_PACKED_EXPERTS,
+    MXFP4_MODULES_NOT_CONVERTED,
+    CheckpointError,
+    SafetensorsReader,
+    TensorRule,
+    check_sources,
+    expand_rules,
+    hf_rules,
+    hf_tensor_shapes,
+    locate_checkpoint,
+    mxfp4_experts,
+    original_rules,
+    read_params,
+    safetensors_files,
+)
+from .config import load_config
+from .flax_checkpoint import GROUP_BYTES, open_flax_checkpoint, write_flax_checkpoint
+from .loading import abstract_model, expected_params
+from .probe import PARAM_NAMES
+from .safetensors_file import SafetensorsWriter
+
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloat16)}
+# The released gpt-oss-20b uses shards of about this size.
+HF_SHARD_BYTES = 5 * 10**9
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversionSummary:
+    destination: Path
+    source_layout: str
+    tensors: int
+    bytes: int  # source bytes read (convert) or bytes written (export)
+    seconds: float
+
+    @property
+    def megabytes_per_second(self) -> float:
+        return self.bytes / 1e6 / max(self.seconds, 1e-9)
+
+
+class _Progress:
+    """tqdm over bytes, with the tensor count as postfix; silent unless enabled."""
+
+    def __init__(self, enabled: bool, total_bytes: int, total_tensors: int, desc: str):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                        disable=not enabled, dynamic_ncols=True)
+        self.done, self.total_tensors, self.bytes = 0, total_tensors, 0
+
+    def __call__(self, name: str, nbytes: int) -> None:
+        self.done += 1
+        self.bytes += nbytes
+        self.bar.update(nbytes)
+        self.bar.set_postfix_str(f"{self.done}/{self.total_tensors} tensors", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@contextlib.contextmanager
+def _atomic_directory(dst: Path, overwrite: bool, src: Path) -> Iterator[Path]:
+    """Yield an empty temporary directory next to `dst`; on success it replaces `dst`, on any
+    exception (Ctrl-C included) it is removed and `dst` is left as it was."""
+    dst = Path(dst)
+    if dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents:
+        raise ValueError(f"{dst}: the destination must neither be nor contain the source {src}")
+    if dst.exists():
+        if not dst.is_dir():
+            raise FileExistsError(f"{dst}: exists and is not a directory")
+        if any(dst.iterdir()) and not overwrite:
+            raise FileExistsError(f"{dst}: exists and is not empty; pass --overwrite to replace it")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.replaced-{uuid.uuid4().hex[:8]}"
+        os.rename(dst, old)
+        os.rename(tmp, dst)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, dst)
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    return np.dtype(dtype).name
+
+
+def _resolve_dtype(dtype: str | np.dtype | None, lossless: np.dtype) -> np.dtype:
+    if dtype is None:
+        return lossless
+    resolved = np.dtype(jnp.dtype(dtype))
+    if resolved not in DTYPES.values():
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return resolved
+
+
+# ---------------------------------------------------------------- PyTorch layouts -> Flax
+
+def convert_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    keep_mxfp4: bool = False,
+    dtype: str | np.dtype | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    group_bytes: int = GROUP_BYTES,
+) -> ConversionSummary:
+    """Convert the checkpoint at `src` (see `hmoe_jax.checkpoint.locate_checkpoint`) into a Flax
+    checkpoint directory `dst`.
+
+    `dtype` is the stored dtype of floating-point parameters (norms stay float32). None keeps it
+    lossless: bfloat16 when every floating-point source tensor is bfloat16 (MXFP4 values are exact
+    in bfloat16, so this is the released gpt-oss-20b), else float32.
+    `keep_mxfp4` stores MXFP4 experts packed (uint8 blocks/scales, decoded in the forward).
+    """
+    src = Path(src)
+    location = locate_checkpoint(src)
+    if location.layout == "probe":
+        if keep_mxfp4:
+            raise ValueError(f"{src}: keep_mxfp4 applies to gpt-oss checkpoints, not to a probe")
+        return convert_probe(location.path, dst, dtype=dtype, overwrite=overwrite)
+    if location.layout == "flax":
+        raise CheckpointError(f"{location.path}: already a converted Flax checkpoint (export it with --to hf)")
+    config = load_config(location.path)
+    reader = SafetensorsReader(safetensors_files(location.path))
+    if location.layout == "original":
+        rules = original_rules(config, keep_mxfp4)
+    else:
+        rules = hf_rules(config, set(reader.keys()), keep_mxfp4)
+    check_sources(reader, rules)
+
+    float_sources = {reader.shape_dtype(s)[1] for r in rules if not r.packed for s in r.sources}
+    lossless = DTYPES["bfloat16"] if float_sources == {DTYPES["bfloat16"]} else DTYPES["float32"]
+    param_dtype = _resolve_dtype(dtype, lossless)
+    abstract = abstract_model(config, param_dtype, packed_experts=keep_mxfp4)
+    meta: dict[str, Any] = {
+        **config.to_dict(),
+        "kind": "gpt_oss",
+        "experts": "mxfp4" if keep_mxfp4 else "dense",
+        "param_dtype": _dtype_name(param_dtype),
+        "converted_from": {"layout": location.layout, "path": str(location.path.resolve())},
+    }
+    total = sum(reader.nbytes(s) for r in rules for s in r.sources)
+    start = time.perf_counter()
+    bar = _Progress(progress, total, len(rules), desc=f"convert {location.layout}")
+    try:
+        with _atomic_directory(Path(dst), overwrite, location.path) as tmp:
+            params = read_params(reader, rules, config, expected_params(abstract), bar)
+            write_flax_checkpoint(tmp, meta, params, group_bytes)
+    finally:
+        bar.close()
+    return ConversionSummary(Path(dst), location.layout, bar.done, bar.bytes, time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------- probe state dicts -> Flax
+
+# nn.Sequential(Linear, SiLU, Dropout, Linear, SiLU, Dropout, Linear): the Linears sit at 0, 3 and 6.
+PROBE_LINEAR_INDICES = (0, 3, 6)
+_PROBE_KEY = re.compile(r"^(?P<prefix>.*?)(?P<index>\d+)\.(?P<kind>weight|bias)$")
+
+
+def probe_params_from_state_dict(state: Mapping[str, Any], source: str) -> dict[str, np.ndarray]:
+    """The reference probe's state dict (any common key prefix, e.g. `net.0.weight` or `0.weight`)
+    -> {w1, b1, w2, b2, w3, b3} in [in, out] layout, float32, with every shape checked."""
+    import torch
+
+    prefixes = set()
+    linear: dict[tuple[int, str], np.ndarray] = {}
+    for key, value in state.items():
+        match = _PROBE_KEY.match(key) if isinstance(key, str) else None
+        if match is None or int(match["index"]) not in PROBE_LINEAR_INDICES:
+            raise CheckpointError(f"{source}: unexpected key {key!r} (a probe holds Linear layers at indices 0, 3, 6)")
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise CheckpointError(f"{source}: {key!r} is not a floating-point tensor ({type(value).__name__})")
+        prefixes.add(match["prefix"])
+        linear[int(match["index"]), match["kind"]] = value.detach().to(torch.float32).cpu().numpy()
+    if len(prefixes) > 1:
+        raise CheckpointError(f"{source}: keys with different prefixes {sorted(prefixes)}: not one probe")
+    prefix = prefixes.pop() if prefixes else ""
+    for index in PROBE_LINEAR_INDICES:
+        for kind in ("weight", "bias"):
+            if (index, kind) not in linear:
+                raise CheckpointError(f"{source}: probe tensor {prefix}{index}.{kind!s} is missing")
+    params, fan_in = {}, linear[0, "weight"].shape[-1]
+    for n, index in enumerate(PROBE_LINEAR_INDICES, start=1):
+        w, b = linear[index, "weight"], linear[index, "bias"]
+        if w.ndim != 2 or w.shape[1] != fan_in or b.shape != (w.shape[0],):
+            raise CheckpointError(
+                f"{source}: {prefix}{index}.weight {tuple(w.shape)} / {prefix}{index}.bias {tuple(b.shape)} "
+                f"do not form a Linear({fan_in}, out)"
+            )
+        params[f"w{n}"], params[f"b{n}"] = np.ascontiguousarray(w.T), b
+        fan_in = w.shape[0]
+    return params
+
+
+def convert_probe(
+    src: str | Path, dst: str | Path, *, dtype: str | np.dtype | None = None, overwrite: bool = False
+) -> ConversionSummary:
+    """A probe `.pt` state dict (read with `torch.load(weights_only=True)`: no code runs) -> a Flax
+    checkpoint that `hmoe_jax.load_probe` reads."""
+    try:
+        import torch
+    except ImportError:
+        raise ImportError("reading a .pt probe needs torch: pip install 'hmoe-jax[torch]'") from None
+    src = Path(src)
+    start = time.perf_counter()
+    try:
+        state = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a damaged or non-weights pickle
+        raise CheckpointError(f"{src}: not a readable weights-only torch state dict ({e})") from None
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{src}: expected a state dict, got {type(state).__name__}")
+    params = probe_params_from_state_dict(state, str(src))
+    param_dtype = _resolve_dtype(dtype, DTYPES["float32"])
+    dims = [params["w1"].shape[0]] + [params[f"w{n}"].shape[1] for n in (1, 2, 3)]
+    meta = {"kind": "probe", "dims": dims, "param_dtype": _dtype_name(param_dtype),
+            "converted_from": {"layout": "probe", "path": str(src.resolve())}}
+    with _atomic_directory(Path(dst), overwrite, src) as tmp:
+        write_flax_checkpoint(tmp, meta, ((name, params[name].astype(param_dtype)) for name in PARAM_NAMES))
+    nbytes = sum(p.nbytes for p in params.values())
+    return ConversionSummary(Path(dst), "probe", len(params), nbytes, time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------- Flax -> Hugging Face
+
+def _export_rules(config, mxfp4: bool, packed_stored: bool) -> list[TensorRule]:
+    experts = (HF_PACKED_EXPERTS if packed_stored else HF_MXFP4_EXPERTS) if mxfp4 else HF_BF16_EXPERTS
+    globals_ = [r for r in HF_GLOBAL if not (config.tie_word_embeddings and r.target == "lm_head")]
+    return expand_rules(globals_, HF_LAYER + experts, config.num_hidden_layers)
+
+
+def _shards(keys: list[str], nbytes: Mapping[str, int], max_shard_bytes: int) -> list[list[str]]:
+    shards, current, size = [], [], 0
+    for key in keys:
+        if current and size + nbytes[key] > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(key)
+        size += nbytes[key]
+    return shards + [current]
+
+
+def export_hf(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    mxfp4: bool = False,
+    dtype: str | np.dtype | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    max_shard_bytes: int = HF_SHARD_BYTES,
+) -> ConversionSummary:
+    """Write the converted gpt-oss checkpoint `src` as an HF checkpoint `dst` (`model*.safetensors`,
+    an index when sharded, `config.json`).
+
+    Experts are written plain (`gate_up_proj`/`down_proj`, the layout of bf16 re-uploads) or, with
+    `mxfp4`, as `*_blocks`/`*_scales` (packed experts are copied byte for byte; dense ones are
+    re-packed, exactly when their values came from MXFP4). `dtype`: floating-point tensors' dtype,
+    by default the one the checkpoint stores.
+    """
+    src = Path(src)
+    location = locate_checkpoint(src)
+    if location.layout != "flax":
+        raise CheckpointError(f"{src}: not a converted Flax checkpoint (export reads what convert wrote)")
+    checkpoint = open_flax_checkpoint(location.path)
+    if checkpoint.kind != "gpt_oss":
+        raise CheckpointError(f"{src}: a converted {checkpoint.kind} checkpoint; only gpt-oss models export to HF")
+    config = checkpoint.config
+    float_dtype = _resolve_dtype(dtype, checkpoint.param_dtype)
+    expected = expected_params(abstract_model(config, checkpoint.param_dtype, packed_experts=checkpoint.packed_experts))
+    checkpoint.check_params(expected)
+
+    rules = _export_rules(config, mxfp4, checkpoint.packed_experts)
+    shapes = hf_tensor_shapes(config, "mxfp4" if mxfp4 else "bf16")
+    keys = [s for r in rules for s in r.sources]
+    if sorted(keys) != sorted(shapes):
+        raise AssertionError("export rules and hf_tensor_shapes disagree")  # a bug here, not bad input
+    dtypes = {s: np.dtype(np.uint8) if r.packed else float_dtype for r in rules for s in r.sources}
+    nbytes = {k: int(np.prod(shapes[k])) * dtypes[k].itemsize for k in keys}
+    shards = _shards(keys, nbytes, max_shard_bytes)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors" for n in range(len(shards))])
+
+    start = time.perf_counter()
+    bar = _Progress(progress, sum(nbytes.values()), len(keys), desc="export hf")
+    try:
+        with _atomic_directory(Path(dst), overwrite, location.path) as tmp:
+            tensors = _hf_tensors(checkpoint, rules, config, dtypes)
+            for name, shard in zip(names, shards):
+                with SafetensorsWriter(tmp / name, [(k, shapes[k], dtypes[k]) for k in shard], {"format": "pt"}) as writer:
+                    for key in shard:
+                        written_key, array = next(tensors)
+                        writer.write(written_key, array)
+                        bar(key, array.nbytes)
+            if len(shards) > 1:
+                index = {"metadata": {"total_size": sum(nbytes.values())},
+                         "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
+                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            (tmp / "config.json").write_text(json.dumps(_hf_config(config, mxfp4, float_dtype), indent=2) + "\n")
+    finally:
+        bar.close()
+    return ConversionSummary(Path(dst), "flax", bar.done, bar.bytes, time.perf_counter() - start)
+
+
+def _hf_config(config, mxfp4: bool, float_dtype: np.dtype) -> dict[str, Any]:
+    hf = config.to_hf_dict()
+    hf["dtype"] = _dtype_name(float_dtype)
+    if mxfp4:
+        hf["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": MXFP4_MODULES_NOT_CONVERTED}
+    return hf
+
+
+def _hf_tensors(checkpoint, rules: list[TensorRule], config, dtypes: Mapping[str, np.dtype]) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF key, array) in rule order: each rule's target read from the checkpoint (dense experts
+    decoded from packed ones when that is what is stored), then its inverse transform."""
+    stored = {}
+    for rule in rules:
+        stored[rule.target] = ((rule.target,) if rule.target in checkpoint.shapes
+                               else (rule.target + "_blocks", rule.target + "_scales"))
+    host = SingleDeviceSharding(jax.devices("cpu")[0])
+    abstract = {t: jax.ShapeDtypeStruct(checkpoint.shapes[t][0], checkpoint.shapes[t][1], sharding=host)
+                for names in stored.values() for t in names}
+    values = checkpoint.read(abstract)
+    for rule in rules:
+        arrays = [np.asarray(next(values)[1]) for _ in stored[rule.target]]
+        value = arrays[0] if len(arrays) == 1 else mxfp4_experts(arrays, config)
+        for key, array in zip(rule.sources, rule.transform.inverse(value, config)):
+            yield key, array.astype(dtypes[key], copy=False)
