@@ -1,0 +1,1 @@
+"""Evaluation stages: `python -m eval {parity,hybrid,baselines,latency,demo}`."""
