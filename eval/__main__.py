@@ -4,6 +4,10 @@ import sys
 
 STAGES = {
     "parity": "eval.parity_cli",
+    "hybrid": "eval.hybrid_cli",
+    "baselines": "eval.baselines_cli",
+    "latency": "eval.latency_cli",
+    "demo": "eval.demo_cli",
 }
 
 

@@ -188,9 +188,23 @@ def convert_checkpoint(
         with _atomic_directory(Path(dst), overwrite, location.path) as tmp:
             params = read_params(reader, rules, config, expected_params(abstract), bar)
             write_flax_checkpoint(tmp, meta, params, group_bytes)
+            _copy_tokenizer(location.path, tmp, also_parent=location.layout == "original")
     finally:
         bar.close()
     return ConversionSummary(Path(dst), location.layout, bar.done, bar.bytes, time.perf_counter() - start)
+
+
+# Files a converted checkpoint carries over unchanged, so the pipeline's stages (which tokenize with the
+# checkpoint's own tokenizer) run on it as on the source. The parent of an `original/` folder holds them.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def _copy_tokenizer(src: Path, dst: Path, also_parent: bool) -> None:
+    for name in TOKENIZER_FILES:
+        for folder in (src, src.parent) if also_parent else (src,):
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, dst / name)
+                break
 
 
 # ---------------------------------------------------------------- probe state dicts -> Flax

@@ -289,13 +289,14 @@ def generate_scenarios(n, seed, id_offset):
     return scenarios
 
 
-def _write_json_atomically(path, scenarios):
+def write_json_atomically(path, obj):
+    """`json.dump(obj, indent=2)` to `path`, all or nothing."""
     # A temporary file in the destination directory, so os.replace is a rename on one file system
-    # and an interrupted run never leaves a truncated data set behind.
+    # and an interrupted run never leaves a truncated file behind.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(scenarios, f, indent=2)
+            json.dump(obj, f, indent=2)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -310,8 +311,8 @@ def write_dataset(out_dir, seed=TRAIN_SEED, n_train=3000, n_eval=500):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     train_path, eval_path = out_dir / TRAIN_FILE, out_dir / EVAL_FILE
-    _write_json_atomically(train_path, generate_scenarios(n_train, seed, 0))
-    _write_json_atomically(eval_path, generate_scenarios(n_eval, eval_seed(seed), EVAL_ID_OFFSET))
+    write_json_atomically(train_path, generate_scenarios(n_train, seed, 0))
+    write_json_atomically(eval_path, generate_scenarios(n_eval, eval_seed(seed), EVAL_ID_OFFSET))
     return train_path, eval_path
 
 

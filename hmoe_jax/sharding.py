@@ -31,6 +31,11 @@ LOGICAL_AXIS_RULES: Mapping[str, str | None] = {
     "probe_hidden": None,
     "det_experts": None,
     "det_args": None,
+    "probe_ensemble": None,
+    # Probe training: ensemble members are independent models, spread over the data axis like a
+    # batch; each member's minibatch may further be split over the tensor axis.
+    "ensemble": "data",
+    "ensemble_batch": "tensor",
 }
 
 

@@ -15,9 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from .checkpoint import MXFP4_MODULES_NOT_CONVERTED
 from .mxfp4 import quantize_mxfp4_np
-
-MXFP4_MODULES_NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
 
 
 def tiny_config(**overrides: Any) -> dict[str, Any]:
@@ -134,8 +133,9 @@ def _repack_experts_as_mxfp4(out_dir: Path) -> None:
             if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
                 w = np.swapaxes(t.to(torch.float32).numpy(), 1, 2)  # [E, out, in]
                 blocks, scales = quantize_mxfp4_np(w)
-                out[key + "_blocks"] = torch.from_numpy(blocks)
-                out[key + "_scales"] = torch.from_numpy(scales)
+                # The packer keeps its input's memory order; safetensors needs contiguous tensors.
+                out[key + "_blocks"] = torch.from_numpy(np.ascontiguousarray(blocks))
+                out[key + "_scales"] = torch.from_numpy(np.ascontiguousarray(scales))
                 if index is not None:
                     fname = index["weight_map"].pop(key)
                     index["weight_map"][key + "_blocks"] = fname
@@ -167,3 +167,45 @@ def load_torch_reference(path: str | Path, dtype: str = "float32"):
     except TypeError:
         model = GptOssForCausalLM.from_pretrained(path, **kwargs)
     return model.to(getattr(torch, dtype)).eval()
+
+
+# Names of the special tokens a tiny tokenizer reserves, keyed by the config field holding their id.
+_SPECIAL_TOKENS = {"pad_token_id": "<|pad|>", "bos_token_id": "<|startoftext|>", "eos_token_id": "<|endoftext|>"}
+
+
+def write_tokenizer(out_dir: str | Path, texts: list[str], config: dict[str, Any] | None = None) -> Path:
+    """Train a small BPE tokenizer on `texts` and save it as `tokenizer.json` + `tokenizer_config.json`
+    beside a tiny checkpoint, so the pipeline reads it exactly as it reads gpt-oss's own tokenizer.
+
+    The vocabulary is at most the config's `vocab_size` (every id is a row of the embedding); the
+    config's pad/bos/eos ids get named special tokens. Digits are split one per token, as in
+    gpt-oss's tokenizer, so amounts reach the model digit by digit. Like gpt-oss's, it adds no BOS.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    config = config if config is not None else tiny_config()
+    specials = sorted((config[key], name) for key, name in _SPECIAL_TOKENS.items() if config.get(key) is not None)
+    if [token_id for token_id, _ in specials] != list(range(len(specials))):
+        raise ValueError(f"special token ids must be 0..{len(specials) - 1} for a trained tokenizer, got {specials}")
+    vocab_size = config["vocab_size"]
+    alphabet = sorted(set("".join(texts)) | {"▁"})
+    if len(specials) + len(alphabet) > vocab_size:
+        raise ValueError(f"{len(alphabet)} distinct characters and {len(specials)} special tokens do not fit in "
+                         f"vocab_size {vocab_size}")
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(), pre_tokenizers.Digits(individual_digits=True)])
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[name for _, name in specials],
+                                  initial_alphabet=alphabet, show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    names = {key: name for key, name in _SPECIAL_TOKENS.items() if config.get(key) is not None}
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config["max_position_embeddings"]}
+    for key, name in names.items():
+        tokenizer_config[key.removesuffix("_id")] = name
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    return out_dir

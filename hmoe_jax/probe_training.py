@@ -1,0 +1,617 @@
+"""The paper's probe protocol, trained as one jitted program over the whole ensemble.
+
+Protocol (`spec/hybrid-moe.md`): for each task (an argument of an expert, or an expert's output read
+directly), take only the scenarios whose markers contain the expert; split them into K folds by a
+permutation seeded 42 (the last fold takes the remainder); for every fold and seed train the probe
+MLP on sign-log targets with Huber(1), AdamW(1e-3, weight decay 0.01) and a cosine schedule stepped
+per epoch, in shuffled minibatches of 64 with dropout.
+
+Every (task, fold, seed) is one member of an ensemble. Members are stacked on a leading axis and the
+training step is `vmap`ped over it, so the whole protocol is one program: `lax.fori_loop` over
+epochs, `lax.scan` over minibatches. Members of unequal size run the same number of steps; a member
+whose data ran out in an epoch skips the step (params and optimizer state unchanged), so each member
+sees exactly the minibatches a `DataLoader(shuffle=True, batch_size=64)` would give it. The ensemble
+axis is sharded over the mesh's `data` axis and each member's minibatch over its `tensor` axis
+(`sharding.LOGICAL_AXIS_RULES`).
+
+Selection is honest: a slice of each fold's training scenarios is held out as validation, the seed
+is chosen there and R^2 is reported on the held-out fold. The reference's rule (keep the seed that
+scores best on the very fold it reports) is reported beside it, labelled optimistic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from . import data
+from .precompute import FeatureStore
+from .probe import PROBE_DROPOUT, PROBE_HIDDEN, encode, probe_apply, probe_init
+from .sharding import partition_spec
+
+# The experts the paper trains probes for; annual_debt_service and noi_projection are defined but inactive.
+ACTIVE_EXPERTS = ("dscr", "ltv", "cap_rate", "debt_yield")
+# Target name of a probe that reads an expert's result directly from the hidden state.
+DIRECT = "output"
+# The reference's router classifier: Linear(d,128) SiLU Dropout(0.1) Linear(128,32) SiLU Linear(32,1).
+ROUTER_HIDDEN = (128, 32)
+ROUTER_DROPOUT = (0.1, 0.0)
+ROUTER_TASK = ("router", "cre_prompt")
+
+RUN_FILE = "run.json"
+RESULTS_FILE = "results.json"
+PROBES_DIR = "probes"
+PROBES_FILE = "probes.json"
+CHECKPOINT_DIR = "checkpoints"
+# Rows per chunk when predicting: bounds the gathered [members, rows, d] block to ~100 MB at d=2880.
+_PREDICT_CHUNK = 64
+
+
+class ProbeTrainingError(ValueError):
+    """Inputs the protocol cannot train on (non-finite features, an empty fold, a mismatched run);
+    raised before anything is written."""
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Training settings. The defaults are the paper's; `validation_fraction` is ours (the share of
+    each fold's training scenarios held out to choose the seed)."""
+
+    folds: int = 5
+    seeds: int = 3
+    epochs: int = 300
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    huber_delta: float = 1.0
+    fold_seed: int = 42
+    validation_fraction: float = 0.1
+    loss: str = "huber"
+    hidden: tuple[int, int] = PROBE_HIDDEN
+    dropout: tuple[float, float] = PROBE_DROPOUT
+
+    def __post_init__(self):
+        if self.loss not in ("huber", "bce"):
+            raise ProbeTrainingError(f"loss must be 'huber' or 'bce', got {self.loss!r}")
+        if self.folds < 2 or self.seeds < 1 or self.epochs < 1 or self.batch_size < 1:
+            raise ProbeTrainingError(f"need folds >= 2 and seeds, epochs, batch size >= 1: {self}")
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise ProbeTrainingError(f"validation_fraction must lie in (0, 1), got {self.validation_fraction}")
+
+
+def router_protocol(**overrides: Any) -> Protocol:
+    """The router classifier's protocol: the probe protocol with its smaller MLP and a logistic loss."""
+    return Protocol(**{"loss": "bce", "hidden": ROUTER_HIDDEN, "dropout": ROUTER_DROPOUT, **overrides})
+
+
+@dataclass(frozen=True)
+class Task:
+    """One probe to train: `rows` of the feature matrix it learns from and their `targets`, already
+    in training space (sign-log values for regression, 0/1 labels for classification)."""
+
+    key: tuple[str, str]
+    rows: np.ndarray
+    targets: np.ndarray
+
+    @property
+    def name(self) -> str:
+        return "/".join(self.key)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tasks and splits
+
+
+def probe_tasks(store: FeatureStore, experts: Sequence[str] = ACTIVE_EXPERTS, direct: bool = True) -> list[Task]:
+    """Argument probes of `experts` (in `data.EXPERT_ARGS` order), then their direct-output probes.
+    Each task keeps only the scenarios whose markers contain its expert."""
+    if store.metadata["kind"] != "scenarios":
+        raise ProbeTrainingError(f"{store.path}: holds {store.metadata['kind']}, not scenarios with targets")
+    targets = store.metadata["targets"]
+    unknown = [e for e in experts if e not in data.EXPERT_ARGS or e not in targets]
+    if unknown:
+        raise ProbeTrainingError(f"{store.path}: no targets for expert(s) {unknown}")
+    keys = [(e, a) for e in experts for a in data.EXPERT_ARGS[e]] + ([(e, DIRECT) for e in experts] if direct else [])
+    tasks = []
+    for expert, name in keys:
+        column = targets[expert][name]
+        rows = np.asarray([i for i, v in enumerate(column) if v is not None], np.int64)
+        values = np.asarray([column[i] for i in rows], np.float64)
+        if not np.isfinite(values).all():
+            bad = [store.scenario_ids[r] for r in rows[~np.isfinite(values)]][:5]
+            raise ProbeTrainingError(f"non-finite {expert}/{name} targets for {bad}")
+        tasks.append(Task((expert, name), rows, np.asarray(encode(values), np.float32)))
+    return tasks
+
+
+def router_task(positives: FeatureStore, negatives: FeatureStore, layer: int,
+                pooling: str = "mean") -> tuple[np.ndarray, list[str], Task]:
+    """The router classifier's data: (features, ids, task) with the CRE prompts labelled 1 and the
+    negatives 0. Both stores must hold features of the same model."""
+    if positives.metadata["kind"] != "scenarios" or negatives.metadata["kind"] != "router_negatives":
+        raise ProbeTrainingError(f"router training needs a scenario store and a router-negatives store, got "
+                                 f"{positives.metadata['kind']} and {negatives.metadata['kind']}")
+    if positives.metadata["model_fingerprint"] != negatives.metadata["model_fingerprint"]:
+        raise ProbeTrainingError(
+            f"{positives.path} and {negatives.path} hold features of different models "
+            f"({positives.metadata['model_fingerprint']} vs {negatives.metadata['model_fingerprint']})")
+    features = np.concatenate([positives.features(layer, pooling), negatives.features(layer, pooling)])
+    ids = positives.scenario_ids + negatives.scenario_ids
+    labels = np.concatenate([np.ones(len(positives.scenario_ids)), np.zeros(len(negatives.scenario_ids))])
+    return features, ids, Task(ROUTER_TASK, np.arange(len(ids)), labels.astype(np.float32))
+
+
+def fold_test_positions(n: int, folds: int, fold_seed: int) -> list[np.ndarray]:
+    """Positions (into a task's rows) of each fold's held-out scenarios: a permutation seeded
+    `fold_seed` (as `np.random.seed(42); np.random.permutation(n)`), cut into `folds` equal parts,
+    the last taking the remainder."""
+    permutation = np.random.RandomState(fold_seed).permutation(n)
+    size = n // folds
+    return [permutation[k * size:(k + 1) * size if k < folds - 1 else n] for k in range(folds)]
+
+
+def split_task(task: Task, protocol: Protocol) -> list[dict[str, np.ndarray]]:
+    """For each fold, positions of its inner-train, validation and test scenarios (disjoint, covering
+    the task). Validation is a seeded slice of the fold's training part."""
+    n = len(task.rows)
+    if n // protocol.folds == 0:
+        raise ProbeTrainingError(f"task {task.name}: {n} scenarios cannot fill {protocol.folds} folds (an empty fold)")
+    splits = []
+    for k, test in enumerate(fold_test_positions(n, protocol.folds, protocol.fold_seed)):
+        rest = np.setdiff1d(np.arange(n), test)
+        shuffled = np.random.RandomState(protocol.fold_seed + 1 + k).permutation(rest)
+        n_val = max(1, round(protocol.validation_fraction * len(rest)))
+        if n_val >= len(rest):
+            raise ProbeTrainingError(f"task {task.name}, fold {k}: {len(rest)} training scenarios leave none "
+                                     "after the validation split")
+        splits.append({"train": np.sort(shuffled[n_val:]), "validation": np.sort(shuffled[:n_val]), "test": np.sort(test)})
+    return splits
+
+
+def check_features(features: np.ndarray, ids: Sequence[str], rows: np.ndarray) -> None:
+    """Refuse NaN or infinite features in the rows a run uses, naming the scenarios."""
+    finite = np.isfinite(features[rows]).all(axis=1)
+    if not finite.all():
+        bad = [ids[r] for r in rows[~finite]]
+        raise ProbeTrainingError(f"non-finite features for {len(bad)} scenarios, e.g. {bad[:5]}; recompute the store")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The ensemble
+
+
+@dataclass(frozen=True)
+class Member:
+    task: int
+    fold: int
+    seed: int
+
+
+@dataclass
+class Ensemble:
+    """Per-member index arrays (numpy, members first), padded to the longest member.
+
+    `members` lists the real members; the arrays may hold extra copies of member 0 at the end, so
+    the member count divides the devices it is sharded over. Rows index the feature matrix."""
+
+    members: list[Member]
+    train_rows: np.ndarray
+    train_targets: np.ndarray
+    train_count: np.ndarray
+    eval_rows: dict[str, np.ndarray]
+    eval_targets: dict[str, np.ndarray]
+    eval_count: dict[str, np.ndarray]
+    seeds: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return len(self.train_count)
+
+
+def _pad_rows(lists: list[np.ndarray], multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    width = max(len(x) for x in lists)
+    width = multiple * math.ceil(width / multiple)
+    out = np.zeros((len(lists), width), lists[0].dtype)
+    for i, x in enumerate(lists):
+        out[i, :len(x)] = x
+    return out, np.asarray([len(x) for x in lists], np.int32)
+
+
+def build_ensemble(tasks: Sequence[Task], protocol: Protocol, member_multiple: int = 1,
+                   folds: Sequence[int] | None = None) -> Ensemble:
+    """Members ordered task-major, then fold, then seed; `folds` restricts training to some folds
+    (the benchmark's reduced protocol), the splits staying those of the full K-fold protocol."""
+    members, train, train_y, evals, eval_y = [], [], [], {"validation": [], "test": []}, {"validation": [], "test": []}
+    folds = range(protocol.folds) if folds is None else folds
+    for t, task in enumerate(tasks):
+        splits = split_task(task, protocol)
+        for k in folds:
+            split = splits[k]
+            for seed in range(protocol.seeds):
+                members.append(Member(t, k, seed))
+                train.append(task.rows[split["train"]])
+                train_y.append(task.targets[split["train"]])
+                for part in ("validation", "test"):
+                    evals[part].append(task.rows[split[part]])
+                    eval_y[part].append(task.targets[split[part]])
+    padding = (-len(members)) % member_multiple
+    for lists in (train, train_y, *evals.values(), *eval_y.values()):
+        lists.extend([lists[0]] * padding)
+    train_rows, train_count = _pad_rows(train)
+    eval_rows, eval_count, eval_targets = {}, {}, {}
+    for part in evals:
+        eval_rows[part], eval_count[part] = _pad_rows(evals[part], _PREDICT_CHUNK)
+        eval_targets[part] = _pad_rows(eval_y[part], _PREDICT_CHUNK)[0]
+    seeds = np.asarray([m.seed for m in members] + [members[0].seed] * padding, np.uint32)
+    return Ensemble(members, train_rows.astype(np.int32), _pad_rows(train_y)[0], train_count,
+                    {p: r.astype(np.int32) for p, r in eval_rows.items()}, eval_targets, eval_count, seeds)
+
+
+def _loss_fn(kind: str, delta: float) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    if kind == "huber":
+        return lambda pred, y: optax.huber_loss(pred, y, delta=delta)
+    return optax.sigmoid_binary_cross_entropy
+
+
+class EnsembleTrainer:
+    """Compiles and runs the ensemble's training and prediction programs on `mesh`."""
+
+    def __init__(self, features: np.ndarray, ensemble: Ensemble, protocol: Protocol, mesh: Mesh):
+        self.protocol = protocol
+        self.ensemble = ensemble
+        self.mesh = mesh
+        self.input_dim = features.shape[1]
+        self.steps_per_epoch = math.ceil(ensemble.train_rows.shape[1] / protocol.batch_size)
+        # Minibatches that every member has in every epoch.
+        self.common_steps = int(np.min(np.ceil(ensemble.train_count / protocol.batch_size)))
+        self.optimizer = optax.inject_hyperparams(optax.adamw)(
+            learning_rate=protocol.learning_rate, weight_decay=protocol.weight_decay)
+        members = self.sharding(("ensemble",))
+        self.features = jax.device_put(jnp.asarray(features, jnp.float32), NamedSharding(mesh, PartitionSpec()))
+        put = lambda a: jax.device_put(a, members)  # noqa: E731
+        self.train_rows, self.train_targets, self.train_count = map(put, (ensemble.train_rows, ensemble.train_targets, ensemble.train_count))
+        self.keys = put(jax.vmap(jax.random.key)(jnp.asarray(ensemble.seeds)))
+        self._train = jax.jit(self._train_epochs, donate_argnums=(0,))
+        self._predict = jax.jit(self._predict_rows)
+
+    def sharding(self, axes: tuple[str | None, ...], shape: tuple[int, ...] | None = None) -> NamedSharding:
+        shape = shape if shape is not None else (self.ensemble.size,) + (1,) * (len(axes) - 1)
+        return NamedSharding(self.mesh, partition_spec(axes, shape, self.mesh))
+
+    def state_shardings(self, state):
+        """Every leaf with a leading member axis is split over the ensemble axis; scalars replicate."""
+        return jax.tree.map(lambda x: self.sharding(("ensemble",) + (None,) * (x.ndim - 1)) if x.ndim else
+                            NamedSharding(self.mesh, PartitionSpec()), state)
+
+    def init_state(self) -> dict[str, Any]:
+        """Params drawn from each member's seed alone (the reference seeds torch before building each
+        probe, so a seed gives the same initial probe in every fold), AdamW state, an empty loss curve."""
+        p = self.protocol
+
+        def init(key):
+            params = probe_init(jax.random.fold_in(key, 0), self.input_dim, p.hidden)
+            return params, self.optimizer.init(params)
+
+        params, opt_state = jax.jit(jax.vmap(init))(self.keys)
+        state = {"params": params, "opt_state": opt_state,
+                 "train_loss": jnp.full((self.ensemble.size, p.epochs), jnp.nan, jnp.float32)}
+        return jax.device_put(state, self.state_shardings(state))
+
+    def abstract_state(self) -> Any:
+        """Shapes, dtypes and shardings of `init_state()`, for restoring a checkpoint in place."""
+        shapes = jax.eval_shape(self.init_state)
+        shardings = self.state_shardings(shapes)
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+    def train(self, state: dict[str, Any], start_epoch: int, stop_epoch: int) -> dict[str, Any]:
+        """Epochs [start, stop) of every member; one compiled program serves every range."""
+        return self._train(state, jnp.int32(start_epoch), jnp.int32(stop_epoch))
+
+    def _train_epochs(self, state, start_epoch, stop_epoch):
+        p = self.protocol
+        batch, steps = p.batch_size, self.steps_per_epoch
+        loss_fn = _loss_fn(p.loss, p.huber_delta)
+        width = self.train_rows.shape[1]
+        batch_sharding = self.sharding(("ensemble", "ensemble_batch", None), (self.ensemble.size, batch, self.input_dim))
+
+        def member_loss(params, x, y, valid, key):
+            pred = probe_apply(params, x, key, p.dropout)[..., 0]
+            # Mean over the real rows only: the last minibatch of an epoch is smaller, as in a DataLoader.
+            return jnp.sum(jnp.where(valid, loss_fn(pred, y), 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+
+        grad_fn = jax.vmap(jax.value_and_grad(member_loss))
+
+        def epoch(e, carry):
+            params, opt_state, curve = carry
+            # CosineAnnealingLR(T_max=epochs) stepped once per epoch.
+            lr = p.learning_rate * 0.5 * (1.0 + jnp.cos(jnp.pi * e / p.epochs))
+            hyper = dict(opt_state.hyperparams, learning_rate=jnp.full_like(opt_state.hyperparams["learning_rate"], lr))
+            opt_state = opt_state._replace(hyperparams=hyper)
+            epoch_keys = jax.vmap(lambda k: jax.random.fold_in(k, e + 1))(self.keys)
+
+            def shuffle(key, count):
+                # A uniform permutation of the member's rows, its padding sorted to the end.
+                u = jnp.where(jnp.arange(width) < count, jax.random.uniform(key, (width,)), 2.0)
+                return jnp.argsort(u)
+
+            order = jax.vmap(shuffle)(jax.vmap(lambda k: jax.random.fold_in(k, 0))(epoch_keys), self.train_count)
+            order = jnp.pad(order, ((0, 0), (0, steps * batch - width)))
+
+            def step(carry, s, skip_finished):
+                params, opt_state, loss_sum = carry
+                positions = jax.lax.dynamic_slice_in_dim(order, s * batch, batch, axis=1)
+                valid = (s * batch + jnp.arange(batch))[None, :] < self.train_count[:, None]
+                rows = jnp.take_along_axis(self.train_rows, positions, axis=1)
+                y = jnp.take_along_axis(self.train_targets, positions, axis=1)
+                x = jax.lax.with_sharding_constraint(self.features[rows], batch_sharding)
+                step_keys = jax.vmap(lambda k: jax.random.fold_in(k, s + 1))(epoch_keys)
+                loss, grads = grad_fn(params, x, y, valid, step_keys)
+                updates, new_opt_state = jax.vmap(self.optimizer.update)(grads, opt_state, params)
+                new_params = optax.apply_updates(params, updates)
+                if skip_finished:
+                    # A member whose epoch is over skips the step entirely (its AdamW count included).
+                    active = valid.any(axis=1)
+                    keep = lambda new, old: jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)  # noqa: E731
+                    new_params = jax.tree.map(keep, new_params, params)
+                    new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+                return (new_params, new_opt_state, loss_sum + loss * jnp.sum(valid, axis=1)), None
+
+            # Steps every member takes run without the skip, whose selects cost a third more memory
+            # traffic than the AdamW update itself; only the tail of longer members needs it.
+            carry = (params, opt_state, jnp.zeros(self.ensemble.size, jnp.float32))
+            carry, _ = jax.lax.scan(functools.partial(step, skip_finished=False), carry, jnp.arange(self.common_steps))
+            carry, _ = jax.lax.scan(functools.partial(step, skip_finished=True), carry, jnp.arange(self.common_steps, steps))
+            params, opt_state, loss_sum = carry
+            curve = curve.at[:, e].set(loss_sum / self.train_count)
+            return params, opt_state, curve
+
+        params, opt_state, curve = jax.lax.fori_loop(
+            start_epoch, stop_epoch, epoch, (state["params"], state["opt_state"], state["train_loss"]))
+        return {"params": params, "opt_state": opt_state, "train_loss": curve}
+
+    def _predict_rows(self, params, rows):
+        """rows [M, R] (R a multiple of the chunk) -> raw outputs [M, R], no dropout."""
+        m, r = rows.shape
+        chunks = rows.reshape(m, r // _PREDICT_CHUNK, _PREDICT_CHUNK).swapaxes(0, 1)
+        apply = jax.vmap(lambda prm, x: probe_apply(prm, x)[..., 0])
+        out = jax.lax.map(lambda c: apply(params, self.features[c]), chunks)
+        return out.swapaxes(0, 1).reshape(m, r)
+
+    def predict(self, params, part: str) -> np.ndarray:
+        """Raw outputs of every member on its own `part` ("validation" or "test") scenarios."""
+        rows = jax.device_put(self.ensemble.eval_rows[part], self.sharding(("ensemble", None), self.ensemble.eval_rows[part].shape))
+        return np.asarray(self._predict(params, rows))
+
+    def scores(self, params, parts: Sequence[str] = ("validation", "test")) -> dict[str, np.ndarray]:
+        """Per member and part: R^2 (regression, in the trained sign-log space) or balanced accuracy."""
+        out = {}
+        for part in parts:
+            pred = self.predict(params, part)
+            out[part] = np.asarray([
+                member_score(self.protocol.loss, self.ensemble.eval_targets[part][i, :n], pred[i, :n])
+                for i, n in enumerate(self.ensemble.eval_count[part])])
+        return out
+
+
+def r2_score(y: np.ndarray, pred: np.ndarray) -> float:
+    y, pred = np.asarray(y, np.float64), np.asarray(pred, np.float64)
+    total = np.sum((y - y.mean()) ** 2)
+    return float(1.0 - np.sum((y - pred) ** 2) / total) if total > 0 else float("nan")
+
+
+def balanced_accuracy(labels: np.ndarray, logits: np.ndarray) -> float:
+    labels = np.asarray(labels) > 0.5
+    predicted = np.asarray(logits) > 0.0
+    rates = [np.mean(predicted[labels == c] == c) for c in (True, False) if np.any(labels == c)]
+    return float(np.mean(rates))
+
+
+def member_score(loss: str, targets: np.ndarray, outputs: np.ndarray) -> float:
+    return r2_score(targets, outputs) if loss == "huber" else balanced_accuracy(targets, outputs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Selection and summaries
+
+
+def select_and_summarize(tasks: Sequence[Task], ensemble: Ensemble, protocol: Protocol,
+                         scores: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Per task and trained fold: the honest pick (best validation score, reported on test) and the
+    reference's optimistic pick (best test score); mean and std over folds of each."""
+    folds = sorted({m.fold for m in ensemble.members})
+    by_task: dict[str, Any] = {}
+    for t, task in enumerate(tasks):
+        table = np.full((len(folds), protocol.seeds, 2), np.nan)
+        for i, m in enumerate(ensemble.members):
+            if m.task == t:
+                table[folds.index(m.fold), m.seed] = scores["validation"][i], scores["test"][i]
+        val, test = table[..., 0], table[..., 1]
+        honest_seed = np.argmax(np.nan_to_num(val, nan=-np.inf), axis=1)
+        honest = test[np.arange(len(folds)), honest_seed]
+        optimistic = np.max(np.nan_to_num(test, nan=-np.inf), axis=1)
+        by_task[task.name] = {
+            "scenarios": int(len(task.rows)),
+            "folds": folds,
+            "selected_seed": honest_seed.tolist(),
+            "validation": val.tolist(),
+            "test": test.tolist(),
+            "honest": {"per_fold": honest.tolist(), "mean": float(np.mean(honest)), "std": float(np.std(honest))},
+            "optimistic": {"per_fold": optimistic.tolist(), "mean": float(np.mean(optimistic)),
+                           "std": float(np.std(optimistic))},
+        }
+    return by_task
+
+
+# ----------------------------------------------------------------------------------------------------
+# A run on disk: resumable training, final probes, results
+
+
+def _checkpoint_manager(run_dir: Path) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+    return ocp.CheckpointManager((run_dir / CHECKPOINT_DIR).resolve(), options=options)
+
+
+@dataclass
+class RunResult:
+    results: dict[str, Any]
+    train_loss: np.ndarray
+    validation_curve: list[dict[str, Any]]
+
+
+def train_run(
+    run_dir: str | Path,
+    features: np.ndarray,
+    scenario_ids: Sequence[str],
+    tasks: Sequence[Task],
+    protocol: Protocol,
+    identity: dict[str, Any],
+    mesh: Mesh,
+    *,
+    checkpoint_every: int = 10,
+    on_epochs: Callable[[int, int], None] | None = None,
+) -> RunResult:
+    """Train every task's ensemble, checkpointing every `checkpoint_every` epochs under
+    `run_dir/checkpoints`, and write the selected probes and `results.json`.
+
+    `identity` (store fingerprint, layer, pooling, task list...) is recorded in `run.json`; a rerun
+    into the same directory resumes from the latest checkpoint if its identity and protocol agree,
+    and is refused otherwise, before anything is written. `on_epochs(done, total)` reports progress:
+    once before training (done > 0 when resuming) and after every checkpoint.
+    """
+    run_dir = Path(run_dir)
+    used_rows = np.unique(np.concatenate([t.rows for t in tasks]))
+    check_features(features, scenario_ids, used_rows)
+    ensemble = build_ensemble(tasks, protocol, member_multiple=mesh.shape["data"])
+    run_record = {"identity": identity, "protocol": dataclasses.asdict(protocol),
+                  "tasks": [t.name for t in tasks], "checkpoint_every": checkpoint_every}
+    run_record = json.loads(json.dumps(run_record))  # tuples -> lists, as they read back
+    _claim_run_dir(run_dir, run_record)
+
+    trainer = EnsembleTrainer(features, ensemble, protocol, mesh)
+    manager = _checkpoint_manager(run_dir)
+    latest = manager.latest_step()
+    if latest is None:
+        state, epoch, curve_points = trainer.init_state(), 0, []
+    else:
+        restored = manager.restore(latest, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(trainer.abstract_state()), progress=ocp.args.JsonRestore()))
+        state, epoch, curve_points = restored["state"], int(restored["progress"]["epoch"]), restored["progress"]["curve"]
+    if on_epochs is not None:
+        on_epochs(epoch, protocol.epochs)
+
+    while epoch < protocol.epochs:
+        stop = min(epoch + checkpoint_every, protocol.epochs)
+        state = trainer.train(state, epoch, stop)
+        epoch = stop
+        validation = trainer.scores(state["params"], ("validation",))["validation"][:len(ensemble.members)]
+        curve_points.append({"epoch": epoch, "validation": validation.tolist()})
+        manager.save(epoch, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave({"epoch": epoch, "curve": curve_points})))
+        if on_epochs is not None:
+            on_epochs(epoch, protocol.epochs)
+    manager.wait_until_finished()
+
+    scores = trainer.scores(state["params"])
+    scores = {part: s[:len(ensemble.members)] for part, s in scores.items()}
+    summary = select_and_summarize(tasks, ensemble, protocol, scores)
+    _save_selected_probes(run_dir, state["params"], tasks, ensemble, protocol, summary, identity, trainer.input_dim)
+    train_loss = np.asarray(state["train_loss"])[:len(ensemble.members)]
+    results = {"identity": identity, "protocol": run_record["protocol"], "metric": _metric_name(protocol),
+               "tasks": summary, "members": [dataclasses.asdict(m) for m in ensemble.members],
+               "train_loss": train_loss.tolist(), "validation_curve": curve_points}
+    data.write_json_atomically(run_dir / RESULTS_FILE, results)
+    return RunResult(results, train_loss, curve_points)
+
+
+def _metric_name(protocol: Protocol) -> str:
+    return "r2_signlog" if protocol.loss == "huber" else "balanced_accuracy"
+
+
+def _claim_run_dir(run_dir: Path, record: dict[str, Any]) -> None:
+    existing = run_dir / RUN_FILE
+    if existing.is_file():
+        previous = json.loads(existing.read_text())
+        mismatched = [key for key in record if previous.get(key) != record[key]]
+        if mismatched:
+            details = "; ".join(f"{k}: run has {json.dumps(previous.get(k))[:80]}, asked {json.dumps(record[k])[:80]}"
+                                for k in mismatched)
+            raise ProbeTrainingError(f"{run_dir} holds another run ({details}); choose another --out")
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ProbeTrainingError(f"{run_dir} exists, is not empty and holds no probe run; choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data.write_json_atomically(existing, record)
+
+
+def _save_selected_probes(run_dir: Path, params, tasks, ensemble, protocol, summary, identity, input_dim) -> None:
+    """For every task, the honest pick of each fold, stacked on a leading fold axis."""
+    host = jax.tree.map(np.asarray, params)
+    index = {(m.task, m.fold, m.seed): i for i, m in enumerate(ensemble.members)}
+    tree: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+    for t, task in enumerate(tasks):
+        picks = [index[(t, k, seed)] for k, seed in zip(summary[task.name]["folds"], summary[task.name]["selected_seed"])]
+        group, name = task.key
+        tree.setdefault(group, {})[name] = {leaf: value[picks] for leaf, value in host.items()}
+    checkpointer = ocp.StandardCheckpointer()
+    # A rerun of a finished run rewrites the same probes.
+    checkpointer.save((run_dir / PROBES_DIR).resolve(), tree, force=True)
+    checkpointer.wait_until_finished()
+    data.write_json_atomically(run_dir / PROBES_FILE, {
+        "identity": identity, "input_dim": input_dim, "hidden": list(protocol.hidden),
+        "folds": len(summary[tasks[0].name]["folds"]),
+        "loss": protocol.loss, "probes": [list(t.key) for t in tasks],
+        "selected_seed": {t.name: summary[t.name]["selected_seed"] for t in tasks}})
+
+
+def load_probes(run_dir: str | Path) -> dict[tuple[str, str], dict[str, jax.Array]]:
+    """The trained probes of a run: {(expert, argument or "output"): probe params stacked over folds}.
+
+    Each value is a `hmoe_jax.probe` parameter dict whose leaves have a leading fold axis, so
+    `jax.vmap(probe_apply, (0, None))(params, x)` gives every fold's prediction; the paper takes their
+    median after `decode`. `probe_run_identity(run_dir)` says which model, layer and pooling they read.
+    """
+    run_dir = Path(run_dir)
+    meta_path = run_dir / PROBES_FILE
+    if not meta_path.is_file():
+        raise ProbeTrainingError(f"{run_dir}: no trained probes ({PROBES_FILE} missing; did training finish?)")
+    meta = json.loads(meta_path.read_text())
+    dims = (meta["input_dim"], *meta["hidden"], 1)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    leaves = {}
+    for i, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:])):
+        leaves[f"w{i + 1}"] = (meta["folds"], fan_in, fan_out)
+        leaves[f"b{i + 1}"] = (meta["folds"], fan_out)
+    abstract: dict[str, dict[str, dict[str, jax.ShapeDtypeStruct]]] = {}
+    for group, name in meta["probes"]:
+        abstract.setdefault(group, {})[name] = {
+            leaf: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=device) for leaf, shape in leaves.items()}
+    tree = ocp.StandardCheckpointer().restore((run_dir / PROBES_DIR).resolve(), abstract)
+    return {(group, name): tree[group][name] for group, name in meta["probes"]}
+
+
+def probe_run_identity(run_dir: str | Path) -> dict[str, Any]:
+    """What the probes of a run read: model fingerprint and path, layer, pooling, store."""
+    return json.loads((Path(run_dir) / PROBES_FILE).read_text())["identity"]
+
+
+def extraction_probes(run_dir: str | Path) -> dict[str, dict[str, dict[str, jax.Array]]]:
+    """The argument probes of a run as the hybrid layer takes them: {expert: {argument: params}},
+    fold-stacked, for `hybrid.make_hybrid(..., probes={layer: extraction_probes(run)})` with
+    `HybridConfig(ensemble_size=<folds>)`. Direct-output probes are left out."""
+    grouped: dict[str, dict[str, dict[str, jax.Array]]] = {}
+    for (expert, name), params in load_probes(run_dir).items():
+        if name != DIRECT:
+            grouped.setdefault(expert, {})[name] = params
+    return grouped

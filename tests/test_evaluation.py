@@ -1,0 +1,116 @@
+"""`python -m eval hybrid` and `python -m eval demo`: the integrated forward's predictions, reports."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from hmoe_jax import data, evaluation, synthetic
+from hmoe_jax.precompute import FeatureStore
+from eval import hybrid_cli
+from train import precompute_cli, probes_cli
+
+CONFIG = synthetic.tiny_config(vocab_size=256, hidden_size=64, num_hidden_layers=3)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A tiny checkpoint with tokenizer, a small data set, features at layer 1 and briefly trained probes."""
+    root = tmp_path_factory.mktemp("pipeline")
+    train_json, eval_json = data.write_dataset(root / "data", n_train=240, n_eval=40)
+    ckpt = synthetic.write_hf_checkpoint(root / "ckpt", CONFIG, seed=7)
+    synthetic.write_tokenizer(ckpt, [s["input_prompt"] for s in json.loads(train_json.read_text())], CONFIG)
+    stores = {}
+    for split, path in (("train", train_json), ("eval", eval_json)):
+        stores[split] = root / f"features_{split}"
+        assert precompute_cli.main(["--model", str(ckpt), "--data", str(path), "--layer", "1",
+                                    "--out", str(stores[split])]) == 0
+    run = root / "probes"
+    assert probes_cli.main(["--store", str(stores["train"]), "--out", str(run), "--layer", "1", "--epochs", "3",
+                            "--folds", "2", "--seeds", "1", "--no-direct"]) == 0
+    return dict(root=root, ckpt=ckpt, train=train_json, eval=eval_json, stores=stores, run=run)
+
+
+def test_integrated_forward_equals_the_probe_ensemble_route(pipeline):
+    """The hybrid layer's causal mean at the last token is the precompute's mean pool, its extraction
+    is the fold-probe median, its formulas the registry's: both routes give the same predictions."""
+    model, layer = evaluation.build_hybrid_model(pipeline["ckpt"], pipeline["run"])
+    assert layer == 1
+    scenarios = data.load_scenarios(pipeline["eval"])
+    from hmoe_jax.precompute import load_tokenizer
+
+    integrated = evaluation.hybrid_predictions(model, layer, load_tokenizer(pipeline["ckpt"]),
+                                               [s["input_prompt"] for s in scenarios])["results"]
+    features = FeatureStore.open(pipeline["stores"]["eval"]).features(1, "mean")
+    separate = evaluation.probe_route_predictions(pipeline["run"], features)
+    assert set(integrated) == set(separate) == {"dscr", "ltv", "cap_rate", "debt_yield"}
+    for expert in integrated:
+        # fp32 features from two programs (padding differs): ~1e-6 relative, amplified by expm1 and a ratio.
+        np.testing.assert_allclose(integrated[expert], separate[expert], rtol=2e-4, err_msg=expert)
+
+
+def test_eval_hybrid_writes_summary_report_and_plots_and_refuses_to_overwrite(pipeline, capsys):
+    out = pipeline["root"] / "results"
+    argv = ["--model", str(pipeline["ckpt"]), "--probes", str(pipeline["run"]), "--data", str(pipeline["eval"]),
+            "--train", str(pipeline["train"]), "--out", str(out)]
+    assert hybrid_cli.main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for protocol in ("reference", "honest"):
+        for method in ("hybrid", "constant_median"):
+            ltv = summary["scores"][protocol][method]["ltv"]
+            assert set(ltv) >= {"n", "within_10", "within_20", "median_pct_error", "by_complexity"}
+    assert summary["scores"]["reference"]["hybrid"]["dscr"]["n"] == 40
+    assert summary["scores"]["honest"]["hybrid"]["dscr"]["n"] < 40
+    report = (out / "report.md").read_text()
+    assert "Honest protocol" in report and "constant median" in report
+    assert (out / "error_distributions.png").read_bytes()[:4] == b"\x89PNG"
+    before = (out / "summary.json").read_bytes()
+    assert hybrid_cli.main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "summary.json").read_bytes() == before
+
+
+def test_probes_of_another_hidden_size_are_refused(pipeline, tmp_path, capsys):
+    other = synthetic.write_hf_checkpoint(tmp_path / "other", synthetic.tiny_config(hidden_size=32, vocab_size=256))
+    (other / "tokenizer.json").write_bytes((pipeline["ckpt"] / "tokenizer.json").read_bytes())
+    code = hybrid_cli.main(["--model", str(other), "--probes", str(pipeline["run"]), "--data", str(pipeline["eval"]),
+                            "--out", str(tmp_path / "r")])
+    assert code == 2
+    assert "hidden size 32" in capsys.readouterr().err
+
+
+def test_eval_file_with_unknown_experts_is_refused(pipeline, tmp_path, capsys):
+    bad = json.loads(pipeline["eval"].read_text())
+    bad[0]["computation_markers"][0]["expert"] = "irr"
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+    code = hybrid_cli.main(["--model", str(pipeline["ckpt"]), "--probes", str(pipeline["run"]), "--data", str(path),
+                            "--out", str(tmp_path / "r")])
+    assert code == 2
+    assert "irr" in capsys.readouterr().err
+
+
+def test_latency_command_reports_medians_and_speedups(pipeline, tmp_path):
+    from eval import latency_cli
+
+    out = tmp_path / "lat"
+    assert latency_cli.main(["--model", str(pipeline["ckpt"]), "--n-prompts", "3", "--new-tokens", "8",
+                             "--out", str(out)]) == 0
+    res = json.loads((out / "latency.json").read_text())
+    assert len(res["jax_generate_s"]) == 3 and len(res["torch_generate_s"]) == 3
+    assert res["hybrid_vs_generation_speedup"] > 0 and res["jax_vs_torch_generation"] > 0
+    assert (out / "latency.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_baselines_command_generates_parses_and_scores(pipeline, tmp_path):
+    from eval import baselines_cli
+
+    out = tmp_path / "base"
+    assert baselines_cli.main(["--model", str(pipeline["ckpt"]), "--data", str(pipeline["eval"]), "--n", "4",
+                               "--new-tokens", "6", "--styles", "zeroshot", "structured", "--out", str(out)]) == 0
+    res = json.loads((out / "baselines.json").read_text())
+    assert res["zeroshot"]["reference"]["ltv"]["n"] == 4
+    gens = json.loads((out / "generations.json").read_text())
+    assert len(gens["structured"]) == 4 and all(isinstance(g["text"], str) for g in gens["structured"])
