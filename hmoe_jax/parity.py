@@ -89,18 +89,22 @@ class WeightSource:
 
     def params(self, prefix: str, abstract: nnx.Module) -> dict[str, np.ndarray]:
         """Every parameter whose path starts with `prefix` (e.g. 'layers/3/'), keyed without it."""
+        return dict(self.stream(prefix, abstract))
+
+    def stream(self, prefix: str, abstract: nnx.Module):
+        """(path without `prefix`, array) pairs, one tensor in memory at a time."""
         _, state = nnx.split(abstract)
         wanted = {prefix + path_key(p): v for p, v in nnx.to_flat_state(state)}
         if self.location.layout == "flax":
             device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             abstract_arrays = {t: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device) for t, v in wanted.items()}
-            return {t[len(prefix):]: np.asarray(a) for t, a in self.flax.read(abstract_arrays)}
+            for t, a in self.flax.read(abstract_arrays):
+                yield t[len(prefix):], np.asarray(a)
+            return
         rules = [r for r in self.rules if r.target in wanted]
         expected = {t: (tuple(v.shape), np.dtype(v.dtype)) for t, v in wanted.items()}
-        out = {}
         for target, value in _read_rules(self.reader, rules, self.config, expected):
-            out[target[len(prefix):]] = value
-        return out
+            yield target[len(prefix):], value
 
 
 def _read_rules(reader, rules, config, expected):
@@ -171,7 +175,8 @@ class Reference:
                 state[name] = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32).to(self.torch_dtype)
             else:
                 raise CheckpointError(f"{self.reader.files[0].parent}: tensor {key!r} is missing")
-        layer.load_state_dict(state, strict=True)
+        # assign: the module takes these tensors instead of copying them into its random init.
+        layer.load_state_dict(state, strict=True, assign=True)
         return layer.to(self.torch_dtype)
 
 
@@ -259,7 +264,7 @@ def check_parity(
     real = mask.astype(bool)
 
     # Embeddings, once, from our weights (the same gather both implementations do).
-    embed = ours_source.params("", _embed_abstract(config, jdtype))["embed_tokens"]
+    embed = dict(ours_source.stream("", _embed_abstract(config, jdtype)))["embed_tokens"]
     x_ours = jnp.asarray(embed[ids]).astype(jdtype)
     x_ref = torch.from_numpy(np.array(x_ours, np.float32)).to(ref.torch_dtype)
     del embed
@@ -297,8 +302,7 @@ def check_parity(
 
         # Our layer i on both streams at once: [reference input; our input].
         abstract = _abstract_layer(config, i, jdtype, ours_source.packed)
-        params = ours_source.params(f"layers/{i}/", abstract)
-        ours_layer = fill_model(abstract, params.items())
+        ours_layer = fill_model(abstract, ours_source.stream(f"layers/{i}/", abstract))
         graphdef, state = nnx.split(ours_layer)
         both = jnp.concatenate([jnp.asarray(x_ref.float().numpy()).astype(jdtype), x_ours])
         allowed = sliding if config.is_sliding[i] else full
@@ -318,6 +322,7 @@ def check_parity(
         failed = report.residual_rel > bounds.residual_rel or report.router_agreement < bounds.router_agreement
         if failed:
             if source_weights is not None:
+                params = ours_source.params(f"layers/{i}/", abstract)
                 src = source_weights.params(f"layers/{i}/", abstract)
                 report.tensors = {
                     k: float(np.abs(params[k].astype(np.float64) - src[k].astype(np.float64)).max())
@@ -334,7 +339,7 @@ def check_parity(
             )
         reports.append(report)
         x_ref, x_ours = ref_out, ours_own
-        del ours_layer, params, state
+        del ours_layer, state, abstract  # the abstract module holds the filled arrays too
         gc.collect()
 
     logits_rel = top1 = kl = None
@@ -381,11 +386,11 @@ def _compare_logits(ours_source, ref, config, x_ours, x_ref, real, jdtype):
     import torch
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm
 
-    head = fill_model(nnx.eval_shape(lambda: _Head(config, jdtype, nnx.Rngs(0))),
-                      ours_source.params("", nnx.eval_shape(lambda: _Head(config, jdtype, nnx.Rngs(0)))).items())
+    abstract = nnx.eval_shape(lambda: _Head(config, jdtype, nnx.Rngs(0)))
+    head = fill_model(abstract, ours_source.stream("", abstract))
     ours = jnp.einsum("bte,ev->btv", head.norm(x_ours), head.lm_head[...], precision=_precision(jdtype))
     ours = np.asarray(ours, np.float64)[real]
-    del head
+    del head, abstract
     gc.collect()
     norm = GptOssRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
     with torch.no_grad():
