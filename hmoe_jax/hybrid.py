@@ -10,8 +10,10 @@ not move) and adds, for D deterministic experts:
     extraction        features = the block's input residual (= hidden_states[L] of layer L, what the
                       paper's probes read): the token's own vector ("token") or the mean over the real
                       tokens up to it ("causal_mean", which at a prompt's last token is the prompt
-                      mean-pool the probes were trained on); one probe MLP per argument, in float32;
-                      outputs are sign-log values, decoded with `probe.decode`
+                      mean-pool the probes were trained on); one probe MLP per argument (or an
+                      ensemble, e.g. the reference's 5 fold probes, combined by the median of the
+                      decoded outputs), in float32; outputs are sign-log values, decoded with
+                      `probe.decode`
     computation       the registered exact formula (`formulas.evaluate`)
     projection        Linear(1,128) SiLU Linear(128,512) SiLU Linear(512,H) of `probe.encode(result)`,
                       times a learned per-expert `output_scale`
@@ -30,7 +32,8 @@ Public API
                                  (JSON, e.g. ``configs/hybrid_default.json``), ``to_dict``.
 ``make_hybrid(model, config, rngs=, probes=)``
                                  swaps a ``HybridMoE`` into ``model.layers[i].mlp`` for each configured
-                                 layer, after validating everything; returns the model.
+                                 layer, after validating everything; returns the model. On a mesh, call
+                                 ``shard_model(model, mesh)`` afterwards to place the new parameters.
 ``HybridMoE``                    the layer; ``load_probes(expert, {arg: probe params})`` fills an
                                  expert's extraction from probes trained with ``hmoe_jax.probe``
                                  (validated by ``stack_probes``).
@@ -42,8 +45,9 @@ Public API
 
 Per hybrid layer, ``model(ids, output_layer_info=True).layer_info[L]`` holds (B, T leading):
 ``router_logits`` [E+D], ``expert_indices`` and ``expert_weights`` [k] (router slots: 0..E-1 neural,
-E+d the d-th configured deterministic expert), and, keyed by expert name, ``arguments`` [n_args]
-(raw units), ``results`` (the exact formula value) and ``selected`` (bool).
+E+d the d-th configured deterministic expert, ``HybridMoE.router_slot(name)``; for gpt-oss-20b with the
+default experts the slots are the registry ids 32..35), and, keyed by expert name, ``arguments``
+[n_args] (raw units), ``results`` (the exact formula value) and ``selected`` (bool).
 
 Numerical guards (no inf or NaN from a deterministic expert reaches the residual stream): probe
 outputs are clipped to |v| <= SIGN_LOG_LIMIT before decoding (|argument| <= 2.35e17, far beyond any
@@ -457,7 +461,7 @@ def stack_probes(config: HybridConfig, hidden_size: int, expert: str, probes: Ma
     """Validate trained probes for one configured expert and stack them [args, members, ...].
 
     probes: {argument name: probe params} in `hmoe_jax.probe`'s layout ({w1 [H, p1], b1, w2, b2, w3,
-    b3}), each with a leading ensemble axis when `config.ensemble_size` > 1. An expert that is not
+    b3}), each with a leading ensemble axis of `config.ensemble_size` (optional when that is 1). An expert that is not
     configured, argument names that are not the registry's (a different argument count included), or
     shapes that do not fit the hidden size, probe widths or ensemble size: ValueError naming them.
     """
@@ -472,7 +476,6 @@ def stack_probes(config: HybridConfig, hidden_size: int, expert: str, probes: Ma
             f"{len(probes)}: {tuple(probes)}"
         )
     m, (k1, k2) = config.ensemble_size, config.probe_hidden
-    lead = () if m == 1 else (m,)
     shapes = {"w1": (hidden_size, k1), "b1": (k1,), "w2": (k1, k2), "b2": (k2,), "w3": (k2, 1), "b3": (1,)}
     stacked = {name: [] for name in shapes}
     for arg in spec.arg_names:
@@ -481,9 +484,10 @@ def stack_probes(config: HybridConfig, hidden_size: int, expert: str, probes: Ma
             raise ValueError(f"probe {expert}/{arg}: expected parameters {sorted(shapes)}, got {sorted(params)}")
         for name, shape in shapes.items():
             got = tuple(jnp.shape(params[name]))
-            if got != (*lead, *shape):
+            if got != (m, *shape) and not (m == 1 and got == shape):
+                expected = f"{(m, *shape)}" + (f" or {shape}" if m == 1 else "")
                 raise ValueError(
-                    f"probe {expert}/{arg}: {name} has shape {got}, expected {(*lead, *shape)} "
+                    f"probe {expert}/{arg}: {name} has shape {got}, expected {expected} "
                     f"(hidden size {hidden_size}, probe widths {(k1, k2)}, ensemble {m})"
                 )
             stacked[name].append(jnp.asarray(params[name], dtype).reshape(m, *shape))

@@ -4,22 +4,33 @@ Every backend computes, for each token n with selected experts e_1..e_k and rout
 
     y_n = sum_j w_j * (act(x_n @ gate_up[e_j] + gate_up_bias[e_j]) @ down[e_j] + down_bias[e_j])
 
-for every token (no capacity, no dropped tokens), in the compute dtype with the caller's precision.
+for every token (no capacity limit, no dropped tokens), in the compute dtype with the caller's precision.
 
+The expert matrices come in one of two memory layouts, both accepted by every backend:
+- `ExpertWeights`: [E, in, out], as the HF bf16 checkpoint stores them (`x @ W`);
+- `ExpertWeightsOutIn`: [E, out, in], as torch's `Linear` and the MXFP4 checkpoint store them. On CPU
+  this is the faster layout: XLA's dot library streams an [out, in] matrix as the left operand of
+  `W @ x^T` straight from memory, where an [in, out] matrix must be repacked for every product
+  (`bench/results/moe_backends.md`).
+
+Backends:
 - `dense`: every expert on every token, combined with a [N, E] weight matrix that is zero off the
   top-k. E/k times the FLOPs; the simplest program, best for tiny configs and as an oracle.
 - `ragged`: token-expert pairs sorted by expert, then `jax.lax.ragged_dot` (grouped matmul). Right for
   GPU/TPU; XLA:CPU lowers it to a masked dense product, so it is slow there.
-- `grouped`: the same sort, then a loop over experts. Each expert's rows go through its FFN in ONE row
-  tile whose height is the smallest of `GROUPED_ROW_TILES` that holds them (a `switch` over static
-  shapes), so each expert's weights are read once and padding wastes little; groups taller than the
-  largest tile take several tiles. The weights are read in chunks of rows along the contracted axis
-  (about `GROUPED_CHUNK_BYTES` each, accumulated in float32): a contiguous slice of [H, 2I] or [I, H]
-  that stays in cache, where slicing a whole expert would copy tens of MB per expert on XLA:CPU. The
-  CPU choice at real widths (`bench/results/moe_backends.md`).
+- `grouped`: the same sort, then the CPU kernel. [in, out] weights: a loop over experts; each expert's
+  rows go through its FFN in one row tile whose height is the smallest of `GROUPED_ROW_TILES` that
+  holds them (a `switch` over static shapes), so each expert's weights are read once and padding wastes
+  little (taller groups take several tiles). The weights are read in chunks of rows along the
+  contracted axis (about `GROUPED_CHUNK_BYTES` each, partial products accumulated in float32): a
+  contiguous slice that stays in cache, where slicing a whole expert would copy tens of MB per expert
+  on XLA:CPU. [out, in] weights: one batched matmul over all experts at a capacity C (rows padded to
+  C per expert; no slicing, so no copy), plus the per-expert loop above (chunked along the output
+  rows) for the rows past C. C is picked at run time from `GROUPED_ROW_TILES` (or 0) by a cost model
+  fitted on this machine, so a skewed routing costs a few overflow rows, not a huge capacity.
 
-`dispatch("auto")` picks per platform: `grouped` on CPU, `ragged` elsewhere (see
-`bench/bench_moe_backends.py` for the measurement).
+`dispatch("auto")` picks per platform and size, by measurement (`bench/bench_moe_backends.py`):
+`ragged` off CPU; on CPU `dense` for tiny experts and `grouped` from medium widths up.
 """
 
 from __future__ import annotations
@@ -37,6 +48,26 @@ class ExpertWeights(NamedTuple):
     down_bias: jax.Array  # [E, H]
 
 
+class ExpertWeightsOutIn(NamedTuple):
+    """The experts with each matrix stored [out, in] (the transpose of `ExpertWeights`)."""
+
+    gate_up: jax.Array  # [E, 2I, H], gate/up interleaved on axis 1
+    gate_up_bias: jax.Array  # [E, 2I]
+    down: jax.Array  # [E, H, I]
+    down_bias: jax.Array  # [E, H]
+
+
+AnyExpertWeights = ExpertWeights | ExpertWeightsOutIn
+
+
+def _out_in(w) -> bool:
+    return isinstance(w, ExpertWeightsOutIn)
+
+
+def _num_experts(w) -> int:
+    return w.gate_up.shape[0]
+
+
 class SwiGLU(NamedTuple):
     """gpt-oss's clamped SwiGLU on an interleaved gate/up vector."""
 
@@ -50,11 +81,12 @@ class SwiGLU(NamedTuple):
         return (up + 1) * (gate * jax.nn.sigmoid(gate * self.alpha))
 
 
-def moe_dense(x, weights, indices, w: ExpertWeights, act: SwiGLU, precision) -> jax.Array:
-    n, e = x.shape[0], w.gate_up.shape[0]
+def moe_dense(x, weights, indices, w: AnyExpertWeights, act: SwiGLU, precision) -> jax.Array:
+    n, e = x.shape[0], _num_experts(w)
     combine = jnp.zeros((n, e), x.dtype).at[jnp.arange(n)[:, None], indices].add(weights.astype(x.dtype))
-    gu = jnp.einsum("nh,ehf->enf", x, w.gate_up, precision=precision) + w.gate_up_bias[:, None, :]
-    y = jnp.einsum("enf,efh->enh", act(gu), w.down, precision=precision) + w.down_bias[:, None, :]
+    specs = ("nh,efh->enf", "enf,ehf->enh") if _out_in(w) else ("nh,ehf->enf", "enf,efh->enh")
+    gu = jnp.einsum(specs[0], x, w.gate_up, precision=precision) + w.gate_up_bias[:, None, :]
+    y = jnp.einsum(specs[1], act(gu), w.down, precision=precision) + w.down_bias[:, None, :]
     return jnp.einsum("ne,enh->nh", combine, y, precision=precision)
 
 
@@ -83,75 +115,91 @@ def _combine(x, s: _Sorted, y):
     return jnp.zeros_like(x).at[s.token].add(y)
 
 
-def moe_ragged(x, weights, indices, w: ExpertWeights, act: SwiGLU, precision) -> jax.Array:
-    s = _sort_by_expert(weights, indices, w.gate_up.shape[0])
+def _ragged_matmul(rows, w, group_sizes, out_in: bool, precision):
+    if not out_in:
+        return jax.lax.ragged_dot(rows, w, group_sizes, precision=precision)
+    dims = jax.lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+    return jax.lax.ragged_dot_general(rows, w, group_sizes, dims, precision=precision)
+
+
+def moe_ragged(x, weights, indices, w: AnyExpertWeights, act: SwiGLU, precision) -> jax.Array:
+    s = _sort_by_expert(weights, indices, _num_experts(w))
     rows = x[s.token]
-    gu = jax.lax.ragged_dot(rows, w.gate_up, s.group_sizes, precision=precision) + w.gate_up_bias[s.expert]
-    y = jax.lax.ragged_dot(act(gu), w.down, s.group_sizes, precision=precision) + w.down_bias[s.expert]
+    gu = _ragged_matmul(rows, w.gate_up, s.group_sizes, _out_in(w), precision) + w.gate_up_bias[s.expert]
+    y = _ragged_matmul(act(gu), w.down, s.group_sizes, _out_in(w), precision) + w.down_bias[s.expert]
     return _combine(x, s, y)
 
 
+# ---------------------------------------------------------------- grouped (the CPU kernel)
+
 # Row-tile heights an expert's group is padded to (the smallest that holds it; taller groups take
-# several tiles of the largest). Fine steps where groups usually fall (a few to a few dozen rows: on CPU
-# the small-M matmul costs about in proportion to the padded height), coarser above; every height is a
-# separate compiled branch, and heights past the number of pairs are dropped at trace time.
+# several tiles of the largest), and the capacities the out-in batched matmul may pick. Fine steps where
+# groups usually fall (a few to a few dozen rows: on CPU a small-M matmul costs about in proportion to
+# its padded height), coarser above; every height is a separate compiled branch, and heights past the
+# number of token-expert pairs are dropped at trace time.
 GROUPED_ROW_TILES = (4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96, 128, 192, 256)
 # Bytes of weights per chunk: a contiguous slice that stays in L2 while it is multiplied.
 GROUPED_CHUNK_BYTES = 1 << 20
+# The out-in capacity cost model, in units of "one row through one expert's FFN": streaming every
+# expert's weights through the batched matmul costs about CAPACITY_READ rows per expert, and an
+# expert that overflows the capacity costs about OVERFLOW_EXPERT rows more (its weights go through the
+# chunked per-expert loop: copied into cache, then multiplied, not overlapped). Fitted on the
+# full-width layer (bench/bench_moe_backends.py); only the ranking of capacities depends on them.
+CAPACITY_READ = 8.5
+OVERFLOW_EXPERT = 27.0
 
 
-def _chunk_rows(k: int, n: int, itemsize: int, chunk_bytes: int) -> int:
-    """Rows of a [k, n] weight matrix per chunk; k (one chunk) when the whole matrix is small."""
-    if k * n * itemsize <= 2 * chunk_bytes:
-        return k
-    return max(8, min(k, chunk_bytes // (n * itemsize)))
+def _chunk_rows(rows: int, cols: int, itemsize: int, chunk_bytes: int) -> int:
+    """Rows of a [rows, cols] matrix per chunk; all of them when the matrix is small."""
+    if rows * cols * itemsize <= 2 * chunk_bytes:
+        return rows
+    return max(8, min(rows, chunk_bytes // (cols * itemsize)))
 
 
-def _expert_matmul(rows, w, e, precision, chunk_bytes: int):
-    """rows [M, K] @ w[e] ([K, N]) -> float32 [M, N], reading w[e] in contiguous chunks of rows.
+def _dot_f32(a, b, contract, precision):
+    return jax.lax.dot_general(a, b, (contract, ((), ())), precision=precision, preferred_element_type=jnp.float32)
 
-    Each chunk is a dynamic slice along the contracted axis (a small copy that stays in cache) and its
-    partial product is accumulated in float32; a bf16 run thus rounds once, like a single dot.
+
+def _expert_matmul(rows, w, e, out_in: bool, precision, chunk_bytes: int):
+    """rows [M, K] times expert e's matrix (w[e]: [K, N], or [N, K] when out_in) -> float32 [M, N].
+
+    w[e] is read in contiguous chunks of rows (a small copy each, which stays in cache): along the
+    contracted axis for [K, N] (partial products accumulated in float32, so a bf16 run still rounds
+    once, like a single dot), along the output axis for [N, K].
     """
-    m, k = rows.shape
-    n = w.shape[2]
-    c = _chunk_rows(k, n, w.dtype.itemsize, chunk_bytes)
-    dot = lambda a, b: jnp.dot(a, b, precision=precision, preferred_element_type=jnp.float32)
-    if c == k:
-        return dot(rows, w[e])
-    full, tail = divmod(k, c)
+    m = rows.shape[0]
+    r, cols = w.shape[1], w.shape[2]
+    c = _chunk_rows(r, cols, w.dtype.itemsize, chunk_bytes)
+    full, tail = divmod(r, c)
+    chunk = lambda start, size: jax.lax.dynamic_slice(w, (e, start, 0), (1, size, cols))[0]
+    if out_in:  # w[e] is [N, K]: chunk j gives output columns j*c .. j*c + c
+        part = lambda wc: _dot_f32(rows, wc, ((1,), (1,)), precision)
+        if c == r:
+            return part(w[e])
+        out = jax.lax.fori_loop(
+            0, full, lambda j, o: jax.lax.dynamic_update_slice_in_dim(o, part(chunk(j * c, c)), j * c, 1),
+            jnp.zeros((m, r), jnp.float32))
+        return out.at[:, full * c:].set(part(chunk(full * c, tail))) if tail else out
+    part = lambda xc, wc: _dot_f32(xc, wc, ((1,), (0,)), precision)
+    if c == r:
+        return part(rows, w[e])
+    acc = jax.lax.fori_loop(
+        0, full, lambda j, a: a + part(jax.lax.dynamic_slice_in_dim(rows, j * c, c, 1), chunk(j * c, c)),
+        jnp.zeros((m, cols), jnp.float32))
+    return acc + part(rows[:, full * c:], chunk(full * c, tail)) if tail else acc
 
-    def step(j, acc):
-        chunk = jax.lax.dynamic_slice(w, (e, j * c, 0), (1, c, n))[0]
-        return acc + dot(jax.lax.dynamic_slice_in_dim(rows, j * c, c, axis=1), chunk)
 
-    acc = jax.lax.fori_loop(0, full, step, jnp.zeros((m, n), jnp.float32))
-    if tail:
-        chunk = jax.lax.dynamic_slice(w, (e, full * c, 0), (1, tail, n))[0]
-        acc = acc + dot(rows[:, full * c:], chunk)
-    return acc
-
-
-def moe_grouped(
-    x, weights, indices, w: ExpertWeights, act: SwiGLU, precision,
-    tiles: tuple[int, ...] = GROUPED_ROW_TILES, chunk_bytes: int = GROUPED_CHUNK_BYTES,
-) -> jax.Array:
-    num_experts, hidden = w.gate_up.shape[0], x.shape[1]
-    s = _sort_by_expert(weights, indices, num_experts)
-    pairs = s.token.shape[0]
-    # Heights past the first one that holds every pair can never be chosen.
-    tiles = tuple(sorted(set(tiles)))
-    tiles = tuple(t for t in tiles if t < pairs) + tuple(t for t in tiles if t >= pairs)[:1]
+def _per_expert(rows, starts, counts, w, act, precision, tiles, chunk_bytes, dtype):
+    """Rows [starts[e], starts[e] + counts[e]) of `rows` (sorted by expert, padded by tiles[-1]) through
+    expert e's FFN, for every expert; other rows of the result are zero or garbage."""
+    out_in = _out_in(w)
     tallest = tiles[-1]
-    # Padded so a tile starting at any pair index stays in bounds (dynamic_slice would clamp it).
-    rows = jnp.concatenate([x[s.token], jnp.zeros((tallest, hidden), x.dtype)])
-    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(s.group_sizes)[:-1]])
     heights = jnp.asarray(tiles, jnp.int32)
 
     def ffn(block, e):
-        gu = _expert_matmul(block, w.gate_up, e, precision, chunk_bytes).astype(x.dtype) + w.gate_up_bias[e]
-        y = _expert_matmul(act(gu), w.down, e, precision, chunk_bytes).astype(x.dtype) + w.down_bias[e]
-        return y
+        gu = _expert_matmul(block, w.gate_up, e, out_in, precision, chunk_bytes).astype(dtype) + w.gate_up_bias[e]
+        return _expert_matmul(act(gu), w.down, e, out_in, precision, chunk_bytes).astype(dtype) + w.down_bias[e]
 
     def run_tile(height, e, offset, out):
         # Rows past this expert's group belong to later experts, which overwrite them afterwards
@@ -160,33 +208,93 @@ def moe_grouped(
         return jax.lax.dynamic_update_slice_in_dim(out, y, offset, 0)
 
     def expert_body(e, out):
-        start, size = starts[e], s.group_sizes[e]
+        start, size = starts[e], counts[e]
         full = size // tallest
         out = jax.lax.fori_loop(0, full, lambda j, o: run_tile(tallest, e, start + j * tallest, o), out)
-        rest = size - full * tallest
-        offset = start + full * tallest
+        rest, offset = size - full * tallest, start + full * tallest
         branch = jnp.where(rest == 0, 0, 1 + jnp.sum(heights < rest))
         return jax.lax.switch(branch, [lambda o: o] + [lambda o, h=h: run_tile(h, e, offset, o) for h in tiles], out)
 
-    out = jax.lax.fori_loop(0, num_experts, expert_body, jnp.zeros((pairs + tallest, hidden), x.dtype))
-    return _combine(x, s, out[:pairs])
+    return jax.lax.fori_loop(0, _num_experts(w), expert_body, jnp.zeros(rows.shape, dtype))
+
+
+def _capacity_cost(group_sizes, capacities):
+    """Estimated cost (rows, see CAPACITY_READ) of each capacity: batched part + overflow loop."""
+    num_experts = group_sizes.shape[0]
+    caps = jnp.asarray(capacities, jnp.float32)[:, None]
+    g = group_sizes.astype(jnp.float32)[None, :]
+    batched = jnp.where(caps[:, 0] > 0, num_experts * (caps[:, 0] + CAPACITY_READ), 0.0)
+    overflow = jnp.sum(jnp.maximum(g - caps, 0) + OVERFLOW_EXPERT * (g > caps), axis=1)
+    return batched + overflow
+
+
+def _batched_out_in(xs, s: _Sorted, rank, capacity: int, w: ExpertWeightsOutIn, act, precision):
+    """Rows of rank < capacity through their experts, as one batched matmul over all experts ([out, in]
+    weights as the left operand: no slicing, no copy); the other rows of the result are zero."""
+    num_experts, hidden = _num_experts(w), xs.shape[1]
+    inside = rank < capacity
+    dest = jnp.where(inside, s.expert * capacity + rank, num_experts * capacity)  # the last row: dropped
+    xb = jnp.zeros((num_experts * capacity + 1, hidden), xs.dtype).at[dest].set(xs)[:-1]
+    xb = xb.reshape(num_experts, capacity, hidden)
+    gu = jnp.einsum("efh,ech->efc", w.gate_up, xb, precision=precision) + w.gate_up_bias[:, :, None]
+    a = act(jnp.swapaxes(gu, 1, 2))  # [E, C, I]
+    y = jnp.einsum("ehi,eci->ehc", w.down, a, precision=precision) + w.down_bias[:, :, None]
+    y = jnp.swapaxes(y, 1, 2).reshape(num_experts * capacity, hidden)
+    return jnp.where(inside[:, None], y[jnp.minimum(dest, num_experts * capacity - 1)], 0)
+
+
+def moe_grouped(
+    x, weights, indices, w: AnyExpertWeights, act: SwiGLU, precision,
+    tiles: tuple[int, ...] = GROUPED_ROW_TILES, chunk_bytes: int = GROUPED_CHUNK_BYTES,
+) -> jax.Array:
+    s = _sort_by_expert(weights, indices, _num_experts(w))
+    pairs, hidden = s.token.shape[0], x.shape[1]
+    tiles = tuple(sorted(set(tiles)))
+    tiles = tuple(t for t in tiles if t < pairs) + tuple(t for t in tiles if t >= pairs)[:1]
+    xs = x[s.token]
+    # Padded so a tile starting at any pair index stays in bounds (dynamic_slice would clamp it).
+    rows = jnp.concatenate([xs, jnp.zeros((tiles[-1], hidden), x.dtype)])
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(s.group_sizes)[:-1]])
+    if not _out_in(w):
+        out = _per_expert(rows, starts, s.group_sizes, w, act, precision, tiles, chunk_bytes, x.dtype)
+        return _combine(x, s, out[:pairs])
+    rank = jnp.arange(pairs, dtype=jnp.int32) - starts[s.expert]  # position of each pair in its group
+    capacities = (0,) + tiles
+    choice = jnp.argmin(_capacity_cost(s.group_sizes, capacities))
+    batched = jax.lax.switch(
+        choice,
+        [lambda: jnp.zeros_like(xs)] + [lambda c=c: _batched_out_in(xs, s, rank, c, w, act, precision) for c in tiles])
+    capacity = jnp.asarray(capacities, jnp.int32)[choice]
+    overflow = _per_expert(rows, starts + capacity, jnp.maximum(s.group_sizes - capacity, 0), w, act, precision,
+                           tiles, chunk_bytes, x.dtype)
+    return _combine(x, s, jnp.where((rank < capacity)[:, None], batched, overflow[:pairs]))
 
 
 BACKENDS: dict[str, Callable] = {"dense": moe_dense, "ragged": moe_ragged, "grouped": moe_grouped}
 
+# On CPU, `dense` (E/k times the FLOPs, but no sort, loop or gather) wins while every expert on every
+# token stays below about this many FLOPs (bench/results/moe_backends.md: tiny configs); `grouped` above.
+DENSE_MAX_FLOPS = 2e8
 
-def auto_backend(platform: str | None = None) -> str:
-    """The backend `auto` means on `platform` (default: JAX's default backend). Chosen by measurement
-    (`bench/bench_moe_backends.py`): on CPU `grouped` beats `dense` from medium widths on and
-    `ragged` everywhere; on GPU/TPU `ragged` is XLA's native grouped matmul."""
-    platform = platform or jax.default_backend()
-    return "grouped" if platform == "cpu" else "ragged"
+
+def auto_backend(x, w: AnyExpertWeights, platform: str | None = None) -> str:
+    """The backend `auto` runs for tokens x [N, H] and experts w on `platform` (default: JAX's default
+    backend), chosen by measurement (`bench/bench_moe_backends.py`)."""
+    if (platform or jax.default_backend()) != "cpu":
+        return "ragged"
+    e, a, b = w.gate_up.shape
+    dense_flops = 2 * x.shape[0] * e * a * b * 3 // 2  # gate_up and down, every expert
+    return "dense" if dense_flops <= DENSE_MAX_FLOPS else "grouped"
+
+
+def moe_auto(x, weights, indices, w: AnyExpertWeights, act: SwiGLU, precision) -> jax.Array:
+    return BACKENDS[auto_backend(x, w)](x, weights, indices, w, act, precision)
 
 
 def dispatch(backend: str) -> Callable:
-    """The backend function by name; `auto` picks by platform (`auto_backend`)."""
+    """The backend function by name; `auto` picks per platform and size (`auto_backend`)."""
     if backend == "auto":
-        backend = auto_backend()
+        return moe_auto
     try:
         return BACKENDS[backend]
     except KeyError:
