@@ -111,6 +111,7 @@ def time_interleaved(fns: dict, reps: int, busy: float, max_wait: float, warmup:
     clean = {k: [] for k in fns}
     every = {k: [] for k in fns}
     loads = {k: [] for k in fns}
+    cpu = {k: [] for k in fns}
     deadline = time.time() + max_wait
     attempts = 0
     while any(len(v) < reps for v in clean.values()):
@@ -118,9 +119,11 @@ def time_interleaved(fns: dict, reps: int, busy: float, max_wait: float, warmup:
         for name, f in fns.items():
             if len(clean[name]) >= reps:
                 continue
+            c0 = time.process_time()
             with Probe() as p:
                 for _ in range(calls[name]):
                     f()
+            cpu[name].append((time.process_time() - c0) / calls[name])
             every[name].append(p.seconds / calls[name])
             loads[name].append(p.others)
             if p.others <= busy:
@@ -141,6 +144,10 @@ def time_interleaved(fns: dict, reps: int, busy: float, max_wait: float, warmup:
             "contended": len(clean[name]) < 3,
             "others_load_mean": float(np.mean(loads[name])) if loads[name] else 0.0,
             "calls_per_rep": calls[name],
+            # CPU seconds of this process (all threads) per call: with one thread (taskset -c N, --threads 1)
+            # this is the work done, hardly inflated by other processes sharing the core.
+            "cpu_median_s": statistics.median(cpu[name]),
+            "cpu_min_s": min(cpu[name]),
         }
     return out
 
@@ -230,7 +237,7 @@ def matmul_thunk(n: int = MATMUL_N):
 
 
 def with_gflops(t: dict, n: int = MATMUL_N) -> dict:
-    return dict(t, gflops=2 * n**3 / t["median_s"] / 1e9, n=n)
+    return dict(t, gflops=2 * n**3 / t[METRIC] / 1e9, n=n)
 
 
 def stream_gbs(reps: int, busy: float, max_wait: float, gib: float = 1.0) -> dict:
@@ -240,7 +247,7 @@ def stream_gbs(reps: int, busy: float, max_wait: float, gib: float = 1.0) -> dic
     x = jnp.ones((int(gib * 2**30) // 4,), jnp.float32)
     f = jax.jit(jnp.sum)
     t = time_interleaved({"sum": lambda: f(x).block_until_ready()}, reps, busy, max_wait)["sum"]
-    t["gbs"] = x.nbytes / t["median_s"] / 1e9
+    t["gbs"] = x.nbytes / t[METRIC] / 1e9
     del x
     return t
 
@@ -346,8 +353,12 @@ def to_out_in(model) -> None:
         layer.mlp.experts = OutInExperts(layer.mlp.experts)
 
 
+METRIC = "median_s"  # or "cpu_median_s" (--metric cpu)
+
+
 def _row(case, label, t, gf, torch_s, mm_gflops, parity) -> str:
-    flag = " (contended)" if t["contended"] else ""
+    flag = " (contended)" if t["contended"] and METRIC == "median_s" else ""
+    t = dict(t, median_s=t[METRIC])
     speed = f"{torch_s / t['median_s']:.2f}x"
     return (f"| {case} | {label} | {t['median_s']:.4f} | {gf:.2f} | {gf / t['median_s']:.1f} | "
             f"{100 * gf / t['median_s'] / mm_gflops:.0f}% | {speed} | {t['clean_reps']}/{t['all_reps']}{flag} | {parity} |")
@@ -369,20 +380,20 @@ def table(results: dict) -> str:
         gf = r["flops"]["total"] / 1e9
         mm = t["matmul"]["gflops"]
         base_err = max(v for k, v in r["parity_rel_err"].items() if not k.startswith("out_in"))
-        lines.append(_row(name, "JAX jit fp32", t["jax"], gf, t["torch"]["median_s"], mm, f"{base_err:.1e}"))
-        lines.append(_row(name, "transformers eager fp32", t["torch"], gf, t["torch"]["median_s"], mm, "ref"))
+        lines.append(_row(name, "JAX jit fp32", t["jax"], gf, t["torch"][METRIC], mm, f"{base_err:.1e}"))
+        lines.append(_row(name, "transformers eager fp32", t["torch"], gf, t["torch"][METRIC], mm, "ref"))
         if "jax_out_in" in t:
             oi_err = max(v for k, v in r["parity_rel_err"].items() if k.startswith("out_in"))
             lines.append(_row(name, "JAX jit fp32, experts stored [out, in] (proposed)", t["jax_out_in"], gf,
-                              t["torch_out_in_run"]["median_s"], t["matmul_out_in_run"]["gflops"], f"{oi_err:.1e}"))
+                              t["torch_out_in_run"][METRIC], t["matmul_out_in_run"]["gflops"], f"{oi_err:.1e}"))
             lines.append(_row(name, "transformers eager fp32 (timed beside the row above)", t["torch_out_in_run"], gf,
-                              t["torch_out_in_run"]["median_s"], t["matmul_out_in_run"]["gflops"], "ref"))
+                              t["torch_out_in_run"][METRIC], t["matmul_out_in_run"]["gflops"], "ref"))
         m = t["matmul"]
-        lines.append(f"| {name} | jitted fp32 {m['n']}^3 matmul (timed beside) | {m['median_s']:.4f} | "
+        lines.append(f"| {name} | jitted fp32 {m['n']}^3 matmul (timed beside) | {m[METRIC]:.4f} | "
                      f"{2 * m['n'] ** 3 / 1e9:.2f} | {mm:.1f} | 100% | | {m['clean_reps']}/{m['all_reps']} | |")
         if name == "full":
             gb = r["weight_bytes"] / 1e9
-            tj, tt = t["jax"]["median_s"], t["torch"]["median_s"]
+            tj, tt = t["jax"][METRIC], t["torch"][METRIC]
             notes.append(
                 f"Full-width layer: {gb:.2f} GB of fp32 weights per forward"
                 + (f"; at the measured stream-read bandwidth ({bw:.1f} GB/s) the memory roofline is {gb / bw:.3f} s" if bw else "")
@@ -394,9 +405,11 @@ def table(results: dict) -> str:
                 f"{'MET' if gf / tj >= 0.5 * mm else 'NOT met'} ({100 * gf / tj / mm:.0f}%)."
             )
     m = results["matmul"]
-    lines.append(f"| machine | jitted fp32 {m['n']}^3 matmul (alone) | {m['median_s']:.4f} | {2 * m['n'] ** 3 / 1e9:.2f} | "
+    lines.append(f"| machine | jitted fp32 {m['n']}^3 matmul (alone) | {m[METRIC]:.4f} | {2 * m['n'] ** 3 / 1e9:.2f} | "
                  f"{m['gflops']:.1f} | | | {m['clean_reps']}/{m['all_reps']} | |")
-    if any(t["contended"] for r in results["cases"].values() for t in r["timing"].values()):
+    if METRIC != "median_s":
+        notes.append("Times are median CPU seconds of the benchmark process per call (--metric cpu), not wall time.")
+    elif any(t["contended"] for r in results["cases"].values() for t in r["timing"].values()):
         notes.append("Rows marked (contended): fewer than 3 repetitions ran while other processes stayed under the "
                      "--busy threshold; their medians are over all repetitions, taken while the machine was shared "
                      "(see others_load_mean in the .json). Ratios are fairer than absolute times there: "
@@ -415,6 +428,11 @@ def main(argv=None) -> int:
     p.add_argument("--out-in", action="store_true",
                    help="also time the full layer with its experts stored [out, in] (moe.ExpertWeightsOutIn)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max parity rel error before timing")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: all cores); pin XLA with taskset, e.g. `taskset -c 1 ... --threads 1`")
+    p.add_argument("--metric", choices=("wall", "cpu"), default="wall",
+                   help="report median wall time (default) or median CPU time of this process (for single-thread runs "
+                        "on a shared machine)")
     p.add_argument("--workdir", default=None, help="where checkpoints are written (default: a temporary directory); "
                                                    "an existing checkpoint there is reused")
     p.add_argument("--out", default=str(RESULTS / "model"), help="output path prefix (.md and .json)")
@@ -423,7 +441,10 @@ def main(argv=None) -> int:
     import jax
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    global METRIC
+    METRIC = "median_s" if args.metric == "wall" else "cpu_median_s"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or cores)
     cases = [c for c in args.cases.split(",") if c]
     results = {
         "environment": {
@@ -431,6 +452,8 @@ def main(argv=None) -> int:
             "transformers": __import__("transformers").__version__,
             "cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "moe_backend": args.moe_backend,
+            "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "metric": args.metric,
             "platform": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         },
         "cases": {},

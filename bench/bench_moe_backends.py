@@ -27,14 +27,17 @@ from pathlib import Path
 import numpy as np
 
 try:  # run as a script from anywhere (its directory is on sys.path) or as `python -m bench.bench_moe_backends`
-    from bench_model import RESULTS, _cpu_name, time_interleaved
+    import bench_model as bm
 except ModuleNotFoundError:
-    from bench.bench_model import RESULTS, _cpu_name, time_interleaved
+    from bench import bench_model as bm
 
 SIZES = {
     "tiny": dict(E=4, k=2, H=64, I=64, N=80),
     "medium": dict(E=16, k=4, H=512, I=512, N=512),
     "full": dict(E=32, k=4, H=2880, I=2880, N=128),
+    # between tiny and medium, for the dense/grouped crossover of `auto` (not in the default run)
+    "small": dict(E=8, k=2, H=128, I=128, N=256),
+    "small2": dict(E=16, k=4, H=256, I=256, N=256),
 }
 
 
@@ -42,7 +45,7 @@ def routed_flops(E, k, H, I, N) -> int:
     return 2 * N * k * (H * 2 * I + I * H)
 
 
-def run_size(name: str, size: dict, backends: list[str], args) -> dict:
+def run_size(name: str, size: dict, backends: list[str], layouts: list[str], args) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -57,6 +60,13 @@ def run_size(name: str, size: dict, backends: list[str], args) -> dict:
         jnp.asarray(rng.standard_normal((E, I, H), dtype=np.float32) * std),
         jnp.asarray(rng.standard_normal((E, H), dtype=np.float32) * std),
     )
+    stores = {}
+    if "out_in" in layouts:  # the same matrices stored [E, out, in]
+        t = jax.jit(lambda a: jnp.swapaxes(a, 1, 2))
+        stores["out_in"] = moe.ExpertWeightsOutIn(t(w.gate_up), w.gate_up_bias, t(w.down), w.down_bias)
+    if "in_out" in layouts:
+        stores["in_out"] = w
+    del w
     x = jnp.asarray(rng.standard_normal((N, H), dtype=np.float32))
     logits = jnp.asarray(rng.standard_normal((N, E), dtype=np.float32))
     top, indices = jax.lax.top_k(logits, k)
@@ -65,20 +75,23 @@ def run_size(name: str, size: dict, backends: list[str], args) -> dict:
     act, precision = moe.SwiGLU(), jax.lax.Precision.HIGHEST
 
     fns, compile_s, outputs = {}, {}, {}
-    for b in backends:
-        f = jax.jit(lambda x, weights, indices, w, b=b: moe.BACKENDS[b](x, weights, indices, w, act, precision))
-        t0 = time.perf_counter()
-        outputs[b] = np.asarray(f(x, weights, indices, w))
-        compile_s[b] = time.perf_counter() - t0
-        fns[b] = lambda f=f: f(x, weights, indices, w).block_until_ready()
-    ref = outputs["dense"] if "dense" in outputs else next(iter(outputs.values()))
+    for layout in layouts:
+        for b in backends:
+            key = f"{b} [{layout}]" if len(layouts) > 1 else b
+            f = jax.jit(lambda x, weights, indices, w, b=b: moe.dispatch(b)(x, weights, indices, w, act, precision))
+            ws = stores[layout]
+            t0 = time.perf_counter()
+            outputs[key] = np.asarray(f(x, weights, indices, ws))
+            compile_s[key] = time.perf_counter() - t0
+            fns[key] = lambda f=f, ws=ws: f(x, weights, indices, ws).block_until_ready()
+    ref = next((o for k, o in outputs.items() if k.startswith("dense")), next(iter(outputs.values())))
     errors = {b: float(np.abs(o - ref).max() / np.abs(ref).max()) for b, o in outputs.items()}
     bad = {b: e for b, e in errors.items() if e > 1e-5}
     if bad:
         raise SystemExit(f"[{name}] backends disagree with dense: {bad}")
     del outputs
     print(f"[{name}] E={E} k={k} H={H} I={I} N={N}: groups {groups.min()}..{groups.max()}; timing ...", flush=True)
-    t = time_interleaved(fns, args.reps, args.busy, args.max_wait)
+    t = bm.time_interleaved(fns, args.reps, args.busy, args.max_wait)
     flops = routed_flops(E, k, H, I, N)
     return {
         "size": size, "group_sizes": groups.tolist(), "routed_flops": flops, "errors_vs_dense": errors,
@@ -88,16 +101,18 @@ def run_size(name: str, size: dict, backends: list[str], args) -> dict:
 
 def table(results: dict) -> str:
     lines = [
-        "| size | backend | median (ms) | GFLOP/s (routed) | vs fastest | first call (s) | clean reps | rel err vs dense |",
+        f"| size | backend | median {'CPU ' if bm.METRIC != 'median_s' else ''}time (ms) | GFLOP/s (routed) | vs fastest | first call (s) | clean reps | rel err vs dense |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in results["sizes"].items():
-        best = min(v["median_s"] for v in r["timing"].values())
+        best = min(v[bm.METRIC] for v in r["timing"].values())
         for b, t in r["timing"].items():
+            m = t[bm.METRIC]
+            contended = " (contended)" if t["contended"] and bm.METRIC == "median_s" else ""
             lines.append(
-                f"| {name} | {b} | {1e3 * t['median_s']:.2f} | {r['routed_flops'] / t['median_s'] / 1e9:.1f} | "
-                f"{t['median_s'] / best:.2f}x | {r['first_call_s'][b]:.1f} | {t['clean_reps']}/{t['all_reps']}"
-                f"{' (contended)' if t['contended'] else ''} | {r['errors_vs_dense'][b]:.1e} |"
+                f"| {name} | {b} | {1e3 * m:.2f} | {r['routed_flops'] / m / 1e9:.1f} | "
+                f"{m / best:.2f}x | {r['first_call_s'][b]:.1f} | {t['clean_reps']}/{t['all_reps']}"
+                f"{contended} | {r['errors_vs_dense'][b]:.1e} |"
             )
     return "\n".join(lines)
 
@@ -105,26 +120,33 @@ def table(results: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="tiny,medium,full")
-    p.add_argument("--backends", default="dense,ragged,grouped")
+    p.add_argument("--backends", default="dense,ragged,grouped,auto")
+    p.add_argument("--layouts", default="in_out,out_in",
+                   help="expert storage: in_out (moe.ExpertWeights, the model's today) and/or out_in (moe.ExpertWeightsOutIn)")
+    p.add_argument("--metric", choices=("wall", "cpu"), default="wall",
+                   help="median wall time, or median CPU time of this process (single-thread runs on a shared machine)")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--busy", type=float, default=0.25)
     p.add_argument("--max-wait", type=float, default=600.0)
-    p.add_argument("--out", default=str(RESULTS / "moe_backends"))
+    p.add_argument("--out", default=str(bm.RESULTS / "moe_backends"))
     args = p.parse_args(argv)
 
     import jax
 
     from hmoe_jax import moe
 
+    bm.METRIC = "median_s" if args.metric == "wall" else "cpu_median_s"
     results = {
-        "environment": {"jax": jax.__version__, "cpu": _cpu_name(), "cores": os.cpu_count(),
+        "environment": {"jax": jax.__version__, "cpu": bm._cpu_name(), "cores": os.cpu_count(),
+                        "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
                         "platform": jax.default_backend(), "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
-                        "auto": moe.auto_backend(), "date": time.strftime("%Y-%m-%d %H:%M:%S")},
+                        "metric": args.metric, "date": time.strftime("%Y-%m-%d %H:%M:%S")},
         "sizes": {},
     }
     backends = [b for b in args.backends.split(",") if b]
+    layouts = [lay for lay in args.layouts.split(",") if lay]
     for name in [s for s in args.sizes.split(",") if s]:
-        results["sizes"][name] = run_size(name, SIZES[name], backends, args)
+        results["sizes"][name] = run_size(name, SIZES[name], backends, layouts, args)
     md = table(results)
     print(md)
     env = results["environment"]
@@ -132,7 +154,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(
         f"# MoE dispatch backends (fp32, {env['platform']})\n\n`python bench/bench_moe_backends.py` on {env['cpu']} "
-        f"({env['cores']} cores), jax {env['jax']}, {env['date']}. `auto` on this platform: `{env['auto']}`.\n\n"
+        f"({env['cores']} cores, affinity {env['affinity']}), jax {env['jax']}, metric {env['metric']}, {env['date']}.\n\n"
         + md + "\n"
     )
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))

@@ -147,7 +147,7 @@ GROUPED_CHUNK_BYTES = 1 << 20
 # chunked per-expert loop: copied into cache, then multiplied, not overlapped). Fitted on the
 # full-width layer (bench/bench_moe_backends.py); only the ranking of capacities depends on them.
 CAPACITY_READ = 8.5
-OVERFLOW_EXPERT = 27.0
+OVERFLOW_EXPERT = 64.0
 
 
 def _chunk_rows(rows: int, cols: int, itemsize: int, chunk_bytes: int) -> int:
@@ -274,7 +274,7 @@ BACKENDS: dict[str, Callable] = {"dense": moe_dense, "ragged": moe_ragged, "grou
 
 # On CPU, `dense` (E/k times the FLOPs, but no sort, loop or gather) wins while every expert on every
 # token stays below about this many FLOPs (bench/results/moe_backends.md: tiny configs); `grouped` above.
-DENSE_MAX_FLOPS = 2e8
+DENSE_MAX_FLOPS = 1e8
 
 
 def auto_backend(x, w: AnyExpertWeights, platform: str | None = None) -> str:

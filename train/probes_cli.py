@@ -65,9 +65,13 @@ def train_and_report(args, features, scenario_ids, tasks, protocol, identity, ta
     mesh = make_mesh(data=-1, tensor=args.mesh_tensor)
     bar = tqdm(total=protocol.epochs, unit="epoch", desc="ensemble")
 
+    calls = []
+
     def on_epochs(done, total):
-        if bar.n == 0 and done > 0:
+        # The first report comes before any training: epochs done then were done by an earlier run.
+        if not calls and done > 0:
             bar.write(f"resuming {args.out} from its epoch-{done} checkpoint", file=sys.stderr)
+        calls.append(done)
         bar.update(done - bar.n)
 
     try:
