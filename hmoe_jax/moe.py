@@ -201,19 +201,24 @@ def _per_expert(rows, starts, counts, w, act, precision, tiles, chunk_bytes, dty
         gu = _expert_matmul(block, w.gate_up, e, out_in, precision, chunk_bytes).astype(dtype) + w.gate_up_bias[e]
         return _expert_matmul(act(gu), w.down, e, out_in, precision, chunk_bytes).astype(dtype) + w.down_bias[e]
 
-    def run_tile(height, e, offset, out):
-        # Rows past this expert's group belong to later experts, which overwrite them afterwards
-        # (experts run in ascending order, each writing only from its own first row on).
+    def tile(height, e, offset):
         y = ffn(jax.lax.dynamic_slice_in_dim(rows, offset, height), e)
-        return jax.lax.dynamic_update_slice_in_dim(out, y, offset, 0)
+        return y if height == tallest else jnp.concatenate([y, jnp.zeros((tallest - height, y.shape[1]), dtype)])
 
+    # Rows written past an expert's group belong to later experts (or to the padding), which overwrite
+    # them afterwards: experts run in ascending order, each writing only from its own first row on.
+    # The switch returns the tile rather than updating `out` inside its branches, which would copy `out`.
     def expert_body(e, out):
         start, size = starts[e], counts[e]
         full = size // tallest
-        out = jax.lax.fori_loop(0, full, lambda j, o: run_tile(tallest, e, start + j * tallest, o), out)
+        out = jax.lax.fori_loop(
+            0, full, lambda j, o: jax.lax.dynamic_update_slice_in_dim(o, tile(tallest, e, start + j * tallest),
+                                                                       start + j * tallest, 0), out)
         rest, offset = size - full * tallest, start + full * tallest
         branch = jnp.where(rest == 0, 0, 1 + jnp.sum(heights < rest))
-        return jax.lax.switch(branch, [lambda o: o] + [lambda o, h=h: run_tile(h, e, offset, o) for h in tiles], out)
+        y = jax.lax.switch(branch, [lambda: jnp.zeros((tallest, rows.shape[1]), dtype)]
+                           + [lambda h=h: tile(h, e, offset) for h in tiles])
+        return jax.lax.dynamic_update_slice_in_dim(out, y, offset, 0)
 
     return jax.lax.fori_loop(0, _num_experts(w), expert_body, jnp.zeros(rows.shape, dtype))
 
