@@ -1,18 +1,22 @@
-"""The MoE dispatch backends (`hmoe_jax.moe`: dense, ragged, grouped) on this machine, at three sizes.
+"""The MoE dispatch backends (`hmoe_jax.moe`: dense, ragged, grouped, auto) on this machine, at three sizes.
 
     python bench/bench_moe_backends.py                # writes bench/results/moe_backends.{md,json}
     python bench/bench_moe_backends.py --sizes full   # one size
+    taskset -c 1 python bench/bench_moe_backends.py --metric cpu --out bench/results/moe_backends_1core
 
 Each size runs the experts alone (router output given), jitted, fp32, `Precision.HIGHEST`:
   tiny    hidden 64,   intermediate 64,   4 experts top-2,  80 tokens   (the test configs)
   medium  hidden 512,  intermediate 512,  16 experts top-4, 512 tokens  (bench_model's medium, 4 x 128)
   full    hidden 2880, intermediate 2880, 32 experts top-4, 128 tokens  (one gpt-oss-20b layer, 1 x 128)
-Routing: top-k of N(0, 1) router logits (a random router: groups of about N*k/E tokens).
-All backends are checked against `dense` (max abs error / max abs value) before timing. GFLOP/s counts
-the FLOPs of the top-k experts actually routed (2 * N * k * (H*2I + I*H)); `dense` computes E/k times
-that. Timing as in bench_model.py (interleaved repetitions, medians of repetitions during which other
-processes stayed under `--busy` cores). The `auto` backend (`hmoe_jax.moe.auto_backend`) is whichever
-is fastest here at real widths.
+  (small, small2: in between, for the dense/grouped crossover; not in the default run)
+with the experts stored [in, out] (`moe.ExpertWeights`, the model's layout today) and [out, in]
+(`moe.ExpertWeightsOutIn`). Routing: top-k of N(0, 1) router logits (a random router: groups of about
+N*k/E tokens). All backends are checked against `dense` (max abs error / max abs value) before timing.
+GFLOP/s counts the FLOPs of the top-k experts actually routed (2 * N * k * (H*2I + I*H)); `dense`
+computes E/k times that. Timing as in bench_model.py (interleaved repetitions, medians of repetitions
+during which other processes stayed under `--busy` cores; or CPU time with `--metric cpu`).
+`hmoe_jax.moe.auto_backend` is set from these numbers: `dense` while all experts on all tokens stay
+under `moe.DENSE_MAX_FLOPS`, `grouped` above, on CPU.
 """
 
 from __future__ import annotations
@@ -84,6 +88,7 @@ def run_size(name: str, size: dict, backends: list[str], layouts: list[str], arg
             outputs[key] = np.asarray(f(x, weights, indices, ws))
             compile_s[key] = time.perf_counter() - t0
             fns[key] = lambda f=f, ws=ws: f(x, weights, indices, ws).block_until_ready()
+    auto = {layout: moe.auto_backend(x, stores[layout]) for layout in layouts}
     ref = next((o for k, o in outputs.items() if k.startswith("dense")), next(iter(outputs.values())))
     errors = {b: float(np.abs(o - ref).max() / np.abs(ref).max()) for b, o in outputs.items()}
     bad = {b: e for b, e in errors.items() if e > 1e-5}
@@ -94,7 +99,7 @@ def run_size(name: str, size: dict, backends: list[str], layouts: list[str], arg
     t = bm.time_interleaved(fns, args.reps, args.busy, args.max_wait)
     flops = routed_flops(E, k, H, I, N)
     return {
-        "size": size, "group_sizes": groups.tolist(), "routed_flops": flops, "errors_vs_dense": errors,
+        "size": size, "group_sizes": groups.tolist(), "auto_picks": auto, "routed_flops": flops, "errors_vs_dense": errors,
         "first_call_s": compile_s, "timing": t,
     }
 
@@ -108,12 +113,20 @@ def table(results: dict) -> str:
         best = min(v[bm.METRIC] for v in r["timing"].values())
         for b, t in r["timing"].items():
             m = t[bm.METRIC]
+            if b.startswith("auto") and "auto_picks" in r:  # same program as the backend it picks
+                layout = b[b.find("[") + 1:-1] if "[" in b else next(iter(r["auto_picks"]))
+                b_label = b.replace("auto", f"auto (= {r['auto_picks'][layout]})", 1)
+            else:
+                b_label = b
             contended = " (contended)" if t["contended"] and bm.METRIC == "median_s" else ""
             lines.append(
-                f"| {name} | {b} | {1e3 * m:.2f} | {r['routed_flops'] / m / 1e9:.1f} | "
+                f"| {name} | {b_label} | {1e3 * m:.2f} | {r['routed_flops'] / m / 1e9:.1f} | "
                 f"{m / best:.2f}x | {r['first_call_s'][b]:.1f} | {t['clean_reps']}/{t['all_reps']}"
                 f"{contended} | {r['errors_vs_dense'][b]:.1e} |"
             )
+    lines.append("")
+    lines.append("`auto (= x)` runs the same program as `x`, timed separately: the difference between the two rows "
+                 "shows the run-to-run noise of this machine.")
     return "\n".join(lines)
 
 

@@ -1,11 +1,12 @@
 """Probe training: this project's one jitted ensemble program vs the reference's PyTorch loop.
 
-    python bench/bench_probes.py [--epochs 20] [--seeds 3] [--rows 2650] [--dim 2880] [--out bench/results/probes.json]
+    python bench/bench_probes.py [--epochs 20] [--seeds 3] [--rows 2650] [--dim 2880]
+                                 [--out bench/results/probes.json]
 
 The reduced protocol of the issue: all 12 probes (8 argument + 4 direct-output) x 1 fold x 3 seeds,
 20 epochs, batch 64, on the same 2,650 x 2880 float32 features (synthetic: a low-rank latent code
-read out through random directions plus noise, centred targets smooth in the code). Both sides train on identical rows (fold 0's inner-train split) and are
-scored on identical held-out rows.
+read out through random directions plus noise, centred targets smooth in the code). Both sides
+train on identical rows (fold 0's inner-train split) and are scored on identical held-out rows.
 
 - ours: `hmoe_jax.probe_training.EnsembleTrainer`, all 36 members in one program, ensemble sharded
   over one CPU device per core. Timed three times from a fresh init: the first call includes

@@ -138,9 +138,9 @@ def moe_ragged(x, weights, indices, w: AnyExpertWeights, act: SwiGLU, precision)
 # groups usually fall (a few to a few dozen rows: on CPU a small-M matmul costs about in proportion to
 # its padded height), coarser above; every height is a separate compiled branch, and heights past the
 # number of token-expert pairs are dropped at trace time.
-GROUPED_ROW_TILES = (4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96, 128, 192, 256)
+GROUPED_ROW_TILES = (4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160, 192, 224, 256)
 # Bytes of weights per chunk: a contiguous slice that stays in L2 while it is multiplied.
-GROUPED_CHUNK_BYTES = 1 << 20
+GROUPED_CHUNK_BYTES = 1 << 21
 # The out-in capacity cost model, in units of "one row through one expert's FFN": streaming every
 # expert's weights through the batched matmul costs about CAPACITY_READ rows per expert, and an
 # expert that overflows the capacity costs about OVERFLOW_EXPERT rows more (its weights go through the

@@ -276,7 +276,8 @@ class FeatureStore:
         self._array(DONE_ARRAY)[rows].write(np.ones(len(rows), np.uint8)).result()
 
     def create_arrays(self) -> None:
-        n, n_layers, hidden = len(self.metadata["scenario_ids"]), len(self.metadata["layers"]), self.metadata["hidden_size"]
+        meta = self.metadata
+        n, n_layers, hidden = len(meta["scenario_ids"]), len(meta["layers"]), meta["hidden_size"]
         for pooling in self.metadata["poolings"]:
             self._array(f"{pooling}.zarr", (n, n_layers, hidden))
         self._array(DONE_ARRAY, (n,), dtype="uint8")
@@ -303,7 +304,8 @@ def _check_metadata(metadata: Any, where: Path) -> None:
         if not isinstance(metadata.get(key), kind):
             raise StoreError(f"{where}: key {key!r} missing or not a {kind.__name__}")
     if len(metadata["token_counts"]) != len(metadata["scenario_ids"]):
-        raise StoreError(f"{where}: {len(metadata['token_counts'])} token counts for {len(metadata['scenario_ids'])} prompts")
+        raise StoreError(f"{where}: {len(metadata['token_counts'])} token counts for "
+                         f"{len(metadata['scenario_ids'])} prompts")
     targets = metadata.get("targets")
     if metadata["kind"] == "scenarios":
         if not isinstance(targets, dict):

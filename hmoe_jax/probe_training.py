@@ -176,7 +176,8 @@ def split_task(task: Task, protocol: Protocol) -> list[dict[str, np.ndarray]]:
         if n_val >= len(rest):
             raise ProbeTrainingError(f"task {task.name}, fold {k}: {len(rest)} training scenarios leave none "
                                      "after the validation split")
-        splits.append({"train": np.sort(shuffled[n_val:]), "validation": np.sort(shuffled[:n_val]), "test": np.sort(test)})
+        splits.append({"train": np.sort(shuffled[n_val:]), "validation": np.sort(shuffled[:n_val]),
+                       "test": np.sort(test)})
     return splits
 
 
@@ -281,7 +282,8 @@ class EnsembleTrainer:
         members = self.sharding(("ensemble",))
         self.features = jax.device_put(jnp.asarray(features, jnp.float32), NamedSharding(mesh, PartitionSpec()))
         put = lambda a: jax.device_put(a, members)  # noqa: E731
-        self.train_rows, self.train_targets, self.train_count = map(put, (ensemble.train_rows, ensemble.train_targets, ensemble.train_count))
+        self.train_rows, self.train_targets, self.train_count = map(
+            put, (ensemble.train_rows, ensemble.train_targets, ensemble.train_count))
         self.keys = put(jax.vmap(jax.random.key)(jnp.asarray(ensemble.seeds)))
         self._train = jax.jit(self._train_epochs, donate_argnums=(0,))
         self._predict = jax.jit(self._predict_rows)
@@ -324,7 +326,8 @@ class EnsembleTrainer:
         batch, steps = p.batch_size, self.steps_per_epoch
         loss_fn = _loss_fn(p.loss, p.huber_delta)
         width = self.train_rows.shape[1]
-        batch_sharding = self.sharding(("ensemble", "ensemble_batch", None), (self.ensemble.size, batch, self.input_dim))
+        batch_sharding = self.sharding(("ensemble", "ensemble_batch", None),
+                                       (self.ensemble.size, batch, self.input_dim))
 
         def member_loss(params, x, y, valid, key):
             pred = probe_apply(params, x, key, p.dropout)[..., 0]
@@ -363,16 +366,20 @@ class EnsembleTrainer:
                 if skip_finished:
                     # A member whose epoch is over skips the step entirely (its AdamW count included).
                     active = valid.any(axis=1)
-                    keep = lambda new, old: jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)  # noqa: E731
+
+                    def keep(new, old):
+                        return jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+
                     new_params = jax.tree.map(keep, new_params, params)
                     new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
                 return (new_params, new_opt_state, loss_sum + loss * jnp.sum(valid, axis=1)), None
 
-            # Steps every member takes run without the skip, whose selects cost a third more memory
-            # traffic than the AdamW update itself; only the tail of longer members needs it.
+            # Steps every member takes run without the skip: its selects re-read and re-write every
+            # parameter and moment (a quarter of a step's time on CPU); only the tail needs them.
             carry = (params, opt_state, jnp.zeros(self.ensemble.size, jnp.float32))
-            carry, _ = jax.lax.scan(functools.partial(step, skip_finished=False), carry, jnp.arange(self.common_steps))
-            carry, _ = jax.lax.scan(functools.partial(step, skip_finished=True), carry, jnp.arange(self.common_steps, steps))
+            common, tail = jnp.arange(self.common_steps), jnp.arange(self.common_steps, steps)
+            carry, _ = jax.lax.scan(functools.partial(step, skip_finished=False), carry, common)
+            carry, _ = jax.lax.scan(functools.partial(step, skip_finished=True), carry, tail)
             params, opt_state, loss_sum = carry
             curve = curve.at[:, e].set(loss_sum / self.train_count)
             return params, opt_state, curve
@@ -391,7 +398,8 @@ class EnsembleTrainer:
 
     def predict(self, params, part: str) -> np.ndarray:
         """Raw outputs of every member on its own `part` ("validation" or "test") scenarios."""
-        rows = jax.device_put(self.ensemble.eval_rows[part], self.sharding(("ensemble", None), self.ensemble.eval_rows[part].shape))
+        rows = self.ensemble.eval_rows[part]
+        rows = jax.device_put(rows, self.sharding(("ensemble", None), rows.shape))
         return np.asarray(self._predict(params, rows))
 
     def scores(self, params, parts: Sequence[str] = ("validation", "test")) -> dict[str, np.ndarray]:
@@ -507,7 +515,8 @@ def train_run(
     else:
         restored = manager.restore(latest, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(trainer.abstract_state()), progress=ocp.args.JsonRestore()))
-        state, epoch, curve_points = restored["state"], int(restored["progress"]["epoch"]), restored["progress"]["curve"]
+        state = restored["state"]
+        epoch, curve_points = int(restored["progress"]["epoch"]), restored["progress"]["curve"]
     if on_epochs is not None:
         on_epochs(epoch, protocol.epochs)
 
@@ -561,7 +570,8 @@ def _save_selected_probes(run_dir: Path, params, tasks, ensemble, protocol, summ
     index = {(m.task, m.fold, m.seed): i for i, m in enumerate(ensemble.members)}
     tree: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     for t, task in enumerate(tasks):
-        picks = [index[(t, k, seed)] for k, seed in zip(summary[task.name]["folds"], summary[task.name]["selected_seed"])]
+        entry = summary[task.name]
+        picks = [index[(t, k, seed)] for k, seed in zip(entry["folds"], entry["selected_seed"])]
         group, name = task.key
         tree.setdefault(group, {})[name] = {leaf: value[picks] for leaf, value in host.items()}
     checkpointer = ocp.StandardCheckpointer()

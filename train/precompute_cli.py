@@ -39,7 +39,8 @@ class _Bars:
 
     def start(self, total_prompts, total_tokens, done_prompts, done_tokens):
         self.prompts = tqdm(total=total_prompts, initial=done_prompts, unit="prompt", desc="prompts", position=0)
-        self.tokens = tqdm(total=total_tokens, initial=done_tokens, unit="tok", unit_scale=True, desc="tokens", position=1)
+        self.tokens = tqdm(total=total_tokens, initial=done_tokens, unit="tok", unit_scale=True, desc="tokens",
+                           position=1)
 
     def advance(self, prompts, tokens):
         self.prompts.update(prompts)
