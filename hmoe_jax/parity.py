@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 
@@ -107,6 +108,57 @@ class WeightSource:
             yield target[len(prefix):], value
 
 
+    def _vocab_param(self, target: str, abstract: nnx.Module):
+        _, state = nnx.split(abstract)
+        variable = dict((path_key(p), v) for p, v in nnx.to_flat_state(state))[target]
+        axes = tuple(getattr(variable, "axes", None) or ())
+        if "vocab" not in axes:
+            raise ValueError(f"parameter {target!r} has no 'vocab' axis (axes {axes})")
+        return variable, axes.index("vocab")
+
+    def _whole(self, target: str, abstract: nnx.Module) -> np.ndarray:
+        return dict(self.stream("", abstract))[target]
+
+    def vocab_rows(self, target: str, rows: np.ndarray, abstract: nnx.Module) -> np.ndarray:
+        """`target` (e.g. 'embed_tokens') at the vocabulary entries `rows`, in our layout; from an HF
+        directory only those entries' bytes are read."""
+        variable, axis = self._vocab_param(target, abstract)
+        if self.location.layout == "flax":
+            return np.take(self._whole(target, abstract), rows, axis=axis)
+        return np.concatenate([self._hf_vocab_slice(target, int(r), int(r) + 1, variable, axis) for r in rows], axis)
+
+    def vocab_chunks(self, target: str, abstract: nnx.Module, chunk: int):
+        """(start, stop, slice) over `target`'s vocabulary axis in chunks of `chunk` entries, our
+        layout. From an HF directory one chunk is in memory at a time; a converted checkpoint is read
+        whole once (orbax restores whole arrays)."""
+        variable, axis = self._vocab_param(target, abstract)
+        size = variable.shape[axis]
+        whole = self._whole(target, abstract) if self.location.layout == "flax" else None
+        for start in range(0, size, chunk):
+            stop = min(start + chunk, size)
+            if whole is not None:
+                yield start, stop, np.take(whole, np.arange(start, stop), axis=axis)
+            else:
+                yield start, stop, self._hf_vocab_slice(target, start, stop, variable, axis)
+
+    def _hf_vocab_slice(self, target, start, stop, variable, axis) -> np.ndarray:
+        """Our rule's transform applied to rows [start, stop) of its (single) source tensor, whose
+        first axis is the vocabulary (true of gpt-oss's embedding and lm_head in both layouts)."""
+        rule = next((r for r in self.rules if r.target == target), None)
+        if rule is None or len(rule.sources) != 1:
+            raise CheckpointError(f"{self.location.path}: no single-tensor rule reads {target!r}")
+        source = self.reader.get_rows(rule.sources[0], start, stop)
+        value = np.asarray(rule.transform([source], self.config))
+        shape = list(variable.shape)
+        shape[axis] = stop - start
+        if tuple(value.shape) != tuple(shape):
+            raise CheckpointError(
+                f"{self.reader.file_of(rule.sources[0])}: tensor {rule.sources[0]!r} rows {start}:{stop} give shape "
+                f"{value.shape} for {target!r}, expected {tuple(shape)}"
+            )
+        return value.astype(variable.dtype)
+
+
 def _read_rules(reader, rules, config, expected):
     """The rules' targets, transformed and shape-checked (a subset of what `read_params` reads)."""
     for rule in rules:
@@ -118,7 +170,16 @@ def _read_rules(reader, rules, config, expected):
                 f"{reader.file_of(rule.sources[0])}: tensor {rule.sources[0]!r} gives shape {value.shape} for "
                 f"{rule.target!r}, the config implies {shape}"
             )
-        yield rule.target, np.asarray(value).astype(dtype)
+        value = np.asarray(value)
+        if value.dtype != dtype and not _lossless_widening(value.dtype, dtype):
+            value = value.astype(dtype)
+        yield rule.target, value  # a bfloat16 tensor for a float32 model is widened on the device
+
+
+def _lossless_widening(src: np.dtype, dst: np.dtype) -> bool:
+    src, dst = np.dtype(src), np.dtype(dst)
+    floating = lambda d: d.kind == "f" or d == np.dtype(ml_dtypes.bfloat16)  # noqa: E731
+    return floating(src) and floating(dst) and dst.itemsize > src.itemsize
 
 
 def _abstract_layer(config: GptOssConfig, i: int, dtype, packed: bool) -> DecoderLayer:
@@ -172,7 +233,14 @@ class Reference:
             elif key + "_blocks" in self.keys:  # MXFP4 experts, decoded by transformers' own routine
                 blocks = torch.from_numpy(self.reader.get(key + "_blocks"))
                 scales = torch.from_numpy(self.reader.get(key + "_scales"))
-                state[name] = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32).to(self.torch_dtype)
+                # One expert at a time into the output: on the whole tensor the routine's int32 index
+                # and transposed temporaries cost about 2.5x the decoded float32 tensor.
+                n_experts, n_out, n_groups, per_block = blocks.shape
+                decoded = torch.empty((n_experts, n_groups * per_block * 2, n_out), dtype=self.torch_dtype)
+                for e in range(n_experts):
+                    decoded[e] = convert_moe_packed_tensors(blocks[e:e + 1], scales[e:e + 1], dtype=torch.float32)[0]
+                del blocks, scales
+                state[name] = decoded
             else:
                 raise CheckpointError(f"{self.reader.files[0].parent}: tensor {key!r} is missing")
         # assign: the module takes these tensors instead of copying them into its random init.
@@ -263,11 +331,13 @@ def check_parity(
     positions = np.clip(np.cumsum(mask, -1) - 1, 0, None)
     real = mask.astype(bool)
 
-    # Embeddings, once, from our weights (the same gather both implementations do).
-    embed = dict(ours_source.stream("", _embed_abstract(config, jdtype)))["embed_tokens"]
-    x_ours = jnp.asarray(embed[ids]).astype(jdtype)
+    # Embeddings, once, from our weights (the same gather both implementations do): only the rows of
+    # the prompts' tokens are read.
+    used, inverse = np.unique(ids, return_inverse=True)
+    rows = ours_source.vocab_rows("embed_tokens", used, _embed_abstract(config, jdtype))
+    x_ours = jnp.asarray(rows[inverse.reshape(ids.shape)]).astype(jdtype)
     x_ref = torch.from_numpy(np.array(x_ours, np.float32)).to(ref.torch_dtype)
-    del embed
+    del rows
 
     # Reference masks/rotary exactly as GptOssModel.forward builds them.
     t_mask, t_pos = torch.from_numpy(mask), torch.from_numpy(positions)
@@ -382,21 +452,43 @@ def _embed_abstract(config, dtype):
     return nnx.eval_shape(lambda: _Embed(config, dtype))
 
 
-def _compare_logits(ours_source, ref, config, x_ours, x_ref, real, jdtype):
+LOGITS_CHUNK = 16384  # vocabulary entries per lm_head chunk: 16384 x 2880 float32 = 189 MB
+
+
+class _FinalNorm(nnx.Module):
+    def __init__(self, config: GptOssConfig, rngs: nnx.Rngs):
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, rngs=rngs)
+
+
+def _compare_logits(ours_source, ref, config, x_ours, x_ref, real, jdtype, chunk: int | None = None):
+    """Logits error, top-1 agreement and mean KL(ref || ours) over the real tokens. Both lm_heads are
+    applied one vocabulary chunk at a time, so neither 2.3 GB float32 matrix is ever whole in memory
+    (from an HF directory)."""
     import torch
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm
 
-    abstract = nnx.eval_shape(lambda: _Head(config, jdtype, nnx.Rngs(0)))
-    head = fill_model(abstract, ours_source.stream("", abstract))
-    ours = jnp.einsum("bte,ev->btv", head.norm(x_ours), head.lm_head[...], precision=_precision(jdtype))
-    ours = np.asarray(ours, np.float64)[real]
-    del head, abstract
-    gc.collect()
+    norm_abstract = nnx.eval_shape(lambda: _FinalNorm(config, nnx.Rngs(0)))
+    hidden_ours = fill_model(norm_abstract, ours_source.stream("", norm_abstract)).norm(x_ours)
+    hidden_ours = hidden_ours[jnp.asarray(real)]  # [N, H], real tokens only
     norm = GptOssRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
     with torch.no_grad():
         norm.weight.copy_(ref.tensor("model.norm.weight").float())
-        lm_key = "lm_head.weight" if "lm_head.weight" in ref.keys else "model.embed_tokens.weight"
-        refl = (norm(x_ref).to(ref.torch_dtype) @ ref.tensor(lm_key).T).double().numpy()[real]
+        hidden_ref = norm(x_ref).to(ref.torch_dtype)[torch.from_numpy(real)]
+    lm_key = "lm_head.weight" if "lm_head.weight" in ref.keys else "model.embed_tokens.weight"
+    head_abstract = nnx.eval_shape(lambda: _Head(config, jdtype, nnx.Rngs(0)))
+    matmul = jax.jit(lambda h, w: jnp.einsum("ne,ev->nv", h, w, precision=_precision(jdtype)))
+    chunk = chunk or LOGITS_CHUNK
+
+    n, vocab = int(real.sum()), config.vocab_size
+    ours = np.empty((n, vocab), np.float64)
+    refl = np.empty((n, vocab), np.float64)
+    for start, stop, w in ours_source.vocab_chunks("lm_head", head_abstract, chunk):
+        ours[:, start:stop] = np.asarray(matmul(hidden_ours, jnp.asarray(w)), np.float64)
+        del w
+        w_ref = torch.from_numpy(np.ascontiguousarray(ref.reader.get_rows(lm_key, start, stop)).astype(np.float32))
+        with torch.no_grad():
+            refl[:, start:stop] = (hidden_ref @ w_ref.to(ref.torch_dtype).T).double().numpy()
+        del w_ref
     logits_rel = rel_err(ours, refl)
     top1 = float((ours.argmax(-1) == refl.argmax(-1)).mean())
     lp_ref = refl - np.logaddexp.reduce(refl, -1, keepdims=True)
