@@ -1,23 +1,32 @@
-"""Pallas kernels vs the XLA path at gpt-oss-20b shapes, on a GPU.
+"""Pallas kernels vs the XLA path at gpt-oss-20b shapes, on a GPU, through the model's own code paths.
 
-    python bench/bench_kernels.py [--seq 1024 4096] [--tokens 1 64 512 4096] [--dtype bfloat16]
-                                  [--runs 20] [--out bench/results/kernels.md]
+    python bench/bench_kernels.py [--seq 1024 4096] [--tokens 1 64 512 4096] [--model-seq 2048]
+                                  [--layers 2] [--dtype bfloat16] [--runs 20] [--out bench/results/kernels.md]
+    python bench/bench_kernels.py --smoke      # tiny shapes, interpret mode: checks the script, times nothing
+
+Every "pallas" variant is the wired model path (`hmoe_jax.kernels.select` picking the kernels), every
+"xla" variant the same code with the XLA path selected (`kernels.use("xla")`, what `HMOE_KERNELS=xla`
+does).
 
 Attention (one layer's core, after the projections): batch 1, 64 query heads on 8 KV heads, head_dim
-64, sliding window 128 and full causal, `--seq` tokens. XLA: `model.Attention.attend` on the mask from
-`model.attention_masks` (materialises [B, KV, G, T, S] scores). Pallas: `kernels.sink_attention`.
+64, sliding window 128 and full causal, `--seq` tokens. `model.Attention.attend` with the mask from
+`model.attention_masks`: XLA materialises [B, KV, G, T, S] scores; with the padding `key_mask` the
+kernel (`kernels.sink_attention`) rebuilds the mask per tile.
 
 MoE (one layer, after the router): hidden 2880, intermediate 2880, 32 experts top-4, `--tokens` tokens,
-experts MXFP4-packed as in the checkpoint. Variants:
-- `xla packed`: `model.PackedExperts` as the model runs it today (decode every expert with
-  `dequantize_mxfp4` inside the jitted forward, then the `ragged` backend);
+experts MXFP4-packed as in the checkpoint (`model.PackedExperts`). Variants:
+- `xla packed`: decode every expert with `dequantize_mxfp4` inside the jitted forward, then `ragged`;
 - `xla predecoded`: `moe_ragged` on experts decoded once ahead (4x the weight bytes resident: the
   XLA ceiling without a decode per call);
 - `pallas`: `kernels.moe_pallas_mxfp4` (decode fused into the grouped matmul tiles).
 
+Model: `GptOssForCausalLM` at gpt-oss-20b width with `--layers` blocks (sliding and full alternating),
+packed MXFP4 experts, random weights, one sequence of `--model-seq` tokens: the jitted forward
+(`model(ids)`) with XLA vs with both kernels.
+
 Each variant is jitted, warmed up, then timed (median of `--runs`, `block_until_ready`). The report also
 gives max |pallas - xla| / max |xla| per shape as a sanity check (bf16: expect ~1e-2).
-Without a GPU this prints why and exits 0: interpret mode says nothing about kernel speed.
+Without a GPU this prints why and exits 0 (`--smoke` excepted): interpret mode says nothing about speed.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,17 +46,32 @@ from flax import nnx
 
 from hmoe_jax import kernels, moe
 from hmoe_jax.config import GptOssConfig
-from hmoe_jax.model import Attention, PackedExperts, _precision, attention_masks
-
-HEADS, KV_HEADS, HEAD_DIM, WINDOW = 64, 8, 64, 128
-HIDDEN, INTERMEDIATE, EXPERTS, TOP_K = 2880, 2880, 32, 4
+from hmoe_jax.model import Attention, GptOssForCausalLM, PackedExperts, _precision, attention_masks
 
 
-def gpt_oss_20b_moe_config() -> GptOssConfig:
+class Shapes(NamedTuple):
+    heads: int = 64
+    kv_heads: int = 8
+    head_dim: int = 64
+    window: int = 128
+    hidden: int = 2880
+    intermediate: int = 2880
+    experts: int = 32
+    top_k: int = 4
+    vocab: int = 201088
+
+
+GPT_OSS_20B = Shapes()
+SMOKE = Shapes(heads=4, kv_heads=2, head_dim=16, window=8, hidden=64, intermediate=64, experts=4, top_k=2, vocab=128)
+
+
+def config(shapes: Shapes, layers: int = 1) -> GptOssConfig:
     return GptOssConfig(
-        vocab_size=201088, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=1,
-        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, num_local_experts=EXPERTS,
-        num_experts_per_tok=TOP_K, sliding_window=WINDOW, layer_types=("sliding_attention",),
+        vocab_size=shapes.vocab, hidden_size=shapes.hidden, intermediate_size=shapes.intermediate,
+        num_hidden_layers=layers, num_attention_heads=shapes.heads, num_key_value_heads=shapes.kv_heads,
+        head_dim=shapes.head_dim, num_local_experts=shapes.experts, num_experts_per_tok=shapes.top_k,
+        sliding_window=shapes.window,
+        layer_types=tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)),
     )
 
 
@@ -66,38 +91,38 @@ def rel_err(ours, ref) -> float:
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
-def bench_attention(seq: int, window: int | None, dtype, runs: int) -> dict:
+def bench_attention(shapes: Shapes, seq: int, window: int | None, dtype, runs: int, mode: str) -> dict:
     keys = jax.random.split(jax.random.key(seq), 4)
-    q = jax.random.normal(keys[0], (1, seq, HEADS, HEAD_DIM), dtype)
-    k = jax.random.normal(keys[1], (1, seq, KV_HEADS, HEAD_DIM), dtype)
-    v = jax.random.normal(keys[2], (1, seq, KV_HEADS, HEAD_DIM), dtype)
-    sinks = jax.random.normal(keys[3], (HEADS,), jnp.float32)
-    full, sliding = attention_masks(jnp.ones((1, seq), jnp.int32), WINDOW)
+    q = jax.random.normal(keys[0], (1, seq, shapes.heads, shapes.head_dim), dtype)
+    k = jax.random.normal(keys[1], (1, seq, shapes.kv_heads, shapes.head_dim), dtype)
+    v = jax.random.normal(keys[2], (1, seq, shapes.kv_heads, shapes.head_dim), dtype)
+    sinks = jax.random.normal(keys[3], (shapes.heads,), jnp.float32)
+    key_mask = jnp.ones((1, seq), jnp.int32)
+    full, sliding = attention_masks(key_mask, shapes.window)
     allowed = sliding if window else full
 
-    @jax.jit
-    def xla(q, k, v, sinks, allowed):
-        # `Attention.attend` reads only these attributes; no need to build (and time) the projections.
-        layer = SimpleNamespace(num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, dtype=dtype, sinks=sinks)
-        return Attention.attend(layer, q, k, v, allowed)
+    def attend(kernel_mode):
+        @jax.jit
+        def run(q, k, v, sinks, allowed, key_mask):
+            # `Attention.attend` reads only these attributes; no need to build (and time) the projections.
+            layer = SimpleNamespace(num_heads=shapes.heads, num_kv_heads=shapes.kv_heads, head_dim=shapes.head_dim,
+                                    dtype=dtype, sinks=sinks, sliding_window=window, kernels=kernel_mode)
+            return Attention.attend(layer, q, k, v, allowed, key_mask)
+        return run
 
-    @jax.jit
-    def pallas(q, k, v, sinks, allowed):
-        key_mask = jnp.diagonal(allowed, axis1=1, axis2=2)
-        return kernels.sink_attention(q, k, v, sinks, window=window, key_mask=key_mask, scale=HEAD_DIM**-0.5)
-
-    args = (q, k, v, sinks, allowed)
+    xla, pallas = attend("xla"), attend(mode)
+    args = (q, k, v, sinks, allowed, key_mask)
     visible = seq * (seq + 1) / 2 if window is None else sum(min(i + 1, window) for i in range(seq))
-    flops = 4 * HEADS * HEAD_DIM * visible  # QK^T and PV over the allowed pairs only
+    flops = 4 * shapes.heads * shapes.head_dim * visible  # QK^T and PV over the allowed pairs only
     t_xla, t_pallas = median_seconds(xla, args, runs), median_seconds(pallas, args, runs)
     return dict(seq=seq, window=window, xla=t_xla, pallas=t_pallas, tflops=flops / t_pallas / 1e12,
                 err=rel_err(pallas(*args), xla(*args)))
 
 
-def random_packed_experts(dtype) -> PackedExperts:
-    """`PackedExperts` at full size with random bytes, scales near 2**-6 and small biases, made on device."""
-    module = nnx.eval_shape(lambda: PackedExperts(gpt_oss_20b_moe_config(), dtype=dtype, param_dtype=dtype,
-                                                  backend="ragged", rngs=nnx.Rngs(0)))
+def random_packed_experts(shapes: Shapes, dtype) -> PackedExperts:
+    """`PackedExperts` with random bytes, scales near 2**-6 and small biases, made on device."""
+    module = nnx.eval_shape(lambda: PackedExperts(config(shapes), dtype=dtype, param_dtype=dtype, backend="ragged",
+                                                  rngs=nnx.Rngs(0)))
     key = jax.random.key(0)
     for path, param in nnx.to_flat_state(nnx.state(module)):
         key, sub = jax.random.split(key)
@@ -112,17 +137,21 @@ def random_packed_experts(dtype) -> PackedExperts:
     return module
 
 
-def bench_moe(module: PackedExperts, tokens: int, runs: int) -> dict:
+def bench_moe(shapes: Shapes, module: PackedExperts, tokens: int, runs: int, mode: str) -> dict:
     dt = module.dtype
     graphdef, state = nnx.split(module)
     keys = jax.random.split(jax.random.key(tokens), 2)
-    x = jax.random.normal(keys[0], (tokens, HIDDEN), dt)
-    top, indices = jax.lax.top_k(jax.random.normal(keys[1], (tokens, EXPERTS)), TOP_K)
+    x = jax.random.normal(keys[0], (tokens, shapes.hidden), dt)
+    top, indices = jax.lax.top_k(jax.random.normal(keys[1], (tokens, shapes.experts)), shapes.top_k)
     weights = jax.nn.softmax(top, axis=-1).astype(dt)
 
-    @jax.jit
-    def xla_packed(state, x, weights, indices):
-        return nnx.merge(graphdef, state)(x, weights, indices)
+    def packed(kernel_mode):
+        @jax.jit
+        def run(state, x, weights, indices):
+            m = nnx.merge(graphdef, state)
+            m.kernels = kernel_mode  # the module's own option: `PackedExperts.__call__` picks the path
+            return m(x, weights, indices)
+        return run
 
     predecoded = jax.jit(module.weights)()
 
@@ -130,15 +159,7 @@ def bench_moe(module: PackedExperts, tokens: int, runs: int) -> dict:
     def xla_predecoded(w, x, weights, indices):
         return moe.moe_ragged(x, weights, indices, w, module.activation, _precision(dt))
 
-    @jax.jit
-    def pallas(state, x, weights, indices):
-        m = nnx.merge(graphdef, state)
-        packed = kernels.PackedExpertWeights(
-            m.gate_up_proj_blocks[...], m.gate_up_proj_scales[...], m.gate_up_proj_bias[...].astype(dt),
-            m.down_proj_blocks[...], m.down_proj_scales[...], m.down_proj_bias[...].astype(dt),
-        )
-        return kernels.moe_pallas_mxfp4(x, weights, indices, packed, m.activation, _precision(dt))
-
+    xla_packed, pallas = packed("xla"), packed(mode)
     args = (x, weights, indices)
     result = dict(tokens=tokens)
     result["xla packed"] = median_seconds(xla_packed, (state, *args), runs)
@@ -149,16 +170,38 @@ def bench_moe(module: PackedExperts, tokens: int, runs: int) -> dict:
     return result
 
 
-def report(args, attention: list[dict], moe_rows: list[dict]) -> str:
+def bench_model(shapes: Shapes, layers: int, seq: int, dtype, runs: int, mode: str) -> dict:
+    """The whole jitted forward (`model(ids)`), XLA vs both kernels: the model as it runs."""
+    model = GptOssForCausalLM(config(shapes, layers), dtype=dtype, packed_experts=True, rngs=nnx.Rngs(0))
+    ids = jax.random.randint(jax.random.key(1), (1, seq), 0, shapes.vocab)
+
+    def forward(kernel_mode):
+        def run(ids):
+            with kernels.use(kernel_mode):  # keyed into `model(...)`'s compile cache
+                return model(ids).logits
+        return run
+
+    xla, pallas = forward("xla"), forward(mode)
+    result = dict(layers=layers, seq=seq)
+    result["xla"] = median_seconds(xla, (ids,), runs)
+    result["pallas"] = median_seconds(pallas, (ids,), runs)
+    result["err"] = rel_err(pallas(ids), xla(ids))
+    del model
+    return result
+
+
+def report(args, shapes: Shapes, attention: list[dict], moe_rows: list[dict], model_rows: list[dict]) -> str:
     device = jax.devices()[0]
+    s = shapes
     lines = [
-        "# Pallas kernels vs the XLA path (gpt-oss-20b shapes)",
+        "# Pallas kernels vs the XLA path (gpt-oss-20b shapes)" if s == GPT_OSS_20B else
+        "# Pallas kernels vs the XLA path (smoke run: tiny shapes, interpret mode, timings meaningless)",
         "",
         f"{device.device_kind} ({jax.default_backend()}), JAX {jax.__version__}, {args.dtype}; median of "
-        f"{args.runs} runs after warm-up (`python bench/bench_kernels.py`). Error: max |pallas - xla| / "
-        "max |xla|.",
+        f"{args.runs} runs after warm-up (`python bench/bench_kernels.py`). Both paths are the model's own "
+        "(`hmoe_jax.kernels.select`). Error: max |pallas - xla| / max |xla|.",
         "",
-        f"## Attention: 1 x T tokens, {HEADS} heads on {KV_HEADS} KV heads, head_dim {HEAD_DIM}, sinks",
+        f"## Attention: 1 x T tokens, {s.heads} heads on {s.kv_heads} KV heads, head_dim {s.head_dim}, sinks",
         "",
         "| T | mask | xla ms | pallas ms | speedup | pallas TFLOP/s | error |",
         "|---:|---|---:|---:|---:|---:|---:|",
@@ -169,7 +212,8 @@ def report(args, attention: list[dict], moe_rows: list[dict]) -> str:
                      f"{r['xla'] / r['pallas']:.2f}x | {r['tflops']:.1f} | {r['err']:.1e} |")
     lines += [
         "",
-        f"## MoE layer: hidden {HIDDEN}, intermediate {INTERMEDIATE}, {EXPERTS} experts top-{TOP_K}, MXFP4 experts",
+        f"## MoE layer: hidden {s.hidden}, intermediate {s.intermediate}, {s.experts} experts top-{s.top_k}, "
+        "MXFP4 experts",
         "",
         "| tokens | xla packed ms | xla predecoded ms | pallas ms | speedup vs packed | error |",
         "|---:|---:|---:|---:|---:|---:|",
@@ -177,37 +221,62 @@ def report(args, attention: list[dict], moe_rows: list[dict]) -> str:
     for r in moe_rows:
         lines.append(f"| {r['tokens']} | {1e3 * r['xla packed']:.3f} | {1e3 * r['xla predecoded']:.3f} | "
                      f"{1e3 * r['pallas']:.3f} | {r['xla packed'] / r['pallas']:.2f}x | {r['err']:.1e} |")
+    lines += [
+        "",
+        f"## Model forward: `GptOssForCausalLM` at this width, packed MXFP4 experts, vocab {s.vocab}, batch 1",
+        "",
+        "| layers | T | xla ms | pallas ms | speedup | logits error |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in model_rows:
+        lines.append(f"| {r['layers']} | {r['seq']} | {1e3 * r['xla']:.3f} | {1e3 * r['pallas']:.3f} | "
+                     f"{r['xla'] / r['pallas']:.2f}x | {r['err']:.1e} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seq", type=int, nargs="+", default=[1024, 4096])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 512, 4096])
+    parser.add_argument("--seq", type=int, nargs="+", default=[1024, 4096], help="attention sequence lengths")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 512, 4096], help="MoE token counts")
+    parser.add_argument("--model-seq", type=int, nargs="*", default=[2048], help="model forward lengths (none: skip)")
+    parser.add_argument("--layers", type=int, default=2, help="blocks of the model forward (sliding/full alternating)")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--out", type=Path, default=None, help="write the markdown report here")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes, kernels in interpret mode, 1 run: runs anywhere, checks the script only")
     args = parser.parse_args(argv)
 
-    if not kernels.available():
+    if args.smoke:
+        shapes, mode = SMOKE, "interpret"
+        args.seq, args.tokens, args.model_seq, args.runs = [24], [5, 16], [12], 1
+    elif not kernels.available():
         print(f"bench_kernels: no GPU (JAX backend is {jax.default_backend()!r}); the Pallas kernels only "
               "compile on a GPU, so there is nothing to time here. Install the CUDA extra "
-              "(`pip install .[cuda]`) on a GPU host and rerun.")
+              "(`pip install .[cuda]`) on a GPU host and rerun (`--smoke` runs the script at tiny shapes in "
+              "interpret mode, timing nothing).")
         return 0
+    else:
+        shapes, mode = GPT_OSS_20B, "pallas"
 
     dtype = jnp.dtype(args.dtype)
     attention = []
     for seq in args.seq:
-        for window in (WINDOW, None):
-            attention.append(bench_attention(seq, window, dtype, args.runs))
+        for window in (shapes.window, None):
+            attention.append(bench_attention(shapes, seq, window, dtype, args.runs, mode))
             print(attention[-1], flush=True)
-    module = random_packed_experts(dtype)
+    module = random_packed_experts(shapes, dtype)
     moe_rows = []
     for tokens in args.tokens:
-        moe_rows.append(bench_moe(module, tokens, args.runs))
+        moe_rows.append(bench_moe(shapes, module, tokens, args.runs, mode))
         print(moe_rows[-1], flush=True)
+    del module
+    model_rows = []
+    for seq in args.model_seq:
+        model_rows.append(bench_model(shapes, args.layers, seq, dtype, args.runs, mode))
+        print(model_rows[-1], flush=True)
 
-    text = report(args, attention, moe_rows)
+    text = report(args, shapes, attention, moe_rows, model_rows)
     print(text)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

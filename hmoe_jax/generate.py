@@ -6,6 +6,10 @@ keep a ring buffer of `sliding_window` slots, since no query ever reads further 
 remembers the sequence index it holds (-1: empty or padding), and the mask is rebuilt from those
 indices, exactly the keys transformers' masks allow: causal, non-padding, and `q - window < k` on
 sliding layers. Positions follow the attention mask (`cumsum - 1`), as `transformers.generate` does.
+
+The prefill's attention takes the Pallas kernel where `hmoe_jax.kernels` selects it (a GPU by default);
+the decode steps attend over the cache slots with the XLA path (one query per row: a masked
+matrix-vector product, not what a flash kernel is for). Packed MXFP4 experts use the MoE kernel in both.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from . import kernels
 from .model import GptOssForCausalLM, _precision, attention_masks, default_position_ids
 from .rope import rope_tables
 
@@ -46,7 +51,7 @@ def _prefill(model: GptOssForCausalLM, ids, mask, total_len: int):
         attn = layer.self_attn
         h = layer.input_layernorm(x)
         q, k, v = attn.project_qkv(h, cos, sin)
-        x_mid = x + attn.output(attn.attend(q, k, v, sliding if attn.sliding_window else full))
+        x_mid = x + attn.output(attn.attend(q, k, v, sliding if attn.sliding_window else full, key_mask=mask))
         y, _ = layer.mlp(layer.post_attention_layernorm(x_mid), block_input=x, token_mask=mask)
         x = x_mid + y
         size = _cache_size(layer, total_len)
@@ -105,10 +110,17 @@ def _choose(logits, key, temperature: float, top_k: int | None):
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8))
-def _generate(graphdef, state, ids, mask, max_new_tokens, temperature, top_k, eos_token_id, pad_token_id, key):
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8), static_argnames=("kernel_mode",))
+def _generate(graphdef, state, ids, mask, max_new_tokens, temperature, top_k, eos_token_id, pad_token_id, key,
+              kernel_mode=None):
     model = nnx.merge(graphdef, state)
     t = ids.shape[1]
+    with kernels.use(kernel_mode):  # static: each kernel choice compiles its own program
+        return _generate_traced(model, ids, mask, t, max_new_tokens, temperature, top_k, eos_token_id,
+                                pad_token_id, key)
+
+
+def _generate_traced(model, ids, mask, t, max_new_tokens, temperature, top_k, eos_token_id, pad_token_id, key):
     logits, caches, position = _prefill(model, ids, mask, t + max_new_tokens)
     done = jnp.zeros(ids.shape[0], bool)
 
@@ -146,4 +158,4 @@ def generate(
         raise ValueError("generate needs left-padded prompts: every row's last position must be a real token")
     graphdef, state = nnx.split(model)
     return _generate(graphdef, state, ids, mask, max_new_tokens, float(temperature), top_k, eos_token_id,
-                     pad_token_id, jax.random.key(seed))
+                     pad_token_id, jax.random.key(seed), kernel_mode=kernels.select())

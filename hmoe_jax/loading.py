@@ -37,12 +37,13 @@ def path_key(path: tuple) -> str:
 
 
 def abstract_model(
-    config: GptOssConfig, dtype=jnp.float32, moe_backend: str = "auto", packed_experts: bool = False, param_dtype=None
+    config: GptOssConfig, dtype=jnp.float32, moe_backend: str = "auto", packed_experts: bool = False, param_dtype=None,
+    kernels: str = "auto",
 ) -> nnx.Module:
     return nnx.eval_shape(
         lambda: GptOssForCausalLM(
             config, dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend, packed_experts=packed_experts,
-            rngs=nnx.Rngs(0),
+            kernels=kernels, rngs=nnx.Rngs(0),
         )
     )
 
@@ -97,6 +98,7 @@ def from_pretrained(
     moe_backend: str = "auto",
     keep_mxfp4: bool | None = None,
     progress: Callable[[str, int], None] | None = None,
+    kernels: str = "auto",
 ) -> GptOssForCausalLM:
     """Load a gpt-oss checkpoint directory as a Flax NNX model: HF layout (MXFP4 or bf16 experts),
     OpenAI `original/` layout, or a checkpoint converted by `python -m convert` (see
@@ -107,12 +109,14 @@ def from_pretrained(
     (a converted checkpoint is read straight into those shardings).
     `keep_mxfp4`: keep MXFP4 experts packed and decode them inside the forward (`PackedExperts`).
     None means: as a converted checkpoint stores them, decoded for PyTorch layouts.
+    `kernels`: the model's kernel choice (`GptOssForCausalLM`, `hmoe_jax.kernels`): `"auto"` runs the
+    Pallas kernels on a GPU and XLA elsewhere.
     """
     location = locate_checkpoint(path)
     if location.layout == "probe":
         raise CheckpointError(f"{location.path}: a probe state dict, not a model: convert it and use load_probe")
     if location.layout == "flax":
-        return _from_flax(location.path, dtype, mesh, moe_backend, keep_mxfp4)
+        return _from_flax(location.path, dtype, mesh, moe_backend, keep_mxfp4, kernels)
     config = load_config(location.path)
     reader = SafetensorsReader(safetensors_files(location.path))
     packed = bool(keep_mxfp4)
@@ -120,12 +124,13 @@ def from_pretrained(
         rules = original_rules(config, packed)
     else:
         rules = hf_rules(config, set(reader.keys()), packed)
-    abstract = abstract_model(config, dtype, moe_backend, packed)
+    abstract = abstract_model(config, dtype, moe_backend, packed, kernels=kernels)
     params = read_params(reader, rules, config, expected_params(abstract), progress)
     return fill_model(abstract, params, mesh)
 
 
-def _from_flax(path: Path, dtype, mesh: Mesh | None, moe_backend: str, keep_mxfp4: bool | None) -> GptOssForCausalLM:
+def _from_flax(path: Path, dtype, mesh: Mesh | None, moe_backend: str, keep_mxfp4: bool | None,
+               kernels: str = "auto") -> GptOssForCausalLM:
     checkpoint = open_flax_checkpoint(path)
     if checkpoint.kind != "gpt_oss":
         raise CheckpointError(f"{path}: a converted {checkpoint.kind} checkpoint, not a model: use load_probe")
@@ -135,7 +140,7 @@ def _from_flax(path: Path, dtype, mesh: Mesh | None, moe_backend: str, keep_mxfp
             f"{path}: stores {stored} experts but keep_mxfp4={keep_mxfp4}; re-convert "
             f"{'without' if checkpoint.packed_experts else 'with'} --keep-mxfp4, or leave keep_mxfp4 unset"
         )
-    abstract = abstract_model(checkpoint.config, dtype, moe_backend, checkpoint.packed_experts)
+    abstract = abstract_model(checkpoint.config, dtype, moe_backend, checkpoint.packed_experts, kernels=kernels)
     checkpoint.check_params(expected_params(abstract))
     return fill_model(abstract, checkpoint.read(placed_params(abstract, mesh)), mesh)
 

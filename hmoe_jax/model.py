@@ -19,9 +19,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from . import kernels as kernels_module
 from . import moe
 from .config import GptOssConfig
 from .mxfp4 import dequantize_mxfp4
+from .kernels import ops as kernel_ops
 from .rope import apply_rope, rope_tables
 
 # Attention logits of masked keys. transformers adds finfo.min; any value that underflows to 0 after
@@ -61,10 +63,16 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    """Grouped-query attention with biases, learned sinks and an optional sliding window."""
+    """Grouped-query attention with biases, learned sinks and an optional sliding window.
 
-    def __init__(self, config: GptOssConfig, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    `kernels`: which path `attend` runs (`hmoe_jax.kernels.select`): on prefill the Pallas sink
+    attention where selected (a GPU by default), the XLA path otherwise.
+    """
+
+    def __init__(self, config: GptOssConfig, layer_idx: int, *, dtype, param_dtype, kernels: str = "auto",
+                 rngs: nnx.Rngs):
         c = config
+        self.kernels = kernels
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.sliding_window = c.sliding_window if c.is_sliding[layer_idx] else None
         self.config = c
@@ -89,33 +97,56 @@ class Attention(nnx.Module):
         v = jnp.einsum("bte,ehd->bthd", x, self.v_proj[...].astype(dt), precision=p) + self.v_bias[...].astype(dt)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def attend(self, q, k, v, allowed):
+    def attend(self, q, k, v, allowed, key_mask=None):
         """Softmax over keys plus one sink column per head (dropped after normalising).
 
         q [B,T,H,D]; k, v [B,S,KV,D]; allowed [B,T,S] boolean. Query head h reads KV head h // (H/KV).
+        `key_mask` [B,S] says that `allowed` is `attention_masks(key_mask)` for this layer's window
+        (queries and keys at the same sequence indices, the forward and prefill): then the Pallas
+        kernel may run instead, rebuilding the mask per tile, where `kernels.select` picks it and the
+        shapes suit it (`kernels.ops.attention_supported`). Without it (KV-cache decode), XLA.
         """
-        p, dt = _precision(self.dtype), self.dtype
-        b, t, _, d = q.shape
-        groups = self.num_heads // self.num_kv_heads
-        q = q.reshape(b, t, self.num_kv_heads, groups, d)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, precision=p, preferred_element_type=jnp.float32)
-        scores = scores * jnp.float32(self.head_dim**-0.5)
-        scores = jnp.where(allowed[:, None, None, :, :], scores, _MASKED)
-        sinks = self.sinks[...].astype(jnp.float32).reshape(1, self.num_kv_heads, groups, 1, 1)
-        # p_j = exp(s_j) / (exp(sink) + sum_k exp(s_k)); subtract the row max (sink included) for stability.
-        row_max = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sinks)
-        e = jnp.exp(scores - row_max)
-        probs = e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sinks - row_max))
-        out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dt), v, precision=p)
-        return out.reshape(b, t, self.num_heads, d)
+        if key_mask is not None:
+            mode = kernels_module.select(self.kernels)
+            if mode != "xla":
+                window, dtype = self.sliding_window, self.dtype
+
+                def reference(q, k, v, sinks, key_mask):  # the XLA path, for the kernel's gradients
+                    full, sliding = attention_masks(key_mask, window or 1)
+                    return _sink_attention_xla(q, k, v, sinks, sliding if window else full, dtype)
+
+                out = kernel_ops.attention(q, k, v, self.sinks[...], key_mask, window=window,
+                                           scale=self.head_dim**-0.5, mode=mode, reference=reference)
+                if out is not None:
+                    return out
+        return _sink_attention_xla(q, k, v, self.sinks[...], allowed, self.dtype)
 
     def output(self, attn):
         p, dt = _precision(self.dtype), self.dtype
         return jnp.einsum("bthd,hde->bte", attn, self.o_proj[...].astype(dt), precision=p) + self.o_bias[...].astype(dt)
 
-    def __call__(self, x, cos, sin, allowed):
+    def __call__(self, x, cos, sin, allowed, key_mask=None):
         q, k, v = self.project_qkv(x, cos, sin)
-        return self.output(self.attend(q, k, v, allowed))
+        return self.output(self.attend(q, k, v, allowed, key_mask))
+
+
+def _sink_attention_xla(q, k, v, sinks, allowed, dtype):
+    """`Attention.attend`'s XLA path: q [B,T,H,D], k/v [B,S,KV,D], sinks [H], allowed [B,T,S]."""
+    p, dt = _precision(dtype), dtype
+    b, t, heads, d = q.shape
+    kv_heads = k.shape[2]
+    groups = heads // kv_heads
+    q = q.reshape(b, t, kv_heads, groups, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, precision=p, preferred_element_type=jnp.float32)
+    scores = scores * jnp.float32(d**-0.5)
+    scores = jnp.where(allowed[:, None, None, :, :], scores, _MASKED)
+    sinks = sinks.astype(jnp.float32).reshape(1, kv_heads, groups, 1, 1)
+    # p_j = exp(s_j) / (exp(sink) + sum_k exp(s_k)); subtract the row max (sink included) for stability.
+    row_max = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sinks)
+    e = jnp.exp(scores - row_max)
+    probs = e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sinks - row_max))
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dt), v, precision=p)
+    return out.reshape(b, t, heads, d)
 
 
 class Router(nnx.Module):
@@ -141,7 +172,9 @@ class Router(nnx.Module):
 class Experts(nnx.Module):
     """The neural experts, stored as in the HF checkpoint: gate/up INTERLEAVED along the last axis."""
 
-    def __init__(self, config: GptOssConfig, *, dtype, param_dtype, backend: str, rngs: nnx.Rngs):
+    def __init__(self, config: GptOssConfig, *, dtype, param_dtype, backend: str, kernels: str = "auto",
+                 rngs: nnx.Rngs):
+        # `kernels` is accepted for a uniform constructor; the MoE kernel takes MXFP4 experts only.
         c = config
         e, h, i = c.num_local_experts, c.hidden_size, c.intermediate_size
         self.gate_up_proj = _param(rngs, (e, h, 2 * i), ("experts", "embed", "mlp"), param_dtype)
@@ -176,10 +209,16 @@ class PackedExperts(nnx.Module):
     Blocks are uint8 [E, out, in/32, 16] and scales uint8 [E, out, in/32]: 4.25 bits per value, about a
     quarter of bf16's memory. The decode is a bit-exact table lookup in the compute dtype, so the forward computes exactly
     what `Experts` holding the decoded weights computes.
+
+    `kernels`: where `hmoe_jax.kernels.select` picks the kernels (a GPU by default), the grouped MXFP4
+    Pallas matmul runs instead, decoding each weight tile inside the kernel (no decoded copy in HBM);
+    elsewhere the `backend` runs on the decoded experts.
     """
 
-    def __init__(self, config: GptOssConfig, *, dtype, param_dtype, backend: str, rngs: nnx.Rngs):
+    def __init__(self, config: GptOssConfig, *, dtype, param_dtype, backend: str, kernels: str = "auto",
+                 rngs: nnx.Rngs):
         c = config
+        self.kernels = kernels
         e, h, i = c.num_local_experts, c.hidden_size, c.intermediate_size
         for size in (h, i):
             if size % 32:
@@ -203,27 +242,47 @@ class PackedExperts(nnx.Module):
         self.dtype = dtype
 
     def weights(self) -> moe.ExpertWeights:
+        return _decoded_experts(self.packed_weights(), self.dtype)
+
+    def packed_weights(self) -> kernels_module.PackedExpertWeights:
+        """The experts as the kernel reads them: blocks and scales as stored, biases in the compute dtype."""
         dt = self.dtype
-        # Decoded [E, out, in], used as [E, in, out]: XLA folds the transpose into the consuming matmul.
-        gate_up = dequantize_mxfp4(self.gate_up_proj_blocks[...], self.gate_up_proj_scales[...], dt)
-        down = dequantize_mxfp4(self.down_proj_blocks[...], self.down_proj_scales[...], dt)
-        return moe.ExpertWeights(
-            jnp.swapaxes(gate_up, -1, -2),
-            self.gate_up_proj_bias[...].astype(dt),
-            jnp.swapaxes(down, -1, -2),
-            self.down_proj_bias[...].astype(dt),
+        return kernels_module.PackedExpertWeights(
+            self.gate_up_proj_blocks[...], self.gate_up_proj_scales[...], self.gate_up_proj_bias[...].astype(dt),
+            self.down_proj_blocks[...], self.down_proj_scales[...], self.down_proj_bias[...].astype(dt),
         )
 
     def __call__(self, x, weights, indices):
+        mode = kernels_module.select(self.kernels)
+        if mode != "xla":
+            backend, act, precision, dtype = self.backend, self.activation, _precision(self.dtype), self.dtype
+
+            def reference(x, weights, indices, packed):  # the XLA path, for the kernel's gradients
+                return moe.dispatch(backend)(x, weights, indices, _decoded_experts(packed, dtype), act, precision)
+
+            y = kernel_ops.packed_moe(x, weights, indices, self.packed_weights(), act, precision, mode=mode,
+                                      reference=reference)
+            if y is not None:
+                return y
         return moe.dispatch(self.backend)(x, weights, indices, self.weights(), self.activation, _precision(self.dtype))
+
+
+def _decoded_experts(packed: kernels_module.PackedExpertWeights, dtype) -> moe.ExpertWeights:
+    """MXFP4 experts decoded (bit-exact) into the compute dtype, [E, in, out] as `Experts` holds them."""
+    # Decoded [E, out, in], used as [E, in, out]: XLA folds the transpose into the consuming matmul.
+    gate_up = dequantize_mxfp4(packed.gate_up_blocks, packed.gate_up_scales, dtype)
+    down = dequantize_mxfp4(packed.down_blocks, packed.down_scales, dtype)
+    return moe.ExpertWeights(jnp.swapaxes(gate_up, -1, -2), packed.gate_up_bias, jnp.swapaxes(down, -1, -2),
+                             packed.down_bias)
 
 
 class MoE(nnx.Module):
     def __init__(self, config: GptOssConfig, *, dtype, param_dtype, backend: str, packed_experts: bool = False,
-                 rngs: nnx.Rngs):
+                 kernels: str = "auto", rngs: nnx.Rngs):
         self.router = Router(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         experts = PackedExperts if packed_experts else Experts
-        self.experts = experts(config, dtype=dtype, param_dtype=param_dtype, backend=backend, rngs=rngs)
+        self.experts = experts(config, dtype=dtype, param_dtype=param_dtype, backend=backend, kernels=kernels,
+                               rngs=rngs)
 
     def __call__(self, x, block_input=None, token_mask=None):
         """x [B,T,H] -> (y [B,T,H], routing dict). The block's input residual and the [B,T] token
@@ -237,18 +296,19 @@ class MoE(nnx.Module):
 
 class DecoderLayer(nnx.Module):
     def __init__(self, config: GptOssConfig, layer_idx: int, *, dtype, param_dtype, moe_backend: str,
-                 packed_experts: bool = False, rngs: nnx.Rngs):
+                 packed_experts: bool = False, kernels: str = "auto", rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, rngs=rngs)
-        self.self_attn = Attention(config, layer_idx, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = Attention(config, layer_idx, dtype=dtype, param_dtype=param_dtype, kernels=kernels, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, rngs=rngs)
         # Any module mapping (normed [B,T,H], block_input=, token_mask=) -> ([B,T,H], info dict): the
         # hybrid layer swaps itself in here.
         self.mlp = MoE(config, dtype=dtype, param_dtype=param_dtype, backend=moe_backend, packed_experts=packed_experts,
-                       rngs=rngs)
+                       kernels=kernels, rngs=rngs)
 
-    def __call__(self, x, cos, sin, allowed, token_mask):
+    def __call__(self, x, cos, sin, allowed, token_mask, key_mask=None):
+        """`key_mask`: the [B,T] padding mask `allowed` was built from (`Attention.attend`)."""
         block_input = x
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, allowed)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, allowed, key_mask)
         y, info = self.mlp(self.post_attention_layernorm(x), block_input=block_input, token_mask=token_mask)
         return x + y, info
 
@@ -294,9 +354,14 @@ class GptOssForCausalLM(nnx.Module):
         param_dtype=None,
         moe_backend: str = "auto",
         packed_experts: bool = False,
+        kernels: str = "auto",
         rngs: nnx.Rngs | None = None,
     ):
-        """`packed_experts`: keep the experts as MXFP4 blocks/scales (`PackedExperts`) instead of dense."""
+        """`packed_experts`: keep the experts as MXFP4 blocks/scales (`PackedExperts`) instead of dense.
+        `kernels`: `"auto"` (Pallas kernels on a GPU, XLA elsewhere, overridable by `kernels.use` and
+        `HMOE_KERNELS`), or `"xla"`, `"pallas"`, `"interpret"` for this model whatever the context
+        (`hmoe_jax.kernels`)."""
+        kernels_module.check_mode(kernels)
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         param_dtype = param_dtype or dtype
         c = config
@@ -306,7 +371,7 @@ class GptOssForCausalLM(nnx.Module):
         self.layers = nnx.List(
             [
                 DecoderLayer(c, i, dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend,
-                             packed_experts=packed_experts, rngs=rngs)
+                             packed_experts=packed_experts, kernels=kernels, rngs=rngs)
                 for i in range(c.num_hidden_layers)
             ]
         )
@@ -340,7 +405,8 @@ class GptOssForCausalLM(nnx.Module):
         hidden, infos = [x], []
         for i in range(n_layers):
             layer = self.layers[i]
-            x, info = layer(x, cos, sin, sliding if layer.self_attn.sliding_window else full, attention_mask)
+            x, info = layer(x, cos, sin, sliding if layer.self_attn.sliding_window else full, attention_mask,
+                            key_mask=attention_mask)
             hidden.append(x)
             infos.append(info)
         logits = None
@@ -369,15 +435,20 @@ class GptOssForCausalLM(nnx.Module):
             None if attention_mask is None else jnp.asarray(attention_mask),
             None if position_ids is None else jnp.asarray(position_ids),
             output_hidden_states, output_layer_info, stop_after_layer,
+            kernel_mode=kernels_module.select(),
         )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
-def _jitted_forward(graphdef, state, input_ids, attention_mask, position_ids, output_hidden_states, output_layer_info, stop_after_layer):
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7), static_argnames=("kernel_mode",))
+def _jitted_forward(graphdef, state, input_ids, attention_mask, position_ids, output_hidden_states, output_layer_info,
+                    stop_after_layer, kernel_mode=None):
+    # `kernel_mode`: what `kernels="auto"` resolves to at the call (context, environment, backend); a
+    # static argument, so a different choice compiles anew instead of reusing the other path.
     model = nnx.merge(graphdef, state)
-    return model.forward(
-        input_ids, attention_mask, position_ids,
-        output_hidden_states=output_hidden_states,
-        output_layer_info=output_layer_info,
-        stop_after_layer=stop_after_layer,
-    )
+    with kernels_module.use(kernel_mode):
+        return model.forward(
+            input_ids, attention_mask, position_ids,
+            output_hidden_states=output_hidden_states,
+            output_layer_info=output_layer_info,
+            stop_after_layer=stop_after_layer,
+        )

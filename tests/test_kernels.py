@@ -4,6 +4,11 @@ The interpreter runs the very kernel bodies (tiles, loops, masks, in-kernel MXFP
 compiles, so agreement here pins the algorithm; a separate test lowers both kernels for CUDA (Triton
 IR, MLIR-verified) to pin that they compile there. Shapes are small: interpret mode is slow.
 
+The model's wiring is tested the same way: with the kernels forced (`kernels.use("interpret")`), whole
+forwards of a packed-MXFP4 model (left padding, sliding and full layers, jitted, on an 8-device mesh),
+generation and gradients equal the XLA path; the selection picks Pallas on a (mocked) GPU backend and
+XLA on CPU; and the wired forward lowers to Triton calls for CUDA.
+
 Tolerances (fp32):
 - attention and the whole MoE: max |kernel - XLA| <= 1e-5 * max |XLA| (the online softmax rescales in
   a different order, the matmuls sum in K tiles; observed 2e-7, and up to 2e-6 with a sink of 20 or
@@ -278,14 +283,56 @@ def test_moe_pallas_matches_packed_experts_xla_path(tokens, experts, top_k):
 # ----------------------------------------------------------------------------------- selection, lowering
 
 
-def test_selection_follows_the_backend(monkeypatch):
+@pytest.fixture
+def no_kernel_env(monkeypatch):
+    monkeypatch.delenv("HMOE_KERNELS", raising=False)
     monkeypatch.delenv("HMOE_PALLAS", raising=False)
+    return monkeypatch
+
+
+def test_selection_follows_the_backend(no_kernel_env):
+    monkeypatch = no_kernel_env
     assert kernels.available() == (jax.default_backend() == "gpu")
     assert kernels.use_pallas() == kernels.available()
     monkeypatch.setenv("HMOE_PALLAS", "0")
     assert not kernels.use_pallas()
     monkeypatch.setenv("HMOE_PALLAS", "1")
     assert kernels.use_pallas()
+
+
+def test_selection_picks_pallas_on_a_gpu_backend_and_xla_on_cpu(no_kernel_env):
+    """`auto` follows the backend (GPU mocked); then, most specific first: the model's own option, the
+    innermost `kernels.use`, `HMOE_KERNELS`, the legacy `HMOE_PALLAS`."""
+    monkeypatch = no_kernel_env
+    monkeypatch.setattr(kernels, "_backend", lambda: "cpu")
+    assert kernels.select() == "xla" and not kernels.use_pallas()
+    monkeypatch.setattr(kernels, "_backend", lambda: "gpu")
+    assert kernels.available() and kernels.select() == "pallas" and kernels.select("auto") == "pallas"
+
+    assert kernels.select("xla") == "xla" and kernels.select("interpret") == "interpret"
+    monkeypatch.setenv("HMOE_PALLAS", "0")
+    assert kernels.select() == "xla"
+    monkeypatch.setenv("HMOE_KERNELS", "interpret")  # wins over HMOE_PALLAS
+    assert kernels.select() == "interpret"
+    with kernels.use("pallas"):
+        assert kernels.select() == "pallas"
+        with kernels.use("xla"):
+            assert kernels.select() == "xla" and kernels.select("interpret") == "interpret"
+        with kernels.use(None):
+            assert kernels.select() == "pallas"
+    assert kernels.select() == "interpret"
+    monkeypatch.setenv("HMOE_KERNELS", "auto")  # set, it wins over HMOE_PALLAS: the backend decides
+    assert kernels.select() == "pallas"
+
+    for bad in ("triton", "gpu"):
+        with pytest.raises(ValueError, match="kernel mode"):
+            kernels.select(bad)
+        with pytest.raises(ValueError, match="kernel mode"):
+            with kernels.use(bad):
+                pass
+    monkeypatch.setenv("HMOE_KERNELS", "fast")
+    with pytest.raises(ValueError, match="HMOE_KERNELS"):
+        kernels.select()
 
 
 def test_both_kernels_lower_to_verified_triton_ir_for_cuda(monkeypatch):
@@ -349,3 +396,213 @@ def test_compiled_moe_matches_packed_experts_on_gpu():
     ref = jax.jit(lambda *args: module(*args))(x, weights, indices)
     out = pallas_adapter(module, x, weights, indices, interpret=False)
     assert rel_err(out, ref) <= FP32_REL
+
+
+# ------------------------------------------------------------------------ wired into the model (interpret)
+
+MODEL_CONFIG = dict(
+    # Window 4 over 11 tokens: the sliding layer really slides; head_dim 16 and sizes divisible by 32 suit both
+    # kernels. Layer 0 sliding, layer 1 full.
+    num_hidden_layers=2, hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=4, vocab_size=96,
+)
+
+
+@pytest.fixture(scope="module")
+def mxfp4_checkpoint(tmp_path_factory):
+    from hmoe_jax import synthetic
+
+    return synthetic.write_hf_checkpoint(tmp_path_factory.mktemp("kernels_mxfp4"),
+                                         synthetic.tiny_config(**MODEL_CONFIG), seed=21, experts="mxfp4")
+
+
+@pytest.fixture(scope="module")
+def packed_model(mxfp4_checkpoint):
+    import hmoe_jax
+
+    model = hmoe_jax.from_pretrained(mxfp4_checkpoint, keep_mxfp4=True)
+    assert isinstance(model.layers[0].mlp.experts, PackedExperts)
+    assert [layer.self_attn.sliding_window for layer in model.layers] == [4, None]
+    return model
+
+
+def left_padded(seed, b, t, vocab, lengths):
+    ids = np.random.default_rng(seed).integers(3, vocab, (b, t))
+    mask = np.zeros((b, t), np.int32)
+    for row, n in enumerate(lengths):
+        mask[row, t - n:] = 1
+    return np.where(mask == 1, ids, 0), mask
+
+
+def count_calls(monkeypatch, module, name):
+    calls = []
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def assert_forward_equal(out, ref, where):
+    """Logits and every hidden state on the real tokens, fp32, within FP32_REL."""
+    assert rel_err(np.asarray(out.logits)[where], np.asarray(ref.logits)[where]) <= FP32_REL
+    assert len(out.hidden_states) == len(ref.hidden_states)
+    for i, (a, b) in enumerate(zip(out.hidden_states, ref.hidden_states)):
+        err = rel_err(np.asarray(a)[where], np.asarray(b)[where])
+        assert err <= FP32_REL, f"hidden_states[{i}]: {err:.3g}"
+
+
+def test_model_forward_through_the_kernels_equals_xla(packed_model, monkeypatch, no_kernel_env):
+    """A packed-MXFP4 model from an MXFP4 checkpoint, jitted (`model(...)`), a left-padded batch: the
+    forward with both kernels (interpret mode) equals the XLA path, sliding and full layers alike. The
+    kernel choice is part of the compiled program's key: the second call traces the kernels anew."""
+    from hmoe_jax.kernels import ops
+
+    ids, mask = left_padded(0, 3, 11, MODEL_CONFIG["vocab_size"], [11, 7, 2])
+    attention_calls = count_calls(monkeypatch, ops, "attention")
+    moe_calls = count_calls(monkeypatch, ops, "packed_moe")
+    ref = packed_model(ids, mask, output_hidden_states=True)
+    assert attention_calls == moe_calls == []  # CPU default: XLA
+    with kernels.use("interpret"):
+        out = packed_model(ids, mask, output_hidden_states=True)
+    assert len(attention_calls) == len(moe_calls) == 2
+    assert_forward_equal(out, ref, mask == 1)
+    # Padded positions see no key: exactly zero attention on both paths, so no NaN anywhere.
+    assert np.isfinite(np.asarray(out.logits)).all()
+
+
+def test_model_kernel_option_overrides_context(mxfp4_checkpoint, no_kernel_env):
+    """`from_pretrained(kernels=...)` fixes the path for that model whatever `kernels.use` says; a
+    mocked GPU makes `auto` trace the kernels. Checked on the traced program (no execution)."""
+    import hmoe_jax
+
+    ids, mask = left_padded(1, 2, 8, MODEL_CONFIG["vocab_size"], [8, 5])
+
+    def pallas_calls(model):
+        graphdef, state = nnx.split(model)
+        forward = lambda s: nnx.merge(graphdef, s).forward(jnp.asarray(ids), jnp.asarray(mask)).logits  # noqa: E731
+        return str(jax.make_jaxpr(forward)(state)).count("pallas_call")
+
+    xla_model = hmoe_jax.from_pretrained(mxfp4_checkpoint, keep_mxfp4=True, kernels="xla")
+    forced = hmoe_jax.from_pretrained(mxfp4_checkpoint, keep_mxfp4=True, kernels="interpret")
+    auto = hmoe_jax.from_pretrained(mxfp4_checkpoint, keep_mxfp4=True)
+    with kernels.use("interpret"):
+        assert pallas_calls(xla_model) == 0
+    with kernels.use("xla"):
+        assert pallas_calls(forced) > 0
+    assert pallas_calls(auto) == 0  # CPU
+    no_kernel_env.setattr(kernels, "_backend", lambda: "gpu")
+    assert pallas_calls(auto) > 0 and pallas_calls(xla_model) == 0
+    with pytest.raises(ValueError, match="kernel mode"):
+        hmoe_jax.from_pretrained(mxfp4_checkpoint, keep_mxfp4=True, kernels="cuda")
+
+
+def test_model_forward_through_the_kernels_on_an_8_device_mesh(mxfp4_checkpoint, packed_model, no_kernel_env):
+    """Sharded (data 2 x expert 2 x tensor 2) and under `jax.set_mesh`, the kernels run per shard
+    (`shard_map`: batch and heads for attention; tokens, experts and the intermediate width for the
+    MoE, partial sums reduced) and equal the single-device XLA forward."""
+    import hmoe_jax
+
+    assert len(jax.devices()) == 8, "conftest sets --xla_force_host_platform_device_count=8"
+    mesh = hmoe_jax.make_mesh(data=2, expert=2, tensor=2)
+    sharded = hmoe_jax.from_pretrained(mxfp4_checkpoint, keep_mxfp4=True, mesh=mesh, kernels="interpret")
+    experts = sharded.layers[0].mlp.experts
+    assert experts.gate_up_proj_blocks[...].sharding.spec[:2] == ("expert", "tensor")
+    ids, mask = left_padded(2, 4, 9, MODEL_CONFIG["vocab_size"], [9, 3, 6, 9])
+    batch = hmoe_jax.sharding.batch_sharding(mesh)
+    with jax.set_mesh(mesh):
+        out = sharded(jax.device_put(jnp.asarray(ids), batch), jax.device_put(jnp.asarray(mask), batch),
+                      output_hidden_states=True)
+    assert len(out.logits.sharding.device_set) == 8
+    ref = packed_model(ids, mask, output_hidden_states=True)
+    assert_forward_equal(out, ref, mask == 1)
+
+
+def test_generate_with_the_kernels_equals_xla(packed_model, no_kernel_env):
+    """Prefill through both kernels, decode steps through the MoE kernel (attention over the cache stays
+    XLA): the same greedy tokens after left-padded prompts, the window wrapping."""
+    from hmoe_jax.generate import generate
+
+    ids, mask = left_padded(3, 2, 6, MODEL_CONFIG["vocab_size"], [6, 3])
+    ref = np.asarray(generate(packed_model, ids, mask, max_new_tokens=5))
+    with kernels.use("interpret"):
+        out = np.asarray(generate(packed_model, ids, mask, max_new_tokens=5))
+    np.testing.assert_array_equal(out, ref)
+
+
+def test_packed_experts_skip_out_of_range_slots_like_xla(no_kernel_env):
+    """The hybrid layer hands the experts index E (a deterministic slot) with weight 0: the kernel path
+    skips it as the XLA backends do."""
+    cfg = moe_config(hidden=64, intermediate=64, experts=4, top_k=3)
+    module = packed_experts_module(cfg, 3)
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((9, 64)), jnp.float32)
+    top, indices = jax.lax.top_k(jnp.asarray(rng.standard_normal((9, 4)), jnp.float32), 3)
+    weights = jax.nn.softmax(top, axis=-1)
+    deterministic = jnp.asarray(rng.random((9, 3)) < 0.3)
+    weights, indices = jnp.where(deterministic, 0.0, weights), jnp.where(deterministic, 4, indices)
+    ref = jax.jit(lambda *args: module(*args))(x, weights, indices)
+    module.kernels = "interpret"
+    out = jax.jit(lambda *args: module(*args))(x, weights, indices)
+    assert rel_err(out, ref) <= FP32_REL
+
+
+def test_gradients_through_the_kernels_equal_xla(packed_model, no_kernel_env):
+    """The kernels run forward, the XLA path's VJP backward (`kernels.ops.with_reference_vjp`): gradients
+    of a loss through one sliding-window block (attention, router, packed MoE) with respect to its input
+    and every float parameter (projections, sinks, biases, router) equal the XLA path's."""
+    from hmoe_jax.model import default_position_ids
+    from hmoe_jax.rope import rope_tables
+
+    layer = packed_model.layers[0]
+    assert layer.self_attn.sliding_window == 4
+    b, t, h = 2, 9, MODEL_CONFIG["hidden_size"]
+    _, mask = left_padded(4, b, t, MODEL_CONFIG["vocab_size"], [9, 5])
+    mask = jnp.asarray(mask)
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((b, t, h)), jnp.float32)
+    probe = jnp.asarray(rng.standard_normal((b, t, h)), jnp.float32) * mask[..., None]
+    cos, sin = rope_tables(default_position_ids(mask), packed_model.config, jnp.float32)
+    _, sliding = attention_masks(mask, 4)
+    is_float = lambda path, v: isinstance(v, nnx.Param) and jnp.issubdtype(v.dtype, jnp.floating)  # noqa: E731
+    graphdef, floats, rest = nnx.split(layer, is_float, ...)
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def grads(floats, x, mode):
+        def loss(floats, x):
+            with kernels.use(mode):
+                y, _ = nnx.merge(graphdef, floats, rest)(x, cos, sin, sliding, mask, key_mask=mask)
+            return jnp.sum(y * probe)
+        return jax.grad(loss, argnums=(0, 1))(floats, x)
+
+    ref, out = grads(floats, x, "xla"), grads(floats, x, "interpret")
+    ref_leaves, out_leaves = jax.tree.leaves(ref), jax.tree.leaves(out)
+    assert len(ref_leaves) == len(out_leaves) > 10
+    for a, r in zip(out_leaves, ref_leaves):
+        assert np.abs(np.asarray(r)).max() > 0
+        assert rel_err(a, r) <= FP32_REL
+
+
+def test_the_wired_model_lowers_to_triton_for_cuda(monkeypatch, no_kernel_env):
+    """The model with the kernels selected (as on a GPU: compiled, not interpreted) lowers for CUDA on
+    this host: each layer's attention and both MoE matmuls are Triton calls inside the forward."""
+    pytest.importorskip("jax._src.pallas.triton.lowering")
+    import hmoe_jax
+    from hmoe_jax.config import GptOssConfig
+    from hmoe_jax.kernels import ops
+
+    cfg = GptOssConfig(**{k: v for k, v in MODEL_CONFIG.items() if k != "num_hidden_layers"}, num_hidden_layers=2,
+                       layer_types=("sliding_attention", "full_attention"))
+    model = nnx.eval_shape(lambda: hmoe_jax.GptOssForCausalLM(cfg, packed_experts=True, kernels="pallas",
+                                                               rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    monkeypatch.setattr(ops, "interpret_flag", lambda mode: False)
+    ids = jax.ShapeDtypeStruct((2, 40), jnp.int32)
+    forward = lambda s, ids, mask: nnx.merge(graphdef, s).forward(ids, mask).logits  # noqa: E731
+    text = jax.jit(forward).trace(state, ids, ids).lower(lowering_platforms=("cuda",)).as_text()
+    # Sliding and full attention are two kernels; the MoE function (two grouped matmuls) is shared by both layers.
+    assert text.count("__gpu$xla.gpu.triton") >= 4
+    assert "sink_attention" in text and "grouped_matmul_mxfp4" in text
