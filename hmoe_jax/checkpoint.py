@@ -474,10 +474,13 @@ def read_params(
     config: GptOssConfig,
     expected: dict[str, tuple[tuple[int, ...], np.dtype]],
     progress: Callable[[str, int], None] | None = None,
+    check: bool = True,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (target, array) for every rule, checking the result's shape against `expected` (target ->
-    (shape, dtype)); `check_sources` runs first, before any tensor is read."""
-    check_sources(reader, rules)
+    (shape, dtype)); `check_sources` runs first, before any tensor is read (`check=False`: the caller
+    ran it on a superset of `rules`, e.g. when loading only the first layers)."""
+    if check:
+        check_sources(reader, rules)
     produced = {r.target for r in rules}
     missing_targets = sorted(set(expected) - produced)
     if missing_targets:

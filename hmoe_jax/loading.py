@@ -8,6 +8,7 @@ or group beyond the model itself.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -20,6 +21,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from .checkpoint import (
     CheckpointError,
     SafetensorsReader,
+    check_sources,
     hf_rules,
     locate_checkpoint,
     original_rules,
@@ -38,12 +40,12 @@ def path_key(path: tuple) -> str:
 
 def abstract_model(
     config: GptOssConfig, dtype=jnp.float32, moe_backend: str = "auto", packed_experts: bool = False, param_dtype=None,
-    kernels: str = "auto",
+    kernels: str = "auto", head: bool = True,
 ) -> nnx.Module:
     return nnx.eval_shape(
         lambda: GptOssForCausalLM(
             config, dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend, packed_experts=packed_experts,
-            kernels=kernels, rngs=nnx.Rngs(0),
+            kernels=kernels, head=head, rngs=nnx.Rngs(0),
         )
     )
 
@@ -99,6 +101,8 @@ def from_pretrained(
     keep_mxfp4: bool | None = None,
     progress: Callable[[str, int], None] | None = None,
     kernels: str = "auto",
+    param_dtype=None,
+    num_layers: int | None = None,
 ) -> GptOssForCausalLM:
     """Load a gpt-oss checkpoint directory as a Flax NNX model: HF layout (MXFP4 or bf16 experts),
     OpenAI `original/` layout, or a checkpoint converted by `python -m convert` (see
@@ -111,12 +115,20 @@ def from_pretrained(
     None means: as a converted checkpoint stores them, decoded for PyTorch layouts.
     `kernels`: the model's kernel choice (`GptOssForCausalLM`, `hmoe_jax.kernels`): `"auto"` runs the
     Pallas kernels on a GPU and XLA elsewhere.
+    `param_dtype`: how parameters are stored, when it should differ from the compute `dtype`. gpt-oss
+    ships its non-expert weights in bfloat16, so `dtype=float32, param_dtype=bfloat16` computes
+    exactly what float32 storage computes, in half the memory.
+    `num_layers`: load only the embedding and decoder layers 0..num_layers-1, without the final norm
+    and lm_head (`GptOssForCausalLM(head=False)`): features from an early layer, where
+    `hidden_states[L]` (L <= num_layers) is the raw residual after block L-1 and there are no logits.
+    A 20b's first 12 layers, packed, fit where all 24 and the lm_head would not. The whole checkpoint is
+    still validated.
     """
     location = locate_checkpoint(path)
     if location.layout == "probe":
         raise CheckpointError(f"{location.path}: a probe state dict, not a model: convert it and use load_probe")
     if location.layout == "flax":
-        return _from_flax(location.path, dtype, mesh, moe_backend, keep_mxfp4, kernels)
+        return _from_flax(location.path, dtype, mesh, moe_backend, keep_mxfp4, kernels, param_dtype, num_layers)
     config = load_config(location.path)
     reader = SafetensorsReader(safetensors_files(location.path))
     packed = bool(keep_mxfp4)
@@ -124,13 +136,26 @@ def from_pretrained(
         rules = original_rules(config, packed)
     else:
         rules = hf_rules(config, set(reader.keys()), packed)
-    abstract = abstract_model(config, dtype, moe_backend, packed, kernels=kernels)
-    params = read_params(reader, rules, config, expected_params(abstract), progress)
+    check_sources(reader, rules)
+    abstract = abstract_model(truncated_config(config, num_layers), dtype, moe_backend, packed,
+                              param_dtype=param_dtype, kernels=kernels, head=num_layers is None)
+    expected = expected_params(abstract)
+    rules = [r for r in rules if r.target in expected]
+    params = read_params(reader, rules, config, expected, progress, check=False)
     return fill_model(abstract, params, mesh)
 
 
+def truncated_config(config: GptOssConfig, num_layers: int | None) -> GptOssConfig:
+    """`config` with only its first `num_layers` decoder layers (unchanged for None)."""
+    if num_layers is None:
+        return config
+    if not 1 <= num_layers <= config.num_hidden_layers:
+        raise ValueError(f"num_layers={num_layers}: the checkpoint has layers 0..{config.num_hidden_layers - 1}")
+    return dataclasses.replace(config, num_hidden_layers=num_layers, layer_types=config.layer_types[:num_layers])
+
+
 def _from_flax(path: Path, dtype, mesh: Mesh | None, moe_backend: str, keep_mxfp4: bool | None,
-               kernels: str = "auto") -> GptOssForCausalLM:
+               kernels: str = "auto", param_dtype=None, num_layers: int | None = None) -> GptOssForCausalLM:
     checkpoint = open_flax_checkpoint(path)
     if checkpoint.kind != "gpt_oss":
         raise CheckpointError(f"{path}: a converted {checkpoint.kind} checkpoint, not a model: use load_probe")
@@ -140,8 +165,12 @@ def _from_flax(path: Path, dtype, mesh: Mesh | None, moe_backend: str, keep_mxfp
             f"{path}: stores {stored} experts but keep_mxfp4={keep_mxfp4}; re-convert "
             f"{'without' if checkpoint.packed_experts else 'with'} --keep-mxfp4, or leave keep_mxfp4 unset"
         )
-    abstract = abstract_model(checkpoint.config, dtype, moe_backend, checkpoint.packed_experts, kernels=kernels)
-    checkpoint.check_params(expected_params(abstract))
+    full = abstract_model(checkpoint.config, dtype, moe_backend, checkpoint.packed_experts, param_dtype=param_dtype,
+                          kernels=kernels)
+    checkpoint.check_params(expected_params(full))
+    abstract = full if num_layers is None else abstract_model(
+        truncated_config(checkpoint.config, num_layers), dtype, moe_backend, checkpoint.packed_experts,
+        param_dtype=param_dtype, kernels=kernels, head=False)
     return fill_model(abstract, checkpoint.read(placed_params(abstract, mesh)), mesh)
 
 

@@ -415,3 +415,40 @@ def test_misshapen_tensor_is_named_with_file_and_key(small_checkpoint, tmp_path)
 def test_unknown_moe_backend_is_rejected():
     with pytest.raises(ValueError, match="unknown MoE backend"):
         moe.dispatch("magic")
+
+
+def test_bf16_storage_with_fp32_compute_equals_fp32_storage_on_a_bf16_checkpoint(tmp_path):
+    """gpt-oss ships bf16 weights: storing them as bf16 and computing in fp32 loses nothing."""
+    path = synthetic.write_hf_checkpoint(tmp_path / "bf16", synthetic.tiny_config(), dtype="bfloat16", seed=5)
+    ids = np.random.default_rng(0).integers(3, 100, (2, 12))
+    fp32 = hmoe_jax.from_pretrained(path, dtype=jnp.float32)
+    half = hmoe_jax.from_pretrained(path, dtype=jnp.float32, param_dtype=jnp.bfloat16)
+    assert half.layers[0].self_attn.q_proj[...].dtype == jnp.bfloat16
+    assert half.embed_tokens[...].dtype == jnp.bfloat16
+    a, b = fp32(ids, output_hidden_states=True), half(ids, output_hidden_states=True)
+    assert b.logits.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(b.logits), np.asarray(a.logits), rtol=0, atol=1e-6 * float(jnp.abs(a.logits).max()))
+
+
+@pytest.mark.parametrize("layout", ["hf", "converted"])
+def test_loading_only_the_first_layers_gives_the_same_early_residuals(small_checkpoint, tmp_path, layout):
+    from hmoe_jax.convert import convert_checkpoint
+
+    path = small_checkpoint
+    if layout == "converted":
+        convert_checkpoint(small_checkpoint, tmp_path / "conv")
+        path = tmp_path / "conv"
+    full = hmoe_jax.from_pretrained(path)
+    n = full.config.num_hidden_layers
+    part = hmoe_jax.from_pretrained(path, num_layers=n - 1)
+    assert part.config.num_hidden_layers == n - 1 and len(part.layers) == n - 1
+    assert not part.has_head and not hasattr(part, "lm_head")
+    ids = np.random.default_rng(1).integers(3, 100, (2, 9))
+    want = full.forward(jnp.asarray(ids), stop_after_layer=n - 1).hidden_states[-1]
+    got = part.forward(jnp.asarray(ids), stop_after_layer=n - 1).hidden_states[-1]
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    whole = part(ids, output_hidden_states=True)  # all of its layers: raw residuals, no logits
+    assert whole.logits is None
+    assert rel_err(whole.hidden_states[-1], want) < 1e-6  # jitted vs op-by-op: rounding only
+    with pytest.raises(ValueError, match="num_layers=0"):
+        hmoe_jax.from_pretrained(path, num_layers=0)
