@@ -2,6 +2,7 @@
 
     python bench/bench_model.py                 # both cases, writes bench/results/model.{md,json}
     python bench/bench_model.py --cases medium  # just one case
+    python bench/bench_model.py --in-out        # also time the previous [in, out] expert layout
 
 Cases (issue 2):
   medium  hidden 512, 4 layers, 8 heads / 2 KV heads, head_dim 64, 16 experts top-4, intermediate 512,
@@ -11,6 +12,10 @@ Cases (issue 2):
   full    one gpt-oss-20b decoder layer at the real width (hidden 2880, 64 q / 8 kv heads of 64,
           32 experts top-4, intermediate 2880; random weights), as a 1-layer GptOssForCausalLM with a
           256-token vocabulary (the lm_head is 0.6% of the FLOPs), batch 1 x 128 tokens.
+
+The model runs as loaded: experts stored [out, in] (`model.Experts`, `moe.ExpertWeightsOutIn`).
+`--in-out` adds a row per case with the same weights stored [in, out] (`moe.ExpertWeights`, the model's
+layout before format 2 of the converted checkpoints), timed in a second interleaved loop beside torch.
 
 Both outputs are compared (logits and every hidden state, max abs error / max abs value) before timing.
 Timing: warm-up calls excluded, JAX and torch repetitions interleaved, median reported. The machine may
@@ -296,20 +301,20 @@ def run_case(name: str, spec: dict, workdir: Path, args) -> dict:
     print(f"[{name}] timing ...", flush=True)
     t = time_interleaved({"jax": run_jax, "torch": run_torch, "matmul": args.matmul}, args.reps, args.busy, args.max_wait)
     t["matmul"] = with_gflops(t["matmul"])
-    if args.out_in and name == "full":
-        # The proposed expert layout ([E, out, in], see hmoe_jax.moe.ExpertWeightsOutIn), on the same
-        # weights: the loaded model's experts transposed in place.
-        print(f"[{name}] experts as [out, in] ...", flush=True)
-        to_out_in(model)
+    if args.in_out:
+        # The previous expert layout ([E, in, out], moe.ExpertWeights), on the same weights: the loaded
+        # model's experts transposed in place.
+        print(f"[{name}] experts as [in, out] (previous layout) ...", flush=True)
+        to_in_out(model)
         out = model(ids, output_hidden_states=True)
-        errors_oi = {"logits": rel_err(out.logits, tout.logits.numpy())}
-        errors_oi.update({f"hidden_{i}": rel_err(a, b.numpy()) for i, (a, b) in enumerate(zip(out.hidden_states, tout.hidden_states))})
-        if max(errors_oi.values()) > args.tolerance:
-            raise SystemExit(f"[{name}] out-in experts disagree with transformers: {errors_oi}")
-        errors.update({f"out_in_{k}": v for k, v in errors_oi.items()})
-        t2 = time_interleaved({"jax_out_in": run_jax, "torch": run_torch, "matmul": args.matmul}, args.reps, args.busy,
+        errors_io = {"logits": rel_err(out.logits, tout.logits.numpy())}
+        errors_io.update({f"hidden_{i}": rel_err(a, b.numpy()) for i, (a, b) in enumerate(zip(out.hidden_states, tout.hidden_states))})
+        if max(errors_io.values()) > args.tolerance:
+            raise SystemExit(f"[{name}] in-out experts disagree with transformers: {errors_io}")
+        errors.update({f"in_out_{k}": v for k, v in errors_io.items()})
+        t2 = time_interleaved({"jax_in_out": run_jax, "torch": run_torch, "matmul": args.matmul}, args.reps, args.busy,
                               args.max_wait)
-        t["jax_out_in"], t["torch_out_in_run"], t["matmul_out_in_run"] = t2["jax_out_in"], t2["torch"], with_gflops(t2["matmul"])
+        t["jax_in_out"], t["torch_in_out_run"], t["matmul_in_out_run"] = t2["jax_in_out"], t2["torch"], with_gflops(t2["matmul"])
     flops = model_flops(config, batch, seq)
     result = {
         "config": {k: config[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -322,35 +327,35 @@ def run_case(name: str, spec: dict, workdir: Path, args) -> dict:
     return result
 
 
-def to_out_in(model) -> None:
-    """Replace every layer's experts by a module holding the same matrices as [E, out, in]
-    (`moe.ExpertWeightsOutIn`): what `model.Experts` would be with that storage layout."""
+def to_in_out(model) -> None:
+    """Replace every layer's experts by a module holding the same matrices as [E, in, out]
+    (`moe.ExpertWeights`): what `model.Experts` was before it stored them [out, in]."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from hmoe_jax import model as model_lib, moe
 
-    class OutInExperts(nnx.Module):
+    class InOutExperts(nnx.Module):
         def __init__(self, src):
             t = jax.jit(lambda a: jnp.swapaxes(a, 1, 2), donate_argnums=0)
-            self.gate_up_proj = nnx.Param(t(src.gate_up_proj[...]), axes=("experts", "mlp", "embed"))
-            self.down_proj = nnx.Param(t(src.down_proj[...]), axes=("experts", "embed", "mlp"))
+            self.gate_up_proj = nnx.Param(t(src.gate_up_proj[...]), axes=("experts", "embed", "mlp"))
+            self.down_proj = nnx.Param(t(src.down_proj[...]), axes=("experts", "mlp", "embed"))
             self.gate_up_proj_bias = nnx.Param(src.gate_up_proj_bias[...], axes=("experts", "mlp"))
             self.down_proj_bias = nnx.Param(src.down_proj_bias[...], axes=("experts", "embed"))
             self.activation, self.backend, self.dtype = src.activation, src.backend, src.dtype
 
         def weights(self):
             dt = self.dtype
-            return moe.ExpertWeightsOutIn(self.gate_up_proj[...].astype(dt), self.gate_up_proj_bias[...].astype(dt),
-                                          self.down_proj[...].astype(dt), self.down_proj_bias[...].astype(dt))
+            return moe.ExpertWeights(self.gate_up_proj[...].astype(dt), self.gate_up_proj_bias[...].astype(dt),
+                                     self.down_proj[...].astype(dt), self.down_proj_bias[...].astype(dt))
 
         def __call__(self, x, weights, indices):
             return moe.dispatch(self.backend)(x, weights, indices, self.weights(), self.activation,
                                               model_lib._precision(self.dtype))
 
     for layer in model.layers:
-        layer.mlp.experts = OutInExperts(layer.mlp.experts)
+        layer.mlp.experts = InOutExperts(layer.mlp.experts)
 
 
 METRIC = "median_s"  # or "cpu_median_s" (--metric cpu)
@@ -379,15 +384,15 @@ def table(results: dict) -> str:
         t = r["timing"]
         gf = r["flops"]["total"] / 1e9
         mm = t["matmul"]["gflops"]
-        base_err = max(v for k, v in r["parity_rel_err"].items() if not k.startswith("out_in"))
+        base_err = max(v for k, v in r["parity_rel_err"].items() if not k.startswith("in_out"))
         lines.append(_row(name, "JAX jit fp32", t["jax"], gf, t["torch"][METRIC], mm, f"{base_err:.1e}"))
         lines.append(_row(name, "transformers eager fp32", t["torch"], gf, t["torch"][METRIC], mm, "ref"))
-        if "jax_out_in" in t:
-            oi_err = max(v for k, v in r["parity_rel_err"].items() if k.startswith("out_in"))
-            lines.append(_row(name, "JAX jit fp32, experts stored [out, in] (proposed)", t["jax_out_in"], gf,
-                              t["torch_out_in_run"][METRIC], t["matmul_out_in_run"]["gflops"], f"{oi_err:.1e}"))
-            lines.append(_row(name, "transformers eager fp32 (timed beside the row above)", t["torch_out_in_run"], gf,
-                              t["torch_out_in_run"][METRIC], t["matmul_out_in_run"]["gflops"], "ref"))
+        if "jax_in_out" in t:
+            io_err = max(v for k, v in r["parity_rel_err"].items() if k.startswith("in_out"))
+            lines.append(_row(name, "JAX jit fp32, experts stored [in, out] (previous layout)", t["jax_in_out"], gf,
+                              t["torch_in_out_run"][METRIC], t["matmul_in_out_run"]["gflops"], f"{io_err:.1e}"))
+            lines.append(_row(name, "transformers eager fp32 (timed beside the row above)", t["torch_in_out_run"], gf,
+                              t["torch_in_out_run"][METRIC], t["matmul_in_out_run"]["gflops"], "ref"))
         m = t["matmul"]
         lines.append(f"| {name} | jitted fp32 {m['n']}^3 matmul (timed beside) | {m[METRIC]:.4f} | "
                      f"{2 * m['n'] ** 3 / 1e9:.2f} | {mm:.1f} | 100% | | {m['clean_reps']}/{m['all_reps']} | |")
@@ -400,7 +405,7 @@ def table(results: dict) -> str:
                 + f". JAX reads them at {gb / tj:.1f} GB/s effective."
             )
             notes.append(
-                f"Targets on the full-width layer (model as stored today): >= 2.5x transformers: "
+                f"Targets on the full-width layer (the model as loaded): >= 2.5x transformers: "
                 f"{'MET' if tt / tj >= 2.5 else 'NOT met'} ({tt / tj:.2f}x); >= 50% of matmul throughput: "
                 f"{'MET' if gf / tj >= 0.5 * mm else 'NOT met'} ({100 * gf / tj / mm:.0f}%)."
             )
@@ -425,8 +430,9 @@ def main(argv=None) -> int:
                    help="a repetition counts as clean when other processes used at most this many cores meanwhile")
     p.add_argument("--max-wait", type=float, default=900.0, help="seconds per measurement to collect clean repetitions")
     p.add_argument("--moe-backend", default="auto")
-    p.add_argument("--out-in", action="store_true",
-                   help="also time the full layer with its experts stored [out, in] (moe.ExpertWeightsOutIn)")
+    p.add_argument("--in-out", action="store_true",
+                   help="also time every case with its experts stored [in, out] (moe.ExpertWeights, the previous "
+                        "layout; the model stores them [out, in])")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max parity rel error before timing")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: all cores); pin XLA with taskset, e.g. `taskset -c 1 ... --threads 1`")

@@ -9,9 +9,10 @@ Each size runs the experts alone (router output given), jitted, fp32, `Precision
   medium  hidden 512,  intermediate 512,  16 experts top-4, 512 tokens  (bench_model's medium, 4 x 128)
   full    hidden 2880, intermediate 2880, 32 experts top-4, 128 tokens  (one gpt-oss-20b layer, 1 x 128)
   (small, small2: in between, for the dense/grouped crossover; not in the default run)
-with the experts stored [in, out] (`moe.ExpertWeights`, the model's layout today) and [out, in]
-(`moe.ExpertWeightsOutIn`). Routing: top-k of N(0, 1) router logits (a random router: groups of about
-N*k/E tokens). All backends are checked against `dense` (max abs error / max abs value) before timing.
+with the experts stored [in, out] (`moe.ExpertWeights`, HF's bf16 layout and the model's before it
+switched) and [out, in] (`moe.ExpertWeightsOutIn`, the layout of `model.Experts` and of decoded
+MXFP4). Routing: top-k of N(0, 1) router logits (a random router: groups of about N*k/E tokens).
+All backends are checked against `dense` (max abs error / max abs value) before timing.
 GFLOP/s counts the FLOPs of the top-k experts actually routed (2 * N * k * (H*2I + I*H)); `dense`
 computes E/k times that. Timing as in bench_model.py (interleaved repetitions, medians of repetitions
 during which other processes stayed under `--busy` cores; or CPU time with `--metric cpu`).
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default="tiny,medium,full")
     p.add_argument("--backends", default="dense,ragged,grouped,auto")
     p.add_argument("--layouts", default="in_out,out_in",
-                   help="expert storage: in_out (moe.ExpertWeights, the model's today) and/or out_in (moe.ExpertWeightsOutIn)")
+                   help="expert storage: in_out (moe.ExpertWeights) and/or out_in (moe.ExpertWeightsOutIn, the model's)")
     p.add_argument("--metric", choices=("wall", "cpu"), default="wall",
                    help="median wall time, or median CPU time of this process (single-thread runs on a shared machine)")
     p.add_argument("--reps", type=int, default=7)

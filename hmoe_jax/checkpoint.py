@@ -8,8 +8,10 @@ index. A new checkpoint layout is a new table, not new code paths. Transforms th
 Layouts read here:
 - Hugging Face (`model*.safetensors`), experts as MXFP4 `*_blocks`/`*_scales` or plain bf16;
 - OpenAI `original/` (`block.N.attn.qkv`, `mlp1_weight.blocks`, `norm.scale`, ...), MXFP4 experts.
-Both store MXFP4 experts as [E, out, in/32, 16] with gate/up interleaved along `out`, the order our
-dense experts keep (after the [E, in, out] transpose), so neither needs a de-interleave.
+Both store MXFP4 experts as [E, out, in/32, 16] with gate/up interleaved along `out`: our dense
+experts are [E, out, in] with the same interleave (`model.Experts`), so they decode straight into it,
+with neither a transpose nor a de-interleave. HF's plain (bf16) experts are [E, in, out] and are
+transposed, one expert at a time.
 """
 
 from __future__ import annotations
@@ -98,29 +100,58 @@ def out_to_heads(w, c):
     return (np.ascontiguousarray(w.reshape(-1, w.shape[-1]).T),)
 
 
-def mxfp4_experts(t, c):
-    """MXFP4 blocks [E, out, in/32, 16] + scales [E, out, in/32] -> bfloat16 [E, in, out].
+def swap_expert_axes(t, c):
+    """Experts [E, a, b] -> [E, b, a] (HF's plain [E, in, out] <-> our [E, out, in]; its own inverse).
 
-    bfloat16 holds every MXFP4 value exactly, at half of float32's memory; decoding one expert at a
-    time lets the transpose go straight into the output instead of through a second full-size copy."""
+    Written into one preallocated output (the source plus one output, no second full-size temporary),
+    a strip of 128 source rows at a time, moved as unsigned integers of the same width: 3-4x faster
+    than numpy's whole-matrix transposed copy of bfloat16 (1.6 GB a layer of plain 20b experts)."""
+    w = t[0]
+    if w.ndim != 3:
+        raise ValueError(f"expert weights must be [E, in, out] or [E, out, in], got {w.shape}")
+    out = np.empty((w.shape[0], w.shape[2], w.shape[1]), w.dtype)
+    bits = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}.get(w.dtype.itemsize)
+    src, dst = (w.view(bits), out.view(bits)) if bits is not None and w.flags.c_contiguous else (w, out)
+    for e in range(w.shape[0]):
+        for i in range(0, w.shape[1], _TRANSPOSE_STRIP):
+            dst[e, :, i:i + _TRANSPOSE_STRIP] = src[e, i:i + _TRANSPOSE_STRIP].T
+    return out
+
+
+_TRANSPOSE_STRIP = 128
+
+
+@inverse_of(swap_expert_axes)
+def _swap_expert_axes_back(w, c):
+    return (swap_expert_axes((w,), c),)
+
+
+def mxfp4_experts(t, c):
+    """MXFP4 blocks [E, out, in/32, 16] + scales [E, out, in/32] -> bfloat16 [E, out, in], our layout.
+
+    bfloat16 holds every MXFP4 value exactly, at half of float32's memory. The decoder fills one
+    preallocated output a few MB of rows at a time: no transpose, no second full-size copy."""
     blocks, scales = t
     if blocks.dtype != np.uint8 or scales.dtype != np.uint8:
         raise CheckpointError(f"MXFP4 blocks/scales must be uint8, got {blocks.dtype}/{scales.dtype}")
     if blocks.ndim != 4:
         raise ValueError(f"MXFP4 expert blocks must be [E, out, in/32, 16], got {blocks.shape}")
-    n_experts, n_out, n_groups, _ = blocks.shape
-    out = np.empty((n_experts, n_groups * 32, n_out), ml_dtypes.bfloat16)
-    for e in range(n_experts):
-        out[e] = dequantize_mxfp4_np(blocks[e], scales[e], ml_dtypes.bfloat16).T
-    return out
+    return dequantize_mxfp4_np(blocks, scales, ml_dtypes.bfloat16)
 
 
 @inverse_of(mxfp4_experts)
 def experts_to_mxfp4(w, c):
-    """Float [E, in, out] -> (blocks, scales). Exact for values that came from MXFP4; otherwise rounds
-    each to the nearest E2M1 value of its 32-group. One expert at a time: the packer works in float64."""
-    packed = [quantize_mxfp4_np(np.swapaxes(w[e].astype(np.float32), 0, 1)) for e in range(w.shape[0])]
-    return np.stack([b for b, _ in packed]), np.stack([s for _, s in packed])
+    """Float [E, out, in] -> (blocks, scales). Exact for values that came from MXFP4; otherwise rounds
+    each to the nearest E2M1 value of its 32-group. One expert at a time into preallocated outputs: the
+    packer works in float64."""
+    if w.ndim != 3 or w.shape[2] % 32:
+        raise ValueError(f"expert weights must be [E, out, in] with in % 32 == 0, got {w.shape}")
+    n_experts, n_out, n_in = w.shape
+    blocks = np.empty((n_experts, n_out, n_in // 32, 16), np.uint8)
+    scales = np.empty((n_experts, n_out, n_in // 32), np.uint8)
+    for e in range(n_experts):
+        blocks[e], scales[e] = quantize_mxfp4_np(np.asarray(w[e], np.float32))
+    return blocks, scales
 
 
 def from_qkv(part: str, transform: Transform) -> Transform:
@@ -182,9 +213,9 @@ HF_LAYER = [
     TensorRule("layers/{i}/mlp/experts/down_proj_bias", (_L + "mlp.experts.down_proj_bias",)),
 ]
 HF_BF16_EXPERTS = [
-    # Already [E, in, out] in the checkpoint, gate/up still interleaved: no transform.
-    TensorRule("layers/{i}/mlp/experts/gate_up_proj", (_L + "mlp.experts.gate_up_proj",)),
-    TensorRule("layers/{i}/mlp/experts/down_proj", (_L + "mlp.experts.down_proj",)),
+    # [E, in, out] in the checkpoint (gate/up interleaved on the last axis) -> our [E, out, in].
+    TensorRule("layers/{i}/mlp/experts/gate_up_proj", (_L + "mlp.experts.gate_up_proj",), swap_expert_axes),
+    TensorRule("layers/{i}/mlp/experts/down_proj", (_L + "mlp.experts.down_proj",), swap_expert_axes),
 ]
 HF_MXFP4_EXPERTS = [
     TensorRule("layers/{i}/mlp/experts/gate_up_proj",
@@ -281,7 +312,8 @@ ORIGINAL_LAYER = [
     TensorRule("layers/{i}/mlp/experts/gate_up_proj_bias", (_B + "mlp.mlp1_bias",)),
     TensorRule("layers/{i}/mlp/experts/down_proj_bias", (_B + "mlp.mlp2_bias",)),
 ]
-# mlp1 is gate_up ([E, 2I, H/32, 16], gate/up interleaved like HF), mlp2 is down ([E, H, I/32, 16]).
+# mlp1 is gate_up ([E, 2I, H/32, 16], gate/up interleaved like HF), mlp2 is down ([E, H, I/32, 16]):
+# [E, out, in] like HF's MXFP4 experts, so the same decode.
 ORIGINAL_MXFP4_EXPERTS = [
     TensorRule("layers/{i}/mlp/experts/gate_up_proj",
                (_B + "mlp.mlp1_weight.blocks", _B + "mlp.mlp1_weight.scales"), mxfp4_experts, packed=True),
@@ -499,13 +531,18 @@ def read_params(
                 f"{reader.file_of(rule.sources[0])}: tensor(s) {shapes} cannot form parameter {rule.target!r}: "
                 f"the config implies shape {expected[rule.target][0]} ({e})"
             ) from None
+        # The sources go before the cast: a transform that made a new array (a transpose) then holds
+        # only that array and the cast's output at once, as an identity rule does.
+        shapes = {k: a.shape for k, a in zip(rule.sources, sources)}
+        nbytes = sum(a.nbytes for a in sources)
+        del sources
         want_shape, want_dtype = expected[rule.target]
         if tuple(value.shape) != tuple(want_shape):
-            shapes = {k: a.shape for k, a in zip(rule.sources, sources)}
             raise CheckpointError(
                 f"{reader.file_of(rule.sources[0])}: tensor(s) {shapes} give shape {tuple(value.shape)} for "
                 f"parameter {rule.target!r}, but the config implies {tuple(want_shape)}"
             )
         if progress is not None:
-            progress(rule.target, sum(a.nbytes for a in sources))
+            progress(rule.target, nbytes)
         yield rule.target, value.astype(want_dtype, copy=False)
+        del value  # before the next tensor is read: the consumer has placed this one

@@ -1,13 +1,20 @@
 """The converted checkpoint format: what `python -m convert` writes and `from_pretrained` reads.
 
     DST/
-      config.json   GptOssConfig.to_dict() plus {"format": "hmoe-jax-flax", "format_version": 1,
+      config.json   GptOssConfig.to_dict() plus {"format": "hmoe-jax-flax", "format_version": 2,
                     "kind": "gpt_oss", "experts": "dense" | "mxfp4", "param_dtype": "bfloat16", ...};
                     for a probe {"format", "format_version", "kind": "probe", "dims": [2880, 512, 128, 1]}
       params/       ONE orbax PyTree checkpoint (OCDBT) of the nested parameter dict, keyed by the NNX
                     paths of the model: {"layers": {"0": {"self_attn": {"q_proj": array}}}, ...}
 
 `config.json` stays loadable by `load_config`, so tools that only want the config need no orbax.
+
+Parameters are stored in the model's own layout, so a change of layout is a new `FORMAT_VERSION`:
+- 1: dense experts [E, in, out] (`gate_up_proj` [E, H, 2I], `down_proj` [E, I, H]);
+- 2: dense experts [E, out, in] (`gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]), as `model.Experts`
+  holds them now. Nothing else changed: a version-1 probe or packed-MXFP4 checkpoint holds exactly the
+  bytes version 2 would and is still read; a version-1 checkpoint with dense experts is refused, with
+  the advice to re-convert it.
 
 Streaming: orbax's (experimental v1) `partial.save` adds a disjoint subtree to a checkpoint that is
 not yet finalized, each call as its own OCDBT database; `partial.finalize` merges them under one
@@ -31,7 +38,9 @@ import numpy as np
 from .checkpoint import FLAX_FORMAT, FLAX_FORMAT_KEY, CheckpointError
 from .config import GptOssConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Older versions still read, by what they hold: (format_version, kind, experts) -> same bytes as today.
+_COMPATIBLE = {(1, "probe", None), (1, "gpt_oss", "mxfp4")}
 PARAMS_DIR = "params"
 GROUP_BYTES = 512 << 20
 
@@ -187,6 +196,26 @@ def _more(items: list) -> str:
     return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
 
 
+def _check_version(meta: Mapping[str, Any], config_file: Path) -> None:
+    version = meta.get("format_version")
+    if version == FORMAT_VERSION:
+        return
+    if (version, meta.get("kind"), meta.get("experts")) in _COMPATIBLE:
+        return
+    source = (meta.get("converted_from") or {}).get("path")
+    redo = f"`python -m convert {source} {config_file.parent} --overwrite`" if source else "`python -m convert SRC DST`"
+    if version == 1 and meta.get("kind") == "gpt_oss":
+        raise CheckpointError(
+            f"{config_file}: written by an older hmoe_jax.convert (format_version 1), which stored the dense experts "
+            f"[E, in, out]; this code stores and reads them [E, out, in] (format_version {FORMAT_VERSION}). "
+            f"Re-convert the checkpoint from its source: {redo}"
+        )
+    raise CheckpointError(
+        f"{config_file}: format_version {version!r}, this code reads {FORMAT_VERSION}: re-convert the checkpoint "
+        f"with this version of hmoe_jax ({redo})"
+    )
+
+
 def open_flax_checkpoint(path: str | Path) -> FlaxCheckpoint:
     path = Path(path)
     config_file = path / "config.json"
@@ -196,10 +225,7 @@ def open_flax_checkpoint(path: str | Path) -> FlaxCheckpoint:
         raise CheckpointError(f"{config_file}: cannot read the checkpoint's config ({e})") from None
     if meta.get(FLAX_FORMAT_KEY) != FLAX_FORMAT:
         raise CheckpointError(f"{config_file}: not a checkpoint written by hmoe_jax.convert")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{config_file}: format_version {meta.get('format_version')!r}, this code reads {FORMAT_VERSION}"
-        )
+    _check_version(meta, config_file)
     params = path / PARAMS_DIR
     if not params.is_dir():
         raise CheckpointError(f"{params}: missing (the checkpoint's parameters)")

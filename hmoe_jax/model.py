@@ -170,24 +170,29 @@ class Router(nnx.Module):
 
 
 class Experts(nnx.Module):
-    """The neural experts, stored as in the HF checkpoint: gate/up INTERLEAVED along the last axis."""
+    """The neural experts, each matrix stored [out, in] (`moe.ExpertWeightsOutIn`): gate_up [E, 2I, H]
+    with gate/up INTERLEAVED along axis 1, down [E, H, I].
+
+    That is the MXFP4 checkpoints' order (they decode straight into it) and torch `Linear`'s; HF's plain
+    bf16 experts ([E, in, out]) are transposed on loading (`checkpoint.HF_BF16_EXPERTS`). On CPU it is
+    the faster layout (`moe`'s docstring, `bench/results/moe_backends.md`)."""
 
     def __init__(self, config: GptOssConfig, *, dtype, param_dtype, backend: str, kernels: str = "auto",
                  rngs: nnx.Rngs):
         # `kernels` is accepted for a uniform constructor; the MoE kernel takes MXFP4 experts only.
         c = config
         e, h, i = c.num_local_experts, c.hidden_size, c.intermediate_size
-        self.gate_up_proj = _param(rngs, (e, h, 2 * i), ("experts", "embed", "mlp"), param_dtype)
+        self.gate_up_proj = _param(rngs, (e, 2 * i, h), ("experts", "mlp", "embed"), param_dtype)
         self.gate_up_proj_bias = _param(rngs, (e, 2 * i), ("experts", "mlp"), param_dtype)
-        self.down_proj = _param(rngs, (e, i, h), ("experts", "mlp", "embed"), param_dtype)
+        self.down_proj = _param(rngs, (e, h, i), ("experts", "embed", "mlp"), param_dtype)
         self.down_proj_bias = _param(rngs, (e, h), ("experts", "embed"), param_dtype)
         self.activation = moe.SwiGLU(limit=c.swiglu_limit, alpha=c.swiglu_alpha)
         self.backend = backend
         self.dtype = dtype
 
-    def weights(self) -> moe.ExpertWeights:
+    def weights(self) -> moe.ExpertWeightsOutIn:
         dt = self.dtype
-        return moe.ExpertWeights(
+        return moe.ExpertWeightsOutIn(
             self.gate_up_proj[...].astype(dt),
             self.gate_up_proj_bias[...].astype(dt),
             self.down_proj[...].astype(dt),
@@ -264,13 +269,33 @@ class PackedExperts(nnx.Module):
                                       reference=reference)
             if y is not None:
                 return y
-        return moe.dispatch(self.backend)(x, weights, indices, self.weights(), self.activation, _precision(self.dtype))
+        # The decode depends on the parameters alone, so XLA may schedule every layer's decode up front and
+        # hold them all (12 layers x 3.2 GB at 20b width, measured: a 43 GB allocation). Tying the packed
+        # weights to this layer's input keeps one layer's decoded experts alive at a time.
+        packed, x = jax.lax.optimization_barrier((self.packed_weights(), x))
+        lazy = _lazily_decoded_experts(packed, self.dtype)
+        backend = self.backend if self.backend != "auto" else moe.auto_backend(x, lazy)
+        num_experts = packed.gate_up_blocks.shape[0]
+        if backend == "grouped" and x.shape[0] * indices.shape[1] <= num_experts * moe.GROUPED_ROW_TILES[-1]:
+            # Few rows per expert (a prompt or two): each expert's chunk is decoded where the loop reads
+            # it, once, and the decoded layer never exists whole. Larger batches decode once per layer
+            # and take the batched path instead (chunks would be decoded once per row tile).
+            return moe.moe_grouped(x, weights, indices, lazy, self.activation, _precision(self.dtype))
+        return moe.dispatch(backend)(x, weights, indices, _decoded_experts(packed, self.dtype), self.activation,
+                                     _precision(self.dtype))
+
+
+def _lazily_decoded_experts(packed: kernels_module.PackedExpertWeights, dtype) -> moe.PackedExpertWeightsOutIn:
+    decode = functools.partial(dequantize_mxfp4, dtype=dtype)
+    return moe.PackedExpertWeightsOutIn(
+        moe.PackedMatrix(packed.gate_up_blocks, packed.gate_up_scales, decode, jnp.dtype(dtype)), packed.gate_up_bias,
+        moe.PackedMatrix(packed.down_blocks, packed.down_scales, decode, jnp.dtype(dtype)), packed.down_bias)
 
 
 def _decoded_experts(packed: kernels_module.PackedExpertWeights, dtype) -> moe.ExpertWeightsOutIn:
     """MXFP4 experts decoded (bit-exact) into the compute dtype, [E, out, in] as the checkpoint stores
-    them: every backend takes that layout, it is the faster one on CPU, and no transposed copy of the
-    decoded weights (3.2 GB a layer at 20b width in float32) is ever made."""
+    them and as `Experts` holds them: every backend takes that layout, it is the faster one on CPU, and
+    no transposed copy of the decoded weights (3.2 GB a layer at 20b width in float32) is ever made."""
     gate_up = dequantize_mxfp4(packed.gate_up_blocks, packed.gate_up_scales, dtype)
     down = dequantize_mxfp4(packed.down_blocks, packed.down_scales, dtype)
     return moe.ExpertWeightsOutIn(gate_up, packed.gate_up_bias, down, packed.down_bias)

@@ -8,9 +8,10 @@ for every token (no capacity limit, no dropped tokens), in the compute dtype wit
 
 The expert matrices come in one of two memory layouts, both accepted by every backend:
 - `ExpertWeights`: [E, in, out], as the HF bf16 checkpoint stores them (`x @ W`);
-- `ExpertWeightsOutIn`: [E, out, in], as torch's `Linear` and the MXFP4 checkpoint store them. On CPU
-  this is the faster layout: XLA's dot library streams an [out, in] matrix as the left operand of
-  `W @ x^T` straight from memory, where an [in, out] matrix must be repacked for every product
+- `ExpertWeightsOutIn`: [E, out, in], as torch's `Linear`, the MXFP4 checkpoint and the model
+  (`model.Experts`; `model.PackedExperts` decoded) store them. On CPU this is the faster layout at
+  full width: XLA's dot library streams an [out, in] matrix as the left operand of `W @ x^T`
+  straight from memory, where an [in, out] matrix must be repacked for every product
   (`bench/results/moe_backends.md`).
 
 Backends:
@@ -57,11 +58,48 @@ class ExpertWeightsOutIn(NamedTuple):
     down_bias: jax.Array  # [E, H]
 
 
-AnyExpertWeights = ExpertWeights | ExpertWeightsOutIn
+class PackedMatrix(NamedTuple):
+    """An [E, out, in] matrix kept as MXFP4 (blocks uint8 [E, out, in/32, 16], scales uint8
+    [E, out, in/32]) and decoded, bit-exactly, only where the `grouped` backend reads it: one chunk of
+    one expert's rows at a time, so the decoded matrix never exists whole."""
+
+    blocks: jax.Array
+    scales: jax.Array
+    decode: Callable  # (blocks, scales) -> [..., out, in] in the compute dtype (`mxfp4.dequantize_mxfp4`)
+    dtype: jnp.dtype
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        e, out, groups, per_block = self.blocks.shape
+        return e, out, groups * per_block * 2
+
+
+class PackedExpertWeightsOutIn(NamedTuple):
+    """`ExpertWeightsOutIn` with both matrices `PackedMatrix`: only the `grouped` backend's per-expert
+    loop reads it (the layout of `PackedExperts` at small batches on CPU, where the whole decode would
+    be the layer's largest temporary: 3.2 GB in float32 at 20b width)."""
+
+    gate_up: PackedMatrix
+    gate_up_bias: jax.Array
+    down: PackedMatrix
+    down_bias: jax.Array
+
+
+AnyExpertWeights = ExpertWeights | ExpertWeightsOutIn | PackedExpertWeightsOutIn
 
 
 def _out_in(w) -> bool:
-    return isinstance(w, ExpertWeightsOutIn)
+    return isinstance(w, (ExpertWeightsOutIn, PackedExpertWeightsOutIn))
+
+
+def _expert_rows(w, e, start, size: int):
+    """Rows [start, start + size) of expert e's matrix ([size, cols]), decoding them if packed."""
+    if isinstance(w, PackedMatrix):
+        groups, per_block = w.blocks.shape[2:]
+        blocks = jax.lax.dynamic_slice(w.blocks, (e, start, 0, 0), (1, size, groups, per_block))[0]
+        scales = jax.lax.dynamic_slice(w.scales, (e, start, 0), (1, size, groups))[0]
+        return w.decode(blocks, scales)
+    return jax.lax.dynamic_slice(w, (e, start, 0), (1, size, w.shape[2]))[0]
 
 
 def _num_experts(w) -> int:
@@ -170,13 +208,13 @@ def _expert_matmul(rows, w, e, out_in: bool, precision, chunk_bytes: int):
     """
     m = rows.shape[0]
     r, cols = w.shape[1], w.shape[2]
-    c = _chunk_rows(r, cols, w.dtype.itemsize, chunk_bytes)
+    c = _chunk_rows(r, cols, jnp.dtype(w.dtype).itemsize, chunk_bytes)
     full, tail = divmod(r, c)
-    chunk = lambda start, size: jax.lax.dynamic_slice(w, (e, start, 0), (1, size, cols))[0]
+    chunk = lambda start, size: _expert_rows(w, e, start, size)  # noqa: E731
     if out_in:  # w[e] is [N, K]: chunk j gives output columns j*c .. j*c + c
         part = lambda wc: _dot_f32(rows, wc, ((1,), (1,)), precision)
         if c == r:
-            return part(w[e])
+            return part(chunk(0, r))
         out = jax.lax.fori_loop(
             0, full, lambda j, o: jax.lax.dynamic_update_slice_in_dim(o, part(chunk(j * c, c)), j * c, 1),
             jnp.zeros((m, r), jnp.float32))
@@ -260,7 +298,7 @@ def moe_grouped(
     # Padded so a tile starting at any pair index stays in bounds (dynamic_slice would clamp it).
     rows = jnp.concatenate([xs, jnp.zeros((tiles[-1], hidden), x.dtype)])
     starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(s.group_sizes)[:-1]])
-    if not _out_in(w):
+    if not _out_in(w) or isinstance(w, PackedExpertWeightsOutIn):  # packed: no batched part, it reads all
         out = _per_expert(rows, starts, s.group_sizes, w, act, precision, tiles, chunk_bytes, x.dtype)
         return _combine(x, s, out[:pairs])
     rank = jnp.arange(pairs, dtype=jnp.int32) - starts[s.expert]  # position of each pair in its group

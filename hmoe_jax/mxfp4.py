@@ -9,10 +9,10 @@ Checkpoint layout (gpt-oss-20b, HF ``*_blocks`` / ``*_scales`` and OpenAI ``orig
 * ``scales``: uint8 ``[..., out, G]`` -- biased exponent, factor ``2 ** (scale - 127)``.
 
 The decoders here return ``[..., out, G*32]``, i.e. the checkpoint's ``[E, out, in]`` order,
-NOT transposed. Callers that want the matmul layout ``[E, in, out]`` (the layout of the
-oracle ``transformers.integrations.mxfp4.convert_moe_packed_tensors`` and of bf16 re-uploads)
-must ``swapaxes(-1, -2)`` themselves; keeping the transpose out of here lets the jitted
-forward fuse it into the consuming matmul instead of materialising it.
+NOT transposed: the layout ``model.Experts`` stores and every MoE backend takes. Callers that
+want ``[E, in, out]`` (the layout of the oracle
+``transformers.integrations.mxfp4.convert_moe_packed_tensors`` and of bf16 re-uploads) must
+``swapaxes(-1, -2)`` themselves.
 
 Numerics mirror the oracle bit for bit: it computes ``torch.ldexp(table[code], scale - 127)``
 in the output dtype, which is an exact ldexp (no intermediate ``2**128``). Hence, for every

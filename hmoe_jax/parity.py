@@ -164,6 +164,7 @@ def _read_rules(reader, rules, config, expected):
     for rule in rules:
         sources = [reader.get(k) for k in rule.sources]
         value = rule.transform(sources, config)
+        del sources  # a transposing transform's source is not kept beside its output
         shape, dtype = expected[rule.target]
         if tuple(value.shape) != shape:
             raise CheckpointError(

@@ -138,6 +138,11 @@ def test_hf_mxfp4_converts_to_logits_matching_transformers(flax_dense, dense_log
     checkpoint = open_flax_checkpoint(flax_dense)
     # MXFP4 decodes exactly into bfloat16 and the rest of this fixture is float32: lossless keeps float32.
     assert checkpoint.meta["param_dtype"] == "float32" and not checkpoint.packed_experts
+    # Stored in the model's layout, [E, out, in], as the MXFP4 source holds them.
+    c = checkpoint.config
+    e, h, i = c.num_local_experts, c.hidden_size, c.intermediate_size
+    assert checkpoint.shapes["layers/0/mlp/experts/gate_up_proj"][0] == (e, 2 * i, h)
+    assert checkpoint.shapes["layers/0/mlp/experts/down_proj"][0] == (e, h, i)
     assert rel_err(dense_logits, hf_mxfp4_logits) < FP32_REL
 
 
@@ -147,9 +152,17 @@ def test_hf_plain_bf16_experts_convert_losslessly_to_bfloat16(tmp_path):
     checkpoint = open_flax_checkpoint(tmp_path / "flax")
     assert checkpoint.meta["param_dtype"] == "bfloat16"  # every source tensor is bf16: nothing lost
     assert checkpoint.shapes["layers/0/mlp/experts/gate_up_proj"][1] == jnp.bfloat16
+    c = checkpoint.config  # HF's [E, in, out] transposed into the model's [E, out, in]
+    assert checkpoint.shapes["layers/0/mlp/experts/gate_up_proj"][0] == (c.num_local_experts, 2 * c.intermediate_size, c.hidden_size)
     # fp32 compute on both sides, on the same bf16 weights.
     ours = jax_logits(hmoe_jax.from_pretrained(tmp_path / "flax", dtype=jnp.float32))
     assert rel_err(ours, torch_logits(src)) < FP32_REL
+    # And back: the very same tensors, experts transposed back to [E, in, out].
+    export_hf(tmp_path / "flax", tmp_path / "back")
+    source, back = load_file(str(src / "model.safetensors")), load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert sorted(source) == sorted(back)
+    for key in source:
+        assert source[key].dtype == back[key].dtype and torch.equal(source[key], back[key]), key
 
 
 def test_openai_original_layout_converts_to_the_same_model(hf_mxfp4, hf_mxfp4_logits, dense_logits, tmp_path):
@@ -192,6 +205,33 @@ def test_converted_checkpoint_loads_sharded_onto_a_mesh(flax_packed, dense_logit
 def test_packed_checkpoint_refuses_a_dense_request(flax_packed):
     with pytest.raises(CheckpointError, match="packed MXFP4 experts but keep_mxfp4=False"):
         hmoe_jax.from_pretrained(flax_packed, keep_mxfp4=False)
+
+
+def _with_format_version(src, dst, version):
+    shutil.copytree(src, dst)
+    meta = json.loads((dst / "config.json").read_text())
+    meta["format_version"] = version
+    (dst / "config.json").write_text(json.dumps(meta))
+    return dst
+
+
+def test_older_converted_checkpoint_with_dense_experts_asks_to_reconvert(flax_dense, flax_packed, hf_mxfp4,
+                                                                          dense_logits, tmp_path):
+    """Format 1 stored dense experts [E, in, out]; reading it as today's [E, out, in] would be wrong
+    (and for square experts not even a shape error), so it is refused with the command that redoes it."""
+    old = _with_format_version(flax_dense, tmp_path / "old", 1)
+    match = (r"old/config\.json: written by an older hmoe_jax\.convert \(format_version 1\).*\[E, in, out\].*"
+             rf"Re-convert .*python -m convert {hf_mxfp4}")
+    with pytest.raises(CheckpointError, match=match):
+        hmoe_jax.from_pretrained(old)
+    with pytest.raises(CheckpointError, match=match):
+        export_hf(old, tmp_path / "hf")
+    assert_no_output(tmp_path / "hf")
+    with pytest.raises(CheckpointError, match=r"format_version 3, this code reads 2: re-convert"):
+        hmoe_jax.from_pretrained(_with_format_version(flax_dense, tmp_path / "newer", 3))
+    # Packed MXFP4 experts are the same bytes in both versions: still read.
+    old_packed = _with_format_version(flax_packed, tmp_path / "old_packed", 1)
+    np.testing.assert_array_equal(jax_logits(hmoe_jax.from_pretrained(old_packed)), dense_logits)
 
 
 def test_dtype_option_stores_bfloat16(hf_mxfp4, tmp_path):
@@ -252,6 +292,9 @@ def test_probe_state_dict_converts_to_probe_params(tmp_path):
     with torch.no_grad():
         ref = probe.net(torch.from_numpy(x)).numpy()
     assert rel_err(probe_apply(params, x), ref) < 1e-6
+    # A probe converted by format 1 holds the same bytes: still read.
+    old = _with_format_version(tmp_path / "flax", tmp_path / "old", 1)
+    np.testing.assert_array_equal(np.asarray(load_probe(old)["w1"]), np.asarray(params["w1"]))
 
 
 def test_bad_probe_files_are_refused(tmp_path):

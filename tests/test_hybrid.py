@@ -172,8 +172,9 @@ def test_construction_errors_are_raised_before_the_model_changes(checkpoint):
 # ------------------------------------------------------------------ the dispatch contract the layer relies on
 
 
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
 @pytest.mark.parametrize("backend", sorted(moe.BACKENDS))
-def test_dispatch_backends_drop_out_of_range_slots_bit_exactly(backend):
+def test_dispatch_backends_drop_out_of_range_slots_bit_exactly(backend, layout):
     """A deterministic slot reaches the neural dispatch as expert index E with weight 0: each backend
     must add exactly nothing for it (bit for bit what a zero-weight valid slot adds) and stay close to
     the dense sum over the remaining slots."""
@@ -181,6 +182,8 @@ def test_dispatch_backends_drop_out_of_range_slots_bit_exactly(backend):
     n, h, i, e, k = 40, 16, 8, 4, 3
     w = moe.ExpertWeights(*(jnp.asarray(rng.standard_normal(s), jnp.float32) * 0.3
                             for s in ((e, h, 2 * i), (e, 2 * i), (e, i, h), (e, h))))
+    if layout == "out_in":  # the model's layout (`model.Experts`)
+        w = moe.ExpertWeightsOutIn(jnp.swapaxes(w.gate_up, 1, 2), w.gate_up_bias, jnp.swapaxes(w.down, 1, 2), w.down_bias)
     x = jnp.asarray(rng.standard_normal((n, h)), jnp.float32)
     indices = np.stack([rng.permutation(e)[:k] for _ in range(n)])
     weights = rng.uniform(0.1, 1.0, (n, k)).astype(np.float32)

@@ -270,8 +270,11 @@ def test_router_matches_transformers_topk_softmax():
     np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, rtol=1e-6)
 
 
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
 @pytest.mark.parametrize("backend", sorted(moe.BACKENDS))
-def test_expert_backends_match_transformers_experts(backend):
+def test_expert_backends_match_transformers_experts(backend, layout):
+    """Both storage layouts: [out, in] (`ExpertWeightsOutIn`, the model's) and [in, out] (`ExpertWeights`,
+    HF's bf16 layout, which transformers' experts hold)."""
     cfg_dict = synthetic.tiny_config(num_local_experts=6, num_experts_per_tok=3, intermediate_size=24)
     hf = synthetic.random_torch_model(cfg_dict, std=0.5)  # large weights drive the clamps at +-7
     mlp = hf.model.layers[0].mlp
@@ -283,6 +286,8 @@ def test_expert_backends_match_transformers_experts(backend):
     assert float(gate_up.abs().max()) > 7, "fixture must exercise the swiglu clamp"
     w = moe.ExpertWeights(*(jnp.asarray(getattr(mlp.experts, n).detach().numpy())
                             for n in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")))
+    if layout == "out_in":
+        w = moe.ExpertWeightsOutIn(jnp.swapaxes(w.gate_up, 1, 2), w.gate_up_bias, jnp.swapaxes(w.down, 1, 2), w.down_bias)
     ours = moe.dispatch(backend)(jnp.asarray(x.numpy()), jnp.asarray(ref_weights.numpy()), jnp.asarray(ref_idx.numpy()),
                                  w, moe.SwiGLU(7.0, 1.702), jax.lax.Precision.HIGHEST)
     assert rel_err(ours, ref.numpy()) < 1e-6
@@ -320,8 +325,9 @@ def test_forward_on_an_8_device_mesh_equals_single_device(tmp_path):
     sharded = hmoe_jax.from_pretrained(path, mesh=mesh)
     single = hmoe_jax.from_pretrained(path)
     # Parameters really are split: experts over `expert`, heads over `tensor`.
-    gate_up = sharded.layers[0].mlp.experts.gate_up_proj[...]
-    assert gate_up.sharding.spec[0] == "expert"
+    gate_up = sharded.layers[0].mlp.experts.gate_up_proj[...]  # [E, 2I, H]: experts, then the intermediate
+    assert tuple(gate_up.sharding.spec) == ("expert", "tensor", None)
+    assert tuple(sharded.layers[0].mlp.experts.down_proj[...].sharding.spec) == ("expert", None, "tensor")
     assert sharded.layers[0].self_attn.q_proj[...].sharding.spec[1] == "tensor"
     ids = np.random.default_rng(14).integers(0, cfg["vocab_size"], (4, 24))
     ids_sharded = jax.device_put(jnp.asarray(ids), hmoe_jax.sharding.batch_sharding(mesh))
@@ -452,3 +458,21 @@ def test_loading_only_the_first_layers_gives_the_same_early_residuals(small_chec
     assert rel_err(whole.hidden_states[-1], want) < 1e-6  # jitted vs op-by-op: rounding only
     with pytest.raises(ValueError, match="num_layers=0"):
         hmoe_jax.from_pretrained(path, num_layers=0)
+
+
+@pytest.mark.parametrize("tokens", [6, 40])  # few rows per expert: decoded per chunk; many: whole layer
+def test_packed_experts_on_the_grouped_backend_equal_decoded_dense_experts(tmp_path, tokens, monkeypatch):
+    from hmoe_jax import moe as moe_module
+
+    path = synthetic.write_hf_checkpoint(tmp_path / "mx", synthetic.tiny_config(), experts="mxfp4", seed=9)
+    # A tiny top tile makes the 40-token batch take the whole-decode path while 6 tokens stay lazy.
+    monkeypatch.setattr(moe_module, "GROUPED_ROW_TILES", (2, 4, 8))
+    lazy_reads = []
+    original = moe_module._expert_rows
+    monkeypatch.setattr(moe_module, "_expert_rows", lambda w, *a: lazy_reads.append(
+        isinstance(w, moe_module.PackedMatrix)) or original(w, *a))
+    ids = np.random.default_rng(3).integers(3, 100, (1, tokens))
+    packed = hmoe_jax.from_pretrained(path, keep_mxfp4=True, moe_backend="grouped")
+    dense = hmoe_jax.from_pretrained(path, moe_backend="dense")
+    assert rel_err(packed(ids).logits, dense(ids).logits) < 1e-6
+    assert any(lazy_reads) == (tokens == 6)

@@ -186,8 +186,8 @@ def moe_pallas_mxfp4(x, weights, indices, w: PackedExpertWeights, act: moe.SwiGL
     """The `moe` backends' computation over packed experts: x [N, H], routing weights and indices
     [N, k] -> [N, H] in x's dtype.
 
-    Same contract as `moe.moe_ragged` with `ExpertWeights` decoded from `w`, and the same pair order and
-    combine, so fp32 results agree to summation order. The rows are laid out in expert tiles once and
+    Same contract as `moe.moe_ragged` with `ExpertWeightsOutIn` decoded from `w`, and the same pair
+    order and combine, so fp32 results agree to summation order. The rows are laid out in expert tiles once and
     both projections run on that layout.
     """
     num_experts = w.gate_up_blocks.shape[0]
