@@ -13,6 +13,13 @@ to a bucketed length so only a handful of shapes is ever compiled. The jitted fo
 deepest requested layer and pools inside the program, so only [batch, layers, hidden] leaves the
 devices. The batch plan depends only on the prompts and the settings, so a killed run resumes batch
 for batch and ends with the very bytes an uninterrupted run writes.
+
+Several processes (`hmoe_jax.distributed`, one per host) run the same batches as one program, each
+batch split over the mesh's `data` axis across hosts; every process gets the batch's features back.
+Process 0 alone writes `metadata.json`; the arrays' row chunks are dealt round-robin to the processes
+(chunk c to process c mod N), each writing only its own chunks' features and done flags, so no two
+processes ever write one file. A resumed run, on any number of processes, redoes the batches with a
+row not flagged done.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import tensorstore as ts
 from flax import nnx
 from jax.sharding import Mesh
 
-from . import data
+from . import data, distributed
 from .config import load_config
 from .loading import from_pretrained
 from .model import default_position_ids
@@ -206,7 +213,7 @@ def pooled_features(model, input_ids, attention_mask, layers: Sequence[int]) -> 
     """(mean, last) float32 [batch, len(layers), hidden] of a left-padded batch."""
     graphdef, state = nnx.split(model)
     mean, last = _pooled_features(graphdef, state, input_ids, attention_mask, tuple(layers))
-    return np.asarray(mean), np.asarray(last)
+    return distributed.to_host(mean), distributed.to_host(last)
 
 
 class FeatureStore:
@@ -268,8 +275,21 @@ class FeatureStore:
     def done_rows(self) -> np.ndarray:
         return np.asarray(self._array(DONE_ARRAY).read().result(), bool)
 
+    @property
+    def chunk_rows(self) -> int:
+        """Rows per stored chunk, as the arrays on disk are chunked (the same for every array)."""
+        if not hasattr(self, "_chunk_rows"):
+            self._chunk_rows = int(self._array(DONE_ARRAY).chunk_layout.read_chunk.shape[0])
+        return self._chunk_rows
+
+    def owned_rows(self, rows: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
+        """Which of `rows` a process writes: those of the chunks c with c mod process_count == process_index."""
+        return (np.asarray(rows) // self.chunk_rows) % process_count == process_index
+
     def write_batch(self, rows: np.ndarray, mean: np.ndarray, last: np.ndarray) -> None:
         """Features first, then the done flags: a kill in between leaves the rows to be redone."""
+        if len(rows) == 0:
+            return
         writes = [self._array("mean.zarr")[rows].write(mean), self._array("last.zarr")[rows].write(last)]
         for w in writes:
             w.result()
@@ -335,8 +355,15 @@ def precompute_features(
     bucket: int = 32,
     dtype: str = "float32",
     progress: Progress | None = None,
+    keep_mxfp4: bool | None = None,
+    param_dtype: str | None = None,
 ) -> FeatureStore:
     """Write (or finish) the feature store `out` for `prompt_set` at `layers` of `checkpoint`.
+
+    Only the layers up to the deepest requested one are loaded (no lm_head unless the last hidden
+    state is asked for). `keep_mxfp4` keeps MXFP4 experts packed (decoded inside the forward, bit-exact)
+    and `param_dtype="bfloat16"` stores float32-computed weights in bfloat16 (lossless for gpt-oss's
+    bf16 checkpoints): together they let a 20b's first 12 layers run in about 10 GiB.
 
     Everything is checked before anything is written: an existing `out` must be an unfinished or
     finished run of exactly this job (same model, layers, prompts and batching), else StoreError.
@@ -355,36 +382,51 @@ def precompute_features(
     tokens = tokenize(load_tokenizer(checkpoint), prompt_set.prompts, config.vocab_size)
     metadata = store_metadata(prompt_set, checkpoint, layers, config.hidden_size, [int(t.size) for t in tokens],
                               dtype=dtype, batch_size=batch_size, bucket=bucket)
-    store = _open_for_writing(out, metadata)
+    # Process 0 checks and creates (or reopens) the store; the others open it once it exists.
+    store = distributed.on_coordinator(lambda: _open_for_writing(out, metadata), StoreError)
+    if store is None:
+        store = FeatureStore.open(out)
     if store.complete:
         return store
 
-    done = store.done_rows()
+    # Every process must run the same batches: process 0's reading of the done flags decides.
+    done = distributed.broadcast(store.done_rows().astype(np.uint8)).astype(bool)
     batches = plan_batches(metadata["token_counts"], batch_size)
     counts = np.asarray(metadata["token_counts"])
     if progress is not None:
         progress.start(len(tokens), int(counts.sum()), int(done.sum()), int(counts[done].sum()))
-    model = from_pretrained(checkpoint, dtype=jnp.dtype(dtype), mesh=mesh)
+    deepest = layers[-1]
+    model = from_pretrained(
+        checkpoint, dtype=jnp.dtype(dtype), mesh=mesh, keep_mxfp4=keep_mxfp4,
+        param_dtype=jnp.dtype(param_dtype) if param_dtype else None,
+        num_layers=None if deepest == config.num_hidden_layers else max(deepest, 1))
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
     sharding = batch_sharding(mesh)
+    me, processes = jax.process_index(), jax.process_count()
     for rows in batches:
         if done[rows].all():
             continue
         batch_tokens = [tokens[r] for r in rows]
         length = bucket_length(max(t.size for t in batch_tokens), bucket)
         ids, mask = left_padded_batch(batch_tokens, length, batch_size, pad_id)
-        mean, last = pooled_features(model, jax.device_put(ids, sharding), jax.device_put(mask, sharding), layers)
+        mean, last = pooled_features(model, distributed.global_array(ids, sharding),
+                                     distributed.global_array(mask, sharding), layers)
         mean, last = mean[:len(rows)], last[:len(rows)]
         bad = ~(np.isfinite(mean).all(axis=(1, 2)) & np.isfinite(last).all(axis=(1, 2)))
         if bad.any():
             names = [prompt_set.ids[r] for r in rows[bad]]
             raise StoreError(f"non-finite hidden states for {names}: the checkpoint or dtype is broken; "
                              "nothing was written for this batch")
-        # Already-done rows of a partly done batch are rewritten with the same values.
-        store.write_batch(rows, mean, last)
+        # Already-done rows of a partly done batch are rewritten with the same values. Each process
+        # writes the rows of its own chunks only.
+        mine = store.owned_rows(rows, me, processes)
+        store.write_batch(rows[mine], mean[mine], last[mine])
         if progress is not None:
             progress.advance(int((~done[rows]).sum()), int(counts[rows][~done[rows]].sum()))
-    store.mark_complete()
+    # Complete only once every process has written its chunks.
+    distributed.sync("hmoe_jax.precompute.written")
+    distributed.on_coordinator(store.mark_complete, StoreError)
+    store.metadata["complete"] = True
     return store
 
 

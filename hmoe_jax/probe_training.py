@@ -17,6 +17,11 @@ axis is sharded over the mesh's `data` axis and each member's minibatch over its
 Selection is honest: a slice of each fold's training scenarios is held out as validation, the seed
 is chosen there and R^2 is reported on the held-out fold. The reference's rule (keep the seed that
 scores best on the very fold it reports) is reported beside it, labelled optimistic.
+
+Over several processes (`hmoe_jax.distributed`) the ensemble axis spans every host's devices; every
+process holds the features in full, gathers scores and the selected probes back, and takes part in
+every orbax save and restore (orbax writes each array shard once, JSON on process 0); process 0
+alone writes `run.json`, `probes.json` and `results.json`.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from . import data
+from . import data, distributed
 from .precompute import FeatureStore
 from .probe import PROBE_DROPOUT, PROBE_HIDDEN, encode, probe_apply, probe_init
 from .sharding import partition_spec
@@ -280,11 +285,15 @@ class EnsembleTrainer:
         self.optimizer = optax.inject_hyperparams(optax.adamw)(
             learning_rate=protocol.learning_rate, weight_decay=protocol.weight_decay)
         members = self.sharding(("ensemble",))
-        self.features = jax.device_put(jnp.asarray(features, jnp.float32), NamedSharding(mesh, PartitionSpec()))
-        put = lambda a: jax.device_put(a, members)  # noqa: E731
+        self.features = distributed.global_array(np.asarray(features, np.float32), NamedSharding(mesh, PartitionSpec()))
+
+        def put(a):
+            return distributed.global_array(a, self.sharding(("ensemble",) + (None,) * (a.ndim - 1), a.shape))
+
         self.train_rows, self.train_targets, self.train_count = map(
             put, (ensemble.train_rows, ensemble.train_targets, ensemble.train_count))
-        self.keys = put(jax.vmap(jax.random.key)(jnp.asarray(ensemble.seeds)))
+        # Keys are made on the devices (a key array cannot be placed across processes from the host).
+        self.keys = jax.jit(jax.vmap(jax.random.key), out_shardings=members)(put(ensemble.seeds))
         self._train = jax.jit(self._train_epochs, donate_argnums=(0,))
         self._predict = jax.jit(self._predict_rows)
 
@@ -306,10 +315,14 @@ class EnsembleTrainer:
             params = probe_init(jax.random.fold_in(key, 0), self.input_dim, p.hidden)
             return params, self.optimizer.init(params)
 
-        params, opt_state = jax.jit(jax.vmap(init))(self.keys)
-        state = {"params": params, "opt_state": opt_state,
-                 "train_loss": jnp.full((self.ensemble.size, p.epochs), jnp.nan, jnp.float32)}
-        return jax.device_put(state, self.state_shardings(state))
+        def init_all(keys):
+            params, opt_state = jax.vmap(init)(keys)
+            return {"params": params, "opt_state": opt_state,
+                    "train_loss": jnp.full((self.ensemble.size, p.epochs), jnp.nan, jnp.float32)}
+
+        # Made in place on the devices: also over several processes, where no host holds the whole state.
+        shardings = self.state_shardings(jax.eval_shape(init_all, self.keys))
+        return jax.jit(init_all, out_shardings=shardings)(self.keys)
 
     def abstract_state(self) -> Any:
         """Shapes, dtypes and shardings of `init_state()`, for restoring a checkpoint in place."""
@@ -319,13 +332,19 @@ class EnsembleTrainer:
 
     def train(self, state: dict[str, Any], start_epoch: int, stop_epoch: int) -> dict[str, Any]:
         """Epochs [start, stop) of every member; one compiled program serves every range."""
-        return self._train(state, jnp.int32(start_epoch), jnp.int32(stop_epoch))
+        inputs = {"features": self.features, "train_rows": self.train_rows, "train_targets": self.train_targets,
+                  "train_count": self.train_count, "keys": self.keys}
+        return self._train(state, jnp.int32(start_epoch), jnp.int32(stop_epoch), inputs)
 
-    def _train_epochs(self, state, start_epoch, stop_epoch):
+    def _train_epochs(self, state, start_epoch, stop_epoch, inputs):
+        # Inputs are arguments, not closed-over constants: a jitted function may not close over arrays
+        # that span several processes.
+        features, train_rows, train_targets, train_count, keys = (
+            inputs[k] for k in ("features", "train_rows", "train_targets", "train_count", "keys"))
         p = self.protocol
         batch, steps = p.batch_size, self.steps_per_epoch
         loss_fn = _loss_fn(p.loss, p.huber_delta)
-        width = self.train_rows.shape[1]
+        width = train_rows.shape[1]
         batch_sharding = self.sharding(("ensemble", "ensemble_batch", None),
                                        (self.ensemble.size, batch, self.input_dim))
 
@@ -342,23 +361,23 @@ class EnsembleTrainer:
             lr = p.learning_rate * 0.5 * (1.0 + jnp.cos(jnp.pi * e / p.epochs))
             hyper = dict(opt_state.hyperparams, learning_rate=jnp.full_like(opt_state.hyperparams["learning_rate"], lr))
             opt_state = opt_state._replace(hyperparams=hyper)
-            epoch_keys = jax.vmap(lambda k: jax.random.fold_in(k, e + 1))(self.keys)
+            epoch_keys = jax.vmap(lambda k: jax.random.fold_in(k, e + 1))(keys)
 
             def shuffle(key, count):
                 # A uniform permutation of the member's rows, its padding sorted to the end.
                 u = jnp.where(jnp.arange(width) < count, jax.random.uniform(key, (width,)), 2.0)
                 return jnp.argsort(u)
 
-            order = jax.vmap(shuffle)(jax.vmap(lambda k: jax.random.fold_in(k, 0))(epoch_keys), self.train_count)
+            order = jax.vmap(shuffle)(jax.vmap(lambda k: jax.random.fold_in(k, 0))(epoch_keys), train_count)
             order = jnp.pad(order, ((0, 0), (0, steps * batch - width)))
 
             def step(carry, s, skip_finished):
                 params, opt_state, loss_sum = carry
                 positions = jax.lax.dynamic_slice_in_dim(order, s * batch, batch, axis=1)
-                valid = (s * batch + jnp.arange(batch))[None, :] < self.train_count[:, None]
-                rows = jnp.take_along_axis(self.train_rows, positions, axis=1)
-                y = jnp.take_along_axis(self.train_targets, positions, axis=1)
-                x = jax.lax.with_sharding_constraint(self.features[rows], batch_sharding)
+                valid = (s * batch + jnp.arange(batch))[None, :] < train_count[:, None]
+                rows = jnp.take_along_axis(train_rows, positions, axis=1)
+                y = jnp.take_along_axis(train_targets, positions, axis=1)
+                x = jax.lax.with_sharding_constraint(features[rows], batch_sharding)
                 step_keys = jax.vmap(lambda k: jax.random.fold_in(k, s + 1))(epoch_keys)
                 loss, grads = grad_fn(params, x, y, valid, step_keys)
                 updates, new_opt_state = jax.vmap(self.optimizer.update)(grads, opt_state, params)
@@ -381,26 +400,26 @@ class EnsembleTrainer:
             carry, _ = jax.lax.scan(functools.partial(step, skip_finished=False), carry, common)
             carry, _ = jax.lax.scan(functools.partial(step, skip_finished=True), carry, tail)
             params, opt_state, loss_sum = carry
-            curve = curve.at[:, e].set(loss_sum / self.train_count)
+            curve = curve.at[:, e].set(loss_sum / train_count)
             return params, opt_state, curve
 
         params, opt_state, curve = jax.lax.fori_loop(
             start_epoch, stop_epoch, epoch, (state["params"], state["opt_state"], state["train_loss"]))
         return {"params": params, "opt_state": opt_state, "train_loss": curve}
 
-    def _predict_rows(self, params, rows):
+    def _predict_rows(self, params, rows, features):
         """rows [M, R] (R a multiple of the chunk) -> raw outputs [M, R], no dropout."""
         m, r = rows.shape
         chunks = rows.reshape(m, r // _PREDICT_CHUNK, _PREDICT_CHUNK).swapaxes(0, 1)
         apply = jax.vmap(lambda prm, x: probe_apply(prm, x)[..., 0])
-        out = jax.lax.map(lambda c: apply(params, self.features[c]), chunks)
+        out = jax.lax.map(lambda c: apply(params, features[c]), chunks)
         return out.swapaxes(0, 1).reshape(m, r)
 
     def predict(self, params, part: str) -> np.ndarray:
         """Raw outputs of every member on its own `part` ("validation" or "test") scenarios."""
         rows = self.ensemble.eval_rows[part]
-        rows = jax.device_put(rows, self.sharding(("ensemble", None), rows.shape))
-        return np.asarray(self._predict(params, rows))
+        rows = distributed.global_array(rows, self.sharding(("ensemble", None), rows.shape))
+        return distributed.to_host(self._predict(params, rows, self.features))
 
     def scores(self, params, parts: Sequence[str] = ("validation", "test")) -> dict[str, np.ndarray]:
         """Per member and part: R^2 (regression, in the trained sign-log space) or balanced accuracy."""
@@ -505,7 +524,7 @@ def train_run(
     run_record = {"identity": identity, "protocol": dataclasses.asdict(protocol),
                   "tasks": [t.name for t in tasks], "checkpoint_every": checkpoint_every}
     run_record = json.loads(json.dumps(run_record))  # tuples -> lists, as they read back
-    _claim_run_dir(run_dir, run_record)
+    distributed.on_coordinator(lambda: _claim_run_dir(run_dir, run_record), ProbeTrainingError)
 
     trainer = EnsembleTrainer(features, ensemble, protocol, mesh)
     manager = _checkpoint_manager(run_dir)
@@ -536,11 +555,12 @@ def train_run(
     scores = {part: s[:len(ensemble.members)] for part, s in scores.items()}
     summary = select_and_summarize(tasks, ensemble, protocol, scores)
     _save_selected_probes(run_dir, state["params"], tasks, ensemble, protocol, summary, identity, trainer.input_dim)
-    train_loss = np.asarray(state["train_loss"])[:len(ensemble.members)]
+    train_loss = distributed.to_host(state["train_loss"])[:len(ensemble.members)]
     results = {"identity": identity, "protocol": run_record["protocol"], "metric": _metric_name(protocol),
                "tasks": summary, "members": [dataclasses.asdict(m) for m in ensemble.members],
                "train_loss": train_loss.tolist(), "validation_curve": curve_points}
-    data.write_json_atomically(run_dir / RESULTS_FILE, results)
+    if distributed.is_coordinator():
+        data.write_json_atomically(run_dir / RESULTS_FILE, results)
     return RunResult(results, train_loss, curve_points)
 
 
@@ -566,7 +586,7 @@ def _claim_run_dir(run_dir: Path, record: dict[str, Any]) -> None:
 
 def _save_selected_probes(run_dir: Path, params, tasks, ensemble, protocol, summary, identity, input_dim) -> None:
     """For every task, the honest pick of each fold, stacked on a leading fold axis."""
-    host = jax.tree.map(np.asarray, params)
+    host = distributed.to_host(params)
     index = {(m.task, m.fold, m.seed): i for i, m in enumerate(ensemble.members)}
     tree: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     for t, task in enumerate(tasks):
@@ -578,6 +598,8 @@ def _save_selected_probes(run_dir: Path, params, tasks, ensemble, protocol, summ
     # A rerun of a finished run rewrites the same probes.
     checkpointer.save((run_dir / PROBES_DIR).resolve(), tree, force=True)
     checkpointer.wait_until_finished()
+    if not distributed.is_coordinator():
+        return
     data.write_json_atomically(run_dir / PROBES_FILE, {
         "identity": identity, "input_dim": input_dim, "hidden": list(protocol.hidden),
         "folds": len(summary[tasks[0].name]["folds"]),
@@ -598,7 +620,8 @@ def load_probes(run_dir: str | Path) -> dict[tuple[str, str], dict[str, jax.Arra
         raise ProbeTrainingError(f"{run_dir}: no trained probes ({PROBES_FILE} missing; did training finish?)")
     meta = json.loads(meta_path.read_text())
     dims = (meta["input_dim"], *meta["hidden"], 1)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # This process's own first device (jax.devices()[0] belongs to process 0 in a multi-process run).
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     leaves = {}
     for i, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:])):
         leaves[f"w{i + 1}"] = (meta["folds"], fan_in, fan_out)

@@ -262,7 +262,7 @@ def pallas_adapter(module, x, weights, indices, interpret=True, **tiles):
 @pytest.mark.parametrize("tokens,experts,top_k", [(13, 4, 2), (5, 8, 3)])
 def test_moe_pallas_matches_packed_experts_xla_path(tokens, experts, top_k):
     """The whole MoE (gate/up, clamped SwiGLU, down, biases, routing-weighted combine) on packed experts:
-    the kernel path equals `PackedExperts` decoding to `ExpertWeights` and running `moe_ragged`.
+    the kernel path equals `PackedExperts` decoding to `ExpertWeightsOutIn` and running `moe_ragged`.
     Few tokens over many experts leaves experts empty and tiles unused."""
     cfg = moe_config(hidden=64, intermediate=96, experts=experts, top_k=top_k)
     module = packed_experts_module(cfg, tokens)

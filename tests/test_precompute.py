@@ -196,3 +196,23 @@ def test_tokenizer_beside_the_checkpoint_reads_as_transformers_reads_it(checkpoi
     ours = precompute.tokenize(precompute.load_tokenizer(checkpoint / "ckpt"), prompts, 128)
     theirs = AutoTokenizer.from_pretrained(checkpoint / "ckpt")(prompts)["input_ids"]
     assert [list(t) for t in ours] == theirs
+
+
+def test_packed_experts_and_bf16_storage_give_the_same_features(tmp_path_factory):
+    """The 20b path (MXFP4 kept packed, bf16 storage, fp32 compute, only the needed layers loaded)
+    stores the features of the plain fp32 path, on a bf16 MXFP4 checkpoint like gpt-oss's."""
+    root = tmp_path_factory.mktemp("packed")
+    data.write_dataset(root / "data", n_train=16, n_eval=8)
+    scenarios = json.loads((root / "data" / "train.json").read_text())
+    config = synthetic.tiny_config(num_hidden_layers=3)
+    synthetic.write_hf_checkpoint(root / "ckpt", config, experts="mxfp4", dtype="bfloat16", seed=4)
+    synthetic.write_tokenizer(root / "ckpt", [s["input_prompt"] for s in scenarios], config)
+    prompts = precompute.scenario_prompts(root / "data" / "train.json")
+    plain = precompute.precompute_features(root / "ckpt", prompts, [1], root / "plain", mesh=make_mesh(),
+                                           batch_size=BATCH)
+    packed = precompute.precompute_features(root / "ckpt", prompts, [1], root / "packed", mesh=make_mesh(),
+                                            batch_size=BATCH, keep_mxfp4=True, param_dtype="bfloat16")
+    for pooling in precompute.POOLINGS:
+        a, b = read_array(root / "plain" / f"{pooling}.zarr"), read_array(root / "packed" / f"{pooling}.zarr")
+        assert rel_err(b, a) < 1e-6, pooling
+    assert plain.metadata["model_fingerprint"] == packed.metadata["model_fingerprint"]

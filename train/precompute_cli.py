@@ -5,6 +5,9 @@
 
 Rerunning the same command after an interruption finishes the store; a different job into an
 existing store is refused.
+
+Multi-host: start the same command on every host with --coordinator-address, --num-processes and
+--process-id (or their HMOE_* variables, or --distributed on a TPU pod or SLURM); see README.md.
 """
 
 import argparse
@@ -12,6 +15,8 @@ import sys
 from pathlib import Path
 
 from tqdm import tqdm
+
+from hmoe_jax import distributed
 
 
 def _parser():
@@ -29,8 +34,13 @@ def _parser():
     parser.add_argument("--bucket", type=int, default=32, help="padded lengths are multiples of this (default 32)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="model compute dtype; features are always stored as float32")
+    parser.add_argument("--keep-mxfp4", action="store_true",
+                        help="keep MXFP4 experts packed, decoded inside the forward (bit-exact; ~4x less memory)")
+    parser.add_argument("--param-dtype", choices=("float32", "bfloat16"), default=None,
+                        help="weight storage dtype if not --dtype; bfloat16 is lossless for gpt-oss's bf16 weights")
     parser.add_argument("--mesh-expert", type=int, default=1, help="devices on the expert axis (default 1)")
     parser.add_argument("--mesh-tensor", type=int, default=1, help="devices on the tensor axis (default 1)")
+    distributed.add_arguments(parser)
     return parser
 
 
@@ -54,26 +64,32 @@ class _Bars:
 
 def main(argv):
     args = _parser().parse_args(argv)
-    # JAX is imported only now, after argument errors had their chance to stop the run cheaply.
+    # The model modules load only now, after argument errors had their chance to stop the run cheaply;
+    # the multi-host runtime starts before anything touches a device.
     from hmoe_jax import make_mesh, precompute
     from hmoe_jax.checkpoint import CheckpointError
     from hmoe_jax.config import ConfigError
 
     bars = _Bars()
     try:
+        info = distributed.initialize(args)
         prompt_set = (precompute.router_negative_prompts() if args.router_negatives
                       else precompute.scenario_prompts(args.data))
         mesh = make_mesh(data=-1, expert=args.mesh_expert, tensor=args.mesh_tensor)
         batch_size = args.batch_size or 8 * mesh.shape["data"]
         store = precompute.precompute_features(
             args.model, prompt_set, args.layer, args.out, mesh=mesh, batch_size=batch_size, bucket=args.bucket,
-            dtype=args.dtype, progress=bars,
+            dtype=args.dtype, progress=bars if info.is_coordinator else None,
+            keep_mxfp4=True if args.keep_mxfp4 else None, param_dtype=args.param_dtype,
         )
+        distributed.sync("train.precompute.done")
     except (precompute.StoreError, ConfigError, CheckpointError, ValueError, FileNotFoundError) as err:
         bars.close()
         print(f"train precompute: error: {err}", file=sys.stderr)
         return 1
     bars.close()
+    if not info.is_coordinator:
+        return 0
     n = len(store.scenario_ids)
     print(f"{args.out}: features of {n} prompts at layers {store.layers} (model {store.metadata['model_fingerprint']})")
     return 0

@@ -5,6 +5,10 @@
 Writes RUN/r2.md (the score table), RUN/results.json, RUN/curves.png and the trained probes
 (RUN/probes, an orbax checkpoint read by `hmoe_jax.probe_training.load_probes`). Checkpoints go to
 RUN/checkpoints: after an interruption, the same command resumes and ends with the same result.
+
+Multi-host: start the same command on every host with --coordinator-address, --num-processes and
+--process-id (or their HMOE_* variables, or --distributed); the ensemble is split over every host's
+devices and process 0 writes the reports. See README.md.
 """
 
 import argparse
@@ -30,6 +34,9 @@ def add_protocol_options(parser):
                         help="checkpoint the store must come from (refused otherwise)")
     parser.add_argument("--mesh-tensor", type=int, default=1,
                         help="devices splitting each member's minibatch; the rest split the ensemble (default 1)")
+    from hmoe_jax import distributed
+
+    distributed.add_arguments(parser)
 
 
 def store_layer(store, layer):
@@ -60,16 +67,17 @@ def store_identity(store, layer, pooling):
 
 def train_and_report(args, features, scenario_ids, tasks, protocol, identity, table_name):
     """Train (or resume), then write the table and the curves; returns the results dict."""
-    from hmoe_jax import make_mesh, probe_report, probe_training
+    from hmoe_jax import distributed, make_mesh, probe_report, probe_training
 
     mesh = make_mesh(data=-1, tensor=args.mesh_tensor)
-    bar = tqdm(total=protocol.epochs, unit="epoch", desc="ensemble")
+    coordinator = distributed.is_coordinator()
+    bar = tqdm(total=protocol.epochs, unit="epoch", desc="ensemble", disable=not coordinator)
 
     calls = []
 
     def on_epochs(done, total):
         # The first report comes before any training: epochs done then were done by an earlier run.
-        if not calls and done > 0:
+        if not calls and done > 0 and coordinator:
             bar.write(f"resuming {args.out} from its epoch-{done} checkpoint", file=sys.stderr)
         calls.append(done)
         bar.update(done - bar.n)
@@ -79,10 +87,13 @@ def train_and_report(args, features, scenario_ids, tasks, protocol, identity, ta
                                        checkpoint_every=args.checkpoint_every, on_epochs=on_epochs)
     finally:
         bar.close()
-    table = probe_report.score_table(run.results)
-    (args.out / table_name).write_text(table)
-    probe_report.plot_curves(run.results, args.out / "curves.png")
-    print(table)
+    if coordinator:
+        table = probe_report.score_table(run.results)
+        (args.out / table_name).write_text(table)
+        probe_report.plot_curves(run.results, args.out / "curves.png")
+        print(table)
+    # Every file is written before any process returns.
+    distributed.sync("train.probes.reported")
     return run.results
 
 
@@ -99,10 +110,11 @@ def _parser():
 
 def main(argv):
     args = _parser().parse_args(argv)
-    from hmoe_jax import probe_training
+    from hmoe_jax import distributed, probe_training
     from hmoe_jax.precompute import FeatureStore, StoreError
 
     try:
+        distributed.initialize(args)
         store = FeatureStore.open(args.store)
         check_expected_model(store, args.expect_model)
         layer = store_layer(store, args.layer)
@@ -113,7 +125,7 @@ def main(argv):
                                            validation_fraction=args.validation_fraction)
         train_and_report(args, features, store.scenario_ids, tasks, protocol,
                          store_identity(store, layer, args.pooling), "r2.md")
-    except (StoreError, probe_training.ProbeTrainingError, FileNotFoundError) as err:
+    except (StoreError, probe_training.ProbeTrainingError, distributed.DistributedError, FileNotFoundError) as err:
         print(f"train probes: error: {err}", file=sys.stderr)
         return 1
     return 0

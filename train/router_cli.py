@@ -26,10 +26,11 @@ def _parser():
 
 def main(argv):
     args = _parser().parse_args(argv)
-    from hmoe_jax import probe_training
+    from hmoe_jax import distributed, probe_training
     from hmoe_jax.precompute import FeatureStore, StoreError
 
     try:
+        distributed.initialize(args)
         positives, negatives = FeatureStore.open(args.store), FeatureStore.open(args.negatives)
         check_expected_model(positives, args.expect_model)
         layer = store_layer(positives, args.layer)
@@ -39,7 +40,7 @@ def main(argv):
         identity = store_identity(positives, layer, args.pooling)
         identity["negatives"] = str(negatives.path.resolve())
         train_and_report(args, features, ids, [task], protocol, identity, "accuracy.md")
-    except (StoreError, probe_training.ProbeTrainingError, FileNotFoundError) as err:
+    except (StoreError, probe_training.ProbeTrainingError, distributed.DistributedError, FileNotFoundError) as err:
         print(f"train router: error: {err}", file=sys.stderr)
         return 1
     return 0
