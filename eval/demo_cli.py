@@ -6,7 +6,7 @@ with --model PATH it runs on that checkpoint (e.g. the real gpt-oss-20b, layer 1
 same code a user runs on its own:
 
     checkpoint -> convert (--keep-mxfp4) -> train data -> precompute (train, eval) -> train probes
-    -> hybrid model -> eval hybrid -> report
+    -> hybrid model -> eval hybrid -> report [-> train hybrid: end-to-end training, with --hybrid-training]
 
 Every stage writes under --out and is skipped when its output is already complete, so an interrupted
 demo resumes where it stopped.
@@ -52,6 +52,10 @@ def main(argv=None) -> int:
     p.add_argument("--n-train", type=int, default=3000)
     p.add_argument("--n-eval", type=int, default=500)
     p.add_argument("--seed", type=int, default=0, help="seed of the demo model's random weights")
+    p.add_argument("--hybrid-training", action="store_true",
+                   help="also train the hybrid layer's router rows and projections end to end on 240 training "
+                        "scenarios (one epoch) and report before vs after on 64 held-out ones (about a minute more "
+                        "on the demo model)")
     args = p.parse_args(argv)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -110,9 +114,22 @@ def main(argv=None) -> int:
     _stage("evaluate: python -m eval hybrid", (results / "summary.json").is_file(),
            lambda: hybrid_cli.run(model, run, eval_json, results, train=train_json, overwrite=True), log)
 
+    trained = out / "hybrid_training"
+    if args.hybrid_training:
+        from train import hybrid_cli as train_hybrid_cli
+
+        _stage("hybrid training: python -m train hybrid (router rows + projections, end to end)",
+               (trained / "report.md").is_file(),
+               lambda: _check(train_hybrid_cli.main(
+                   ["--model", str(model), "--probes", str(run), "--data", str(train_json), "--eval", str(eval_json),
+                    "--out", str(trained), "--n-train", "240", "--n-eval", "64", "--n-generate", "0",
+                    "--bucket", "64"])), log)
+
     if (run / "r2.md").is_file():
         print((run / "r2.md").read_text())
     print((results / "report.md").read_text())
+    if args.hybrid_training:
+        print((trained / "report.md").read_text())
     if demo:
         print(f"The demo model is random: these numbers exercise the pipeline, they are not gpt-oss's. "
               f"Probes trained {epochs} epochs (the paper: 300). Outputs under {out}/.")

@@ -4,6 +4,9 @@ For each scenario the prompt runs through the model up to and including the hybr
 prompt's last token the layer's extraction (trained probes, median over folds) feeds the exact
 formulas, and those formula results are the predictions. No Python loop over probes: the whole path
 is the model's own forward (`stop_after_layer=L+1`).
+
+On a mesh, each batch is split over its `data` axis, across hosts in a multi-process run
+(`hmoe_jax.distributed`); every process gets the whole batch's predictions back.
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import data, metrics, probe
+from . import data, distributed, metrics, probe
 from .hybrid import HybridConfig, make_hybrid
 from .loading import from_pretrained
 from .model import default_position_ids
 from .precompute import bucket_length, left_padded_batch, load_tokenizer, tokenize
 from .probe_training import extraction_probes, probe_run_identity
+from .sharding import batch_sharding, shard_model
 
 # The argument each metric's formula reads from the scenario, for R^2 of extracted arguments.
 ARGUMENT_SOURCES: Mapping[str, Mapping[str, str]] = {
@@ -39,9 +43,11 @@ class EvaluationError(ValueError):
     """Inputs that cannot be evaluated together (probes of another model, unknown experts...)."""
 
 
-def build_hybrid_model(checkpoint: str | Path, run_dir: str | Path, *, dtype=jnp.float32, mesh=None):
-    """The checkpoint's model with its probe layer made hybrid and the run's probes loaded.
-    Returns (model, layer)."""
+def build_hybrid_model(checkpoint: str | Path, run_dir: str | Path, *, dtype=jnp.float32, mesh=None,
+                       hybrid_params: str | Path | None = None):
+    """The checkpoint's model with its probe layer made hybrid and the run's probes loaded; with
+    `hybrid_params` (a `python -m train hybrid` run directory), its trained router rows and projections
+    replace the initial ones. Returns (model, layer)."""
     identity = probe_run_identity(run_dir)
     layer = int(identity["layer"])
     pooling = identity.get("pooling", "mean")
@@ -61,7 +67,15 @@ def build_hybrid_model(checkpoint: str | Path, run_dir: str | Path, *, dtype=jnp
         extraction_input="causal_mean" if pooling == "mean" else "token",
         ensemble_size=int(some["w1"].shape[0]),
     )
-    return make_hybrid(model, config, probes={layer: probes}), layer
+    model = make_hybrid(model, config, probes={layer: probes})
+    if hybrid_params is not None:
+        from .hybrid_training import load_hybrid_params
+
+        load_hybrid_params(model, hybrid_params)
+    if mesh is not None:
+        # The hybrid layer's new parameters (router rows, probes) join the model on the mesh.
+        shard_model(model, mesh)
+    return model, layer
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
@@ -78,9 +92,15 @@ def _hybrid_last_token(graphdef, state, ids, mask, layer):
 
 
 def hybrid_predictions(model, layer: int, tokenizer, prompts: Sequence[str], *, batch_size: int = 8,
-                       bucket: int = 32, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Formula results, extracted arguments and routing decisions at each prompt's last token."""
+                       bucket: int = 32, progress: Callable[[int], None] | None = None,
+                       mesh=None) -> dict[str, Any]:
+    """Formula results, extracted arguments and routing decisions at each prompt's last token.
+    With `mesh` (the model's), batches are split over its data axis."""
     c = model.config
+    if mesh is not None and batch_size % mesh.shape["data"]:
+        raise EvaluationError(f"batch size {batch_size} is not a multiple of the mesh's "
+                              f"{mesh.shape['data']} data devices")
+    put = (lambda x: x) if mesh is None else (lambda x: distributed.global_array(x, batch_sharding(mesh)))  # noqa: E731
     tokens = tokenize(tokenizer, prompts, c.vocab_size)
     pad = c.pad_token_id if c.pad_token_id is not None else 0
     graphdef, state = nnx.split(model)
@@ -92,7 +112,8 @@ def hybrid_predictions(model, layer: int, tokenizer, prompts: Sequence[str], *, 
         batch = tokens[start:start + batch_size]
         ids, mask = left_padded_batch(batch, bucket_length(max(t.size for t in batch), bucket), batch_size, pad)
         t0 = time.perf_counter()
-        r, a, s = jax.block_until_ready(_hybrid_last_token(graphdef, state, ids, mask, layer))
+        r, a, s = distributed.to_host(jax.block_until_ready(
+            _hybrid_last_token(graphdef, state, put(ids), put(mask), layer)))
         seconds.append(time.perf_counter() - t0)
         for store, part in ((results, r), (arguments, a), (selected, s)):
             for k, v in part.items():
@@ -136,13 +157,15 @@ def argument_r2(scenarios: Sequence[Mapping], arguments: Mapping[str, np.ndarray
 
 
 def evaluate_hybrid(checkpoint, run_dir, eval_path, *, train_path=None, batch_size: int = 8,
-                    progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+                    progress: Callable[[int], None] | None = None, hybrid_params=None,
+                    mesh=None) -> dict[str, Any]:
     """Everything `summary.json` holds: per protocol the hybrid's and the constant predictor's scores,
-    argument R^2, routing rates and timing."""
+    argument R^2, routing rates and timing. With `mesh`, the model is sharded on it and batches
+    split over its data axis (across hosts in a multi-process run)."""
     scenarios = data.load_scenarios(eval_path)
-    model, layer = build_hybrid_model(checkpoint, run_dir)
+    model, layer = build_hybrid_model(checkpoint, run_dir, hybrid_params=hybrid_params, mesh=mesh)
     predictions = hybrid_predictions(model, layer, load_tokenizer(checkpoint), [s["input_prompt"] for s in scenarios],
-                                     batch_size=batch_size, progress=progress)
+                                     batch_size=batch_size, progress=progress, mesh=mesh)
     train = data.load_scenarios(train_path) if train_path else data.generate_scenarios(3000, data.TRAIN_SEED, 0)
     medians = metrics.training_medians(train)
     constant = metrics.constant_predictions(medians, len(scenarios))
@@ -155,6 +178,7 @@ def evaluate_hybrid(checkpoint, run_dir, eval_path, *, train_path=None, batch_si
     batch_s = predictions["batch_seconds"][1:] or predictions["batch_seconds"]  # first batch compiles
     return {
         "model": str(checkpoint), "probes": str(run_dir), "eval": str(eval_path), "layer": layer,
+        "hybrid_params": None if hybrid_params is None else str(hybrid_params),
         "n_scenarios": len(scenarios),
         "scores": scores,
         "training_medians": medians,
@@ -205,7 +229,8 @@ def report_markdown(summary: Mapping[str, Any], reference: Mapping[str, Any] | N
             lines.append(f"| {expert} | {arg} | {value:.3f} |")
     lines += ["", "Share of prompts whose last token the extended router sent to each deterministic expert: "
               + ", ".join(f"{k} {v:.1%}" for k, v in summary["routed_to_expert_rate"].items())
-              + " (the new router rows are untrained unless end-to-end training ran).", "",
+              + (" (the new router rows are untrained unless end-to-end training ran)." if not summary.get("hybrid_params")
+                 else f" (router rows and projections trained end to end: `{summary['hybrid_params']}`)."), "",
               f"Median forward time per batch of {summary['batch_size']} (to the hybrid layer, formulas included): "
               f"{summary['median_batch_ms']:.1f} ms."]
     if reference is not None:

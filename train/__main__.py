@@ -4,6 +4,7 @@
     precompute  store hidden-state features of the frozen model for a data set (or router negatives)
     probes      train the argument and direct-output probes on a feature store
     router      train the router classifier on CRE features against negative features
+    hybrid      train the hybrid layer's router rows and projections end to end (frozen model and probes)
 
 Each stage's module is imported only when asked for, so `train data` never loads JAX.
 """
@@ -16,6 +17,7 @@ STAGES = {
     "precompute": "train.precompute_cli",
     "probes": "train.probes_cli",
     "router": "train.router_cli",
+    "hybrid": "train.hybrid_cli",
 }
 
 
