@@ -303,6 +303,28 @@ def write_json_atomically(path, obj):
         raise
 
 
+def claim_run_dir(run_dir, record, *, run_file, error, kind):
+    """Make `run_dir` this run's output directory, or resume it: `run_dir/run_file` must then hold the
+    same `record` (the run's identity). Refuses (raising `error`) another run's directory or a
+    non-empty directory of anything else; writes the record atomically for a new run."""
+    from pathlib import Path
+
+    run_dir = Path(run_dir)
+    existing = run_dir / run_file
+    if existing.is_file():
+        previous = json.loads(existing.read_text())
+        mismatched = [key for key in record if previous.get(key) != record[key]]
+        if mismatched:
+            details = "; ".join(f"{k}: run has {json.dumps(previous.get(k))[:120]}, asked {json.dumps(record[k])[:120]}"
+                                for k in mismatched)
+            raise error(f"{run_dir} holds another {kind} ({details}); choose another --out")
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise error(f"{run_dir} exists, is not empty and holds no {kind}; choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(existing, record)
+
+
 def write_dataset(out_dir, seed=TRAIN_SEED, n_train=3000, n_eval=500):
     """Write `train.json` (`seed`, ids from 0) and `eval.json` (`seed + 1`, ids from 10000).
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from . import kernels
-from .model import GptOssForCausalLM, _precision, attention_masks, default_position_ids
+from .model import GptOssForCausalLM, attention_masks, default_position_ids, unembed
 from .rope import rope_tables
 
 
@@ -69,7 +69,7 @@ def _prefill(model: GptOssForCausalLM, ids, mask, total_len: int):
 
 def _lm_head(model, x):
     x = model.norm(x)
-    return jnp.einsum("bte,ev->btv", x, model.lm_head[...].astype(model.dtype), precision=_precision(model.dtype))
+    return unembed(x, model.lm_head[...], model.dtype)
 
 
 def _decode_step(model: GptOssForCausalLM, token, position, step_index, caches):

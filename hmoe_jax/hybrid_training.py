@@ -62,7 +62,7 @@ from flax import nnx
 from . import baselines, data, metrics
 from .hybrid import HybridMoE, ProjectionParam, RouterRowParam
 from .model import default_position_ids
-from .precompute import bucket_length
+from .precompute import bucket_length, tokenize
 
 # What trains: router rows and projections. ExtractionParam and every gpt-oss nnx.Param stay frozen.
 TRAINABLE = nnx.Any(RouterRowParam, ProjectionParam)
@@ -151,14 +151,7 @@ class Examples:
 
 
 def _encode(tokenizer, texts: Sequence[str], vocab_size: int, what: str) -> list[np.ndarray]:
-    out = [np.asarray(e.ids, np.int32) for e in tokenizer.encode_batch(list(texts))]
-    for i, ids in enumerate(out):
-        if ids.size == 0:
-            raise HybridTrainingError(f"{what} #{i} tokenizes to nothing")
-        if ids.max() >= vocab_size:
-            raise HybridTrainingError(f"{what} #{i} has token id {ids.max()} >= the model's vocab_size {vocab_size}: "
-                                      "the tokenizer does not belong to this checkpoint")
-    return out
+    return tokenize(tokenizer, texts, vocab_size, what=what, error=HybridTrainingError)
 
 
 def encode_scenarios(tokenizer, scenarios: Sequence[Mapping[str, Any]], experts: Sequence[str], vocab_size: int,
@@ -521,20 +514,7 @@ def _nested(params) -> dict[str, Any]:
 
 
 def _claim_run_dir(run_dir: Path, record: dict[str, Any]) -> None:
-    existing = run_dir / RUN_FILE
-    if existing.is_file():
-        previous = json.loads(existing.read_text())
-        mismatched = [k for k in record if previous.get(k) != record[k]]
-        if mismatched:
-            details = "; ".join(f"{k}: run has {json.dumps(previous.get(k))[:120]}, asked {json.dumps(record[k])[:120]}"
-                                for k in mismatched)
-            raise HybridTrainingError(f"{run_dir} holds another hybrid training run ({details}); choose another --out")
-        return
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise HybridTrainingError(
-            f"{run_dir} exists, is not empty and holds no hybrid training run; choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    data.write_json_atomically(existing, record)
+    data.claim_run_dir(run_dir, record, run_file=RUN_FILE, error=HybridTrainingError, kind="hybrid training run")
 
 
 def save_hybrid_params(run_dir: Path, params, layer: int, experts: Sequence[str], identity: Mapping[str, Any]) -> None:

@@ -368,6 +368,23 @@ def default_position_ids(attention_mask: jax.Array) -> jax.Array:
     return jnp.clip(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0, None)
 
 
+# Vocabulary entries per lm_head chunk when the head is stored narrower than the compute dtype.
+UNEMBED_CHUNK = 16384
+
+
+def unembed(x: jax.Array, lm_head: jax.Array, dtype) -> jax.Array:
+    """Logits x [..., H] @ lm_head [H, V] in `dtype`. A head stored narrower (bf16 weights, fp32 compute)
+    is widened one vocabulary chunk at a time: widening the 20b's whole head at once is a 2.3 GB
+    temporary. Each logit is the same dot over H either way."""
+    precision = _precision(dtype)
+    vocab = lm_head.shape[1]
+    if lm_head.dtype == dtype or vocab <= 2 * UNEMBED_CHUNK:
+        return jnp.einsum("...e,ev->...v", x, lm_head.astype(dtype), precision=precision)
+    parts = [jnp.einsum("...e,ev->...v", x, lm_head[:, start:start + UNEMBED_CHUNK].astype(dtype), precision=precision)
+             for start in range(0, vocab, UNEMBED_CHUNK)]
+    return jnp.concatenate(parts, axis=-1)
+
+
 class GptOssForCausalLM(nnx.Module):
     """gpt-oss. `forward` is the traceable computation; calling the model runs it under `jax.jit`."""
 
@@ -444,7 +461,7 @@ class GptOssForCausalLM(nnx.Module):
         if n_layers == c.num_hidden_layers and self.has_head:
             x = self.norm(x)
             hidden[-1] = x
-            logits = jnp.einsum("bte,ev->btv", x, self.lm_head[...].astype(self.dtype), precision=_precision(self.dtype))
+            logits = unembed(x, self.lm_head[...], self.dtype)
         return CausalLMOutput(
             logits=logits,
             hidden_states=tuple(hidden) if output_hidden_states or stop_after_layer is not None else None,

@@ -152,24 +152,35 @@ def dequantize_mxfp4_np(blocks, scales, dtype=np.float32) -> np.ndarray:
 def dequantize_mxfp4(blocks, scales, dtype=jnp.float32) -> jax.Array:
     """jnp twin of :func:`dequantize_mxfp4_np`, bit-identical to it; jit/vmap friendly.
 
-    Meant for decoding packed experts on the fly inside the jitted forward, so it stays a
-    fusable elementwise gather from a 16 KB constant table: the table is gathered as raw
-    unsigned bits and bitcast, so no float op (and no backend flush-to-zero) touches values.
-    Returns ``[..., out, G*32]`` (not transposed).
+    Meant for decoding packed experts on the fly inside the jitted forward. The float32 bit pattern
+    of every value is built with integer operations (no table gather: XLA:CPU runs a gather one
+    element at a time, this vectorises: 1.7x faster, measured) and no float op, so no backend
+    flush-to-zero touches a value: an FP4 code is sign s, exponent e (2 bits), mantissa m (1 bit),
+    magnitude 0.5*m for e = 0 and 2^(e-1) * (1 + m/2) otherwise; the scale adds scale - 127 to the
+    exponent, giving a float32 subnormal (the mantissa shifted right) below exponent 1 and inf past
+    254, exactly as `ldexp` in the oracle. bfloat16 is the upper half of those bits (exact: the
+    values have at most 2 significant bits). Returns ``[..., out, G*32]`` (not transposed).
     """
     _check_shapes(jnp.shape(blocks), jnp.shape(scales))
     dtype = _canonical_dtype(dtype)
-    uint = _UINT_OF_WIDTH[dtype.itemsize]
-    table_bits = jnp.asarray(_value_table(dtype).view(uint).reshape(-1))  # [256 * 16]
-
+    # (The operation order below is the fast one: the same arithmetic on int32 nibbles taken from
+    # int32 bytes compiles to code twice as slow on XLA:CPU, measured.)
     blocks = jnp.asarray(blocks).astype(jnp.uint8)
-    scales = jnp.asarray(scales).astype(jnp.uint8)
-    base = scales.astype(jnp.uint32)[..., None] << 4  # row of the [scale, code] table
-    lo = base | (blocks & 0x0F).astype(jnp.uint32)
-    hi = base | (blocks >> 4).astype(jnp.uint32)
-    idx = jnp.stack([lo, hi], axis=-1)  # [..., G, 16, 2]: low nibble first
-    bits = table_bits.at[idx].get(mode="promise_in_bounds")
-    values = jax.lax.bitcast_convert_type(bits, dtype)
+    wide = blocks.astype(jnp.uint32)
+    scale = jnp.asarray(scales).astype(jnp.uint8).astype(jnp.int32)[..., None, None]
+    codes = jnp.stack([wide & 0x0F, wide >> 4], axis=-1).astype(jnp.int32)  # [..., G, 16, 2]: low nibble first
+    sign = (codes >> 3) << 31
+    e, m = (codes >> 1) & 3, codes & 1
+    exponent = jnp.where(e == 0, 126, e + 126) + scale - _SCALE_BIAS  # biased float32 exponent
+    mantissa = jnp.where(e == 0, 0, m << 22)
+    normal = (exponent << 23) | mantissa
+    subnormal = (0x800000 | mantissa) >> jnp.clip(1 - exponent, 0, 31)
+    bits = jnp.where(exponent >= 255, 0x7F800000, jnp.where(exponent >= 1, normal, subnormal))
+    bits = (jnp.where((codes & 7) == 0, 0, bits) | sign).astype(jnp.uint32)
+    if dtype == np.dtype(jnp.bfloat16):
+        values = jax.lax.bitcast_convert_type((bits >> 16).astype(jnp.uint16), jnp.bfloat16)
+    else:
+        values = jax.lax.bitcast_convert_type(bits, jnp.float32)
     *lead, n_groups, _ = blocks.shape
     return values.reshape(*lead, n_groups * _GROUP)
 

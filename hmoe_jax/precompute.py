@@ -160,15 +160,18 @@ def load_tokenizer(path: str | Path):
     return Tokenizer.from_file(str(file))
 
 
-def tokenize(tokenizer, prompts: Sequence[str], vocab_size: int) -> list[np.ndarray]:
-    """Token ids of each raw prompt, exactly as `tokenizer(prompt)` gives them (no chat template)."""
+def tokenize(tokenizer, prompts: Sequence[str], vocab_size: int, *, what: str = "prompt",
+             error: type[Exception] = None) -> list[np.ndarray]:
+    """Token ids of each raw text, exactly as `tokenizer(text)` gives them (no chat template); an empty
+    encoding or an id past the model's vocabulary raises `error` (StoreError) naming `what` #i."""
+    error = error or StoreError
     encoded = [np.asarray(e.ids, np.int32) for e in tokenizer.encode_batch(list(prompts))]
     for i, ids in enumerate(encoded):
         if ids.size == 0:
-            raise StoreError(f"prompt #{i} tokenizes to nothing")
+            raise error(f"{what} #{i} tokenizes to nothing")
         if ids.max() >= vocab_size:
-            raise StoreError(f"prompt #{i} has token id {ids.max()} >= the model's vocab_size {vocab_size}: "
-                             "the tokenizer does not belong to this checkpoint")
+            raise error(f"{what} #{i} has token id {ids.max()} >= the model's vocab_size {vocab_size}: "
+                        "the tokenizer does not belong to this checkpoint")
     return encoded
 
 

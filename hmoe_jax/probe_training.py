@@ -569,19 +569,7 @@ def _metric_name(protocol: Protocol) -> str:
 
 
 def _claim_run_dir(run_dir: Path, record: dict[str, Any]) -> None:
-    existing = run_dir / RUN_FILE
-    if existing.is_file():
-        previous = json.loads(existing.read_text())
-        mismatched = [key for key in record if previous.get(key) != record[key]]
-        if mismatched:
-            details = "; ".join(f"{k}: run has {json.dumps(previous.get(k))[:80]}, asked {json.dumps(record[k])[:80]}"
-                                for k in mismatched)
-            raise ProbeTrainingError(f"{run_dir} holds another run ({details}); choose another --out")
-        return
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ProbeTrainingError(f"{run_dir} exists, is not empty and holds no probe run; choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    data.write_json_atomically(existing, record)
+    data.claim_run_dir(run_dir, record, run_file=RUN_FILE, error=ProbeTrainingError, kind="probe run")
 
 
 def _save_selected_probes(run_dir: Path, params, tasks, ensemble, protocol, summary, identity, input_dim) -> None:

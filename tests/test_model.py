@@ -476,3 +476,16 @@ def test_packed_experts_on_the_grouped_backend_equal_decoded_dense_experts(tmp_p
     dense = hmoe_jax.from_pretrained(path, moe_backend="dense")
     assert rel_err(packed(ids).logits, dense(ids).logits) < 1e-6
     assert any(lazy_reads) == (tokens == 6)
+
+
+def test_chunked_unembedding_of_a_narrow_head_equals_the_whole_product(monkeypatch):
+    from hmoe_jax import model as model_module
+
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((2, 3, 16)), jnp.float32)
+    head = jnp.asarray(rng.standard_normal((16, 70)), jnp.bfloat16)
+    whole = jnp.einsum("bte,ev->btv", x, head.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    monkeypatch.setattr(model_module, "UNEMBED_CHUNK", 8)  # 70 = 8 chunks of 8 + 6
+    chunked = model_module.unembed(x, head, jnp.float32)
+    assert chunked.shape == whole.shape
+    assert rel_err(chunked, whole) < 1e-6

@@ -266,7 +266,7 @@ def test_bad_inputs_are_refused_with_a_clear_error_and_nothing_written(finished_
     # Resuming a run on features of another model: refused, the run untouched.
     before = snapshot(run)
     other = write_store(tmp_path / "other", 48, fingerprint="fedcba9876543210")
-    refused(["--store", str(other.path), "--out", str(run), *RUN_ARGS], "holds another run")
+    refused(["--store", str(other.path), "--out", str(run), *RUN_ARGS], "holds another probe run")
     assert snapshot(run) == before
 
 
