@@ -63,6 +63,10 @@ DEFAULT_BOUNDS = {
 }
 
 
+def abs_err(ours, ref) -> float:
+    return float(np.abs(np.asarray(ours, np.float64) - np.asarray(ref, np.float64)).max())
+
+
 def rel_err(ours, ref) -> float:
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     scale = np.abs(ref).max()
@@ -258,6 +262,8 @@ class LayerReport:
     residual_rel: float
     router_agreement: float
     drift_rel: float
+    residual_abs: float = 0.0  # max |ours - ref| of the teacher-forced residual stream
+    drift_abs: float = 0.0  # the same for each implementation on its own stream
     tensors: dict[str, float] = dataclasses.field(default_factory=dict)  # param -> max abs diff vs source
 
 
@@ -274,6 +280,7 @@ class ParityReport:
     kl: float | None
     bounds: Bounds
     failures: list[str]
+    logits_abs: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -389,6 +396,8 @@ def check_parity(
             residual_rel=rel_err(np.asarray(ours_tf, np.float32)[real], ref_np[real]),
             router_agreement=float(agree.all(-1)[real].mean()),
             drift_rel=rel_err(np.asarray(ours_own, np.float32)[real], ref_np[real]),
+            residual_abs=abs_err(np.asarray(ours_tf, np.float32)[real], ref_np[real]),
+            drift_abs=abs_err(np.asarray(ours_own, np.float32)[real], ref_np[real]),
         )
         failed = report.residual_rel > bounds.residual_rel or report.router_agreement < bounds.router_agreement
         if failed:
@@ -413,9 +422,9 @@ def check_parity(
         del ours_layer, state, abstract  # the abstract module holds the filled arrays too
         gc.collect()
 
-    logits_rel = top1 = kl = None
+    logits_rel = logits_abs = top1 = kl = None
     if stop == n:
-        logits_rel, top1, kl = _compare_logits(ours_source, ref, config, x_ours, x_ref, real, jdtype)
+        logits_rel, logits_abs, top1, kl = _compare_logits(ours_source, ref, config, x_ours, x_ref, real, jdtype)
         if logits_rel > bounds.logits_rel:
             failures.append(f"logits: relative error {logits_rel:.3g} (bound {bounds.logits_rel:g})")
         if top1 < bounds.top1:
@@ -425,7 +434,7 @@ def check_parity(
     return ParityReport(
         model=str(model), source=str(source) if source else None, dtype=dtype, n_prompts=int(ids.shape[0]),
         n_tokens=int(real.sum()), layers=reports, logits_rel=logits_rel, top1=top1, kl=kl, bounds=bounds,
-        failures=failures,
+        failures=failures, logits_abs=logits_abs,
     )
 
 
@@ -490,12 +499,12 @@ def _compare_logits(ours_source, ref, config, x_ours, x_ref, real, jdtype, chunk
         with torch.no_grad():
             refl[:, start:stop] = (hidden_ref @ w_ref.to(ref.torch_dtype).T).double().numpy()
         del w_ref
-    logits_rel = rel_err(ours, refl)
+    logits_rel, logits_abs = rel_err(ours, refl), abs_err(ours, refl)
     top1 = float((ours.argmax(-1) == refl.argmax(-1)).mean())
     lp_ref = refl - np.logaddexp.reduce(refl, -1, keepdims=True)
     lp_ours = ours - np.logaddexp.reduce(ours, -1, keepdims=True)
     kl = float((np.exp(lp_ref) * (lp_ref - lp_ours)).sum(-1).mean())
-    return logits_rel, top1, max(kl, 0.0)
+    return logits_rel, logits_abs, top1, max(kl, 0.0)
 
 
 # ------------------------------------------------------------------ reports
@@ -513,13 +522,15 @@ def write_report(report: ParityReport, out_dir: Path) -> None:
         "",
         "Teacher-forced: both layers get the reference's input residual. Drift: each runs on its own stream.",
         "",
-        "| layer | attention rel. err | residual rel. err | router top-k agreement | drift rel. err |",
-        "|---|---|---|---|---|",
+        "| layer | attention rel. err | residual rel. err | residual max abs err | router top-k agreement "
+        "| drift rel. err | drift max abs err |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in report.layers:
-        lines.append(f"| {r.layer} | {r.attention_rel:.3g} | {r.residual_rel:.3g} | {r.router_agreement:.4f} | {r.drift_rel:.3g} |")
+        lines.append(f"| {r.layer} | {r.attention_rel:.3g} | {r.residual_rel:.3g} | {r.residual_abs:.3g} | "
+                     f"{r.router_agreement:.4f} | {r.drift_rel:.3g} | {r.drift_abs:.3g} |")
     if report.logits_rel is not None:
-        lines += ["", f"Logits: relative error {report.logits_rel:.3g}, top-1 agreement {report.top1:.4f}, "
+        lines += ["", f"Logits: relative error {report.logits_rel:.3g} (max abs {report.logits_abs:.3g}), top-1 agreement {report.top1:.4f}, "
                       f"mean KL(ref || ours) {report.kl:.3g} nats."]
     lines += ["", "Bounds: " + ", ".join(f"{k} {v:g}" for k, v in report.bounds.to_dict().items())]
     if report.failures:

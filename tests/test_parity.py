@@ -33,8 +33,10 @@ def test_parity_passes_on_an_hf_mxfp4_checkpoint_and_writes_readable_reports(hf_
     report = json.loads((out / "parity.json").read_text())
     assert report["passed"] and len(report["layers"]) == 3
     assert all(layer["residual_rel"] < 1e-5 and layer["router_agreement"] == 1.0 for layer in report["layers"])
+    assert all(0 < layer["residual_abs"] < 1e-4 and 0 < layer["drift_abs"] < 1e-4 for layer in report["layers"])
+    assert 0 < report["logits_abs"] < 1e-4
     assert report["top1"] == 1.0 and report["logits_rel"] < 1e-5
-    assert "| layer |" in (out / "parity.md").read_text()
+    assert "| layer |" in (out / "parity.md").read_text() and "max abs err" in (out / "parity.md").read_text()
     assert (out / "parity.png").read_bytes()[:4] == b"\x89PNG"
 
 
