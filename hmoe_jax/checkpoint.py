@@ -500,6 +500,12 @@ def check_sources(reader: SafetensorsReader, rules: Sequence[TensorRule]) -> Non
                 raise CheckpointError(f"{reader.file_of(key)}: tensor {key!r} has dtype {dtype}, expected {want}")
 
 
+def _lossless_widening(src: np.dtype, dst: np.dtype) -> bool:
+    src, dst = np.dtype(src), np.dtype(dst)
+    floating = lambda d: d.kind == "f" or d == np.dtype(ml_dtypes.bfloat16)  # noqa: E731
+    return floating(src) and floating(dst) and dst.itemsize > src.itemsize
+
+
 def read_params(
     reader: SafetensorsReader,
     rules: Sequence[TensorRule],
@@ -507,10 +513,14 @@ def read_params(
     expected: dict[str, tuple[tuple[int, ...], np.dtype]],
     progress: Callable[[str, int], None] | None = None,
     check: bool = True,
+    widen_later: bool = False,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (target, array) for every rule, checking the result's shape against `expected` (target ->
     (shape, dtype)); `check_sources` runs first, before any tensor is read (`check=False`: the caller
-    ran it on a superset of `rules`, e.g. when loading only the first layers)."""
+    ran it on a superset of `rules`, e.g. when loading only the first layers).
+    `widen_later`: a float tensor narrower than its target dtype (bfloat16 for a float32 model) is
+    yielded as it is, for a consumer that widens it after placing it (`loading.fill_model`, on the
+    device): the host never holds a float32 copy of it."""
     if check:
         check_sources(reader, rules)
     produced = {r.target for r in rules}
@@ -544,5 +554,7 @@ def read_params(
             )
         if progress is not None:
             progress(rule.target, nbytes)
-        yield rule.target, value.astype(want_dtype, copy=False)
+        if not (widen_later and _lossless_widening(value.dtype, want_dtype)):
+            value = value.astype(want_dtype, copy=False)
+        yield rule.target, value
         del value  # before the next tensor is read: the consumer has placed this one

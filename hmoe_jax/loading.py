@@ -141,7 +141,7 @@ def from_pretrained(
                               param_dtype=param_dtype, kernels=kernels, head=num_layers is None)
     expected = expected_params(abstract)
     rules = [r for r in rules if r.target in expected]
-    params = read_params(reader, rules, config, expected, progress, check=False)
+    params = read_params(reader, rules, config, expected, progress, check=False, widen_later=True)
     return fill_model(abstract, params, mesh)
 
 

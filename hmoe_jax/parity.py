@@ -24,7 +24,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
@@ -33,6 +32,7 @@ from .checkpoint import (
     SafetensorsReader,
     hf_rules,
     locate_checkpoint,
+    read_params,
     safetensors_files,
 )
 from .config import GptOssConfig, load_config
@@ -108,7 +108,7 @@ class WeightSource:
             return
         rules = [r for r in self.rules if r.target in wanted]
         expected = {t: (tuple(v.shape), np.dtype(v.dtype)) for t, v in wanted.items()}
-        for target, value in _read_rules(self.reader, rules, self.config, expected):
+        for target, value in read_params(self.reader, rules, self.config, expected, check=False, widen_later=True):
             yield target[len(prefix):], value
 
 
@@ -161,30 +161,6 @@ class WeightSource:
                 f"{value.shape} for {target!r}, expected {tuple(shape)}"
             )
         return value.astype(variable.dtype)
-
-
-def _read_rules(reader, rules, config, expected):
-    """The rules' targets, transformed and shape-checked (a subset of what `read_params` reads)."""
-    for rule in rules:
-        sources = [reader.get(k) for k in rule.sources]
-        value = rule.transform(sources, config)
-        del sources  # a transposing transform's source is not kept beside its output
-        shape, dtype = expected[rule.target]
-        if tuple(value.shape) != shape:
-            raise CheckpointError(
-                f"{reader.file_of(rule.sources[0])}: tensor {rule.sources[0]!r} gives shape {value.shape} for "
-                f"{rule.target!r}, the config implies {shape}"
-            )
-        value = np.asarray(value)
-        if value.dtype != dtype and not _lossless_widening(value.dtype, dtype):
-            value = value.astype(dtype)
-        yield rule.target, value  # a bfloat16 tensor for a float32 model is widened on the device
-
-
-def _lossless_widening(src: np.dtype, dst: np.dtype) -> bool:
-    src, dst = np.dtype(src), np.dtype(dst)
-    floating = lambda d: d.kind == "f" or d == np.dtype(ml_dtypes.bfloat16)  # noqa: E731
-    return floating(src) and floating(dst) and dst.itemsize > src.itemsize
 
 
 def _abstract_layer(config: GptOssConfig, i: int, dtype, packed: bool) -> DecoderLayer:
