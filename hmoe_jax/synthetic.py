@@ -209,3 +209,20 @@ def write_tokenizer(out_dir: str | Path, texts: list[str], config: dict[str, Any
         tokenizer_config[key.removesuffix("_id")] = name
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     return out_dir
+
+
+def write_scenario_checkpoint(root: str | Path, *, n_train: int, n_eval: int = 8,
+                              config: dict[str, Any] | None = None, extra_texts: tuple[str, ...] = (),
+                              **checkpoint_kwargs) -> Path:
+    """The pipeline's inputs in miniature: `root/data/{train,eval}.json` from the data set's generator
+    and `root/ckpt`, a random checkpoint (`write_hf_checkpoint` options) with a tokenizer trained on the
+    training prompts and `extra_texts`. Returns `root`."""
+    from . import data
+
+    root = Path(root)
+    config = config if config is not None else tiny_config()
+    data.write_dataset(root / "data", n_train=n_train, n_eval=n_eval)
+    scenarios = json.loads((root / "data" / "train.json").read_text())
+    write_hf_checkpoint(root / "ckpt", config, **checkpoint_kwargs)
+    write_tokenizer(root / "ckpt", [s["input_prompt"] for s in scenarios] + list(extra_texts), config)
+    return root

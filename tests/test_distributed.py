@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
-from hmoe_jax import data, distributed, precompute, probe_training, synthetic
+from hmoe_jax import distributed, precompute, probe_training, synthetic
 from train import precompute_cli, probes_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,13 +85,7 @@ def read_array(path):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("distributed")
-    data.write_dataset(root / "data", n_train=N_PROMPTS, n_eval=8)
-    scenarios = json.loads((root / "data" / "train.json").read_text())
-    config = synthetic.tiny_config()
-    synthetic.write_hf_checkpoint(root / "ckpt", config)
-    synthetic.write_tokenizer(root / "ckpt", [s["input_prompt"] for s in scenarios], config)
-    return root
+    return synthetic.write_scenario_checkpoint(tmp_path_factory.mktemp("distributed"), n_train=N_PROMPTS)
 
 
 def precompute_args(root: Path, out: Path) -> list[str]:

@@ -33,13 +33,8 @@ N_PROMPTS = 48
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("precompute")
-    data.write_dataset(root / "data", n_train=N_PROMPTS, n_eval=8)
-    scenarios = json.loads((root / "data" / "train.json").read_text())
-    config = synthetic.tiny_config()
-    synthetic.write_hf_checkpoint(root / "ckpt", config)
-    synthetic.write_tokenizer(root / "ckpt", [s["input_prompt"] for s in scenarios] + list(NEGATIVE_PROMPTS), config)
-    return root
+    return synthetic.write_scenario_checkpoint(tmp_path_factory.mktemp("precompute"), n_train=N_PROMPTS,
+                                               extra_texts=tuple(NEGATIVE_PROMPTS))
 
 
 @pytest.fixture(scope="module")
@@ -201,12 +196,9 @@ def test_tokenizer_beside_the_checkpoint_reads_as_transformers_reads_it(checkpoi
 def test_packed_experts_and_bf16_storage_give_the_same_features(tmp_path_factory):
     """The 20b path (MXFP4 kept packed, bf16 storage, fp32 compute, only the needed layers loaded)
     stores the features of the plain fp32 path, on a bf16 MXFP4 checkpoint like gpt-oss's."""
-    root = tmp_path_factory.mktemp("packed")
-    data.write_dataset(root / "data", n_train=16, n_eval=8)
-    scenarios = json.loads((root / "data" / "train.json").read_text())
-    config = synthetic.tiny_config(num_hidden_layers=3)
-    synthetic.write_hf_checkpoint(root / "ckpt", config, experts="mxfp4", dtype="bfloat16", seed=4)
-    synthetic.write_tokenizer(root / "ckpt", [s["input_prompt"] for s in scenarios], config)
+    root = synthetic.write_scenario_checkpoint(tmp_path_factory.mktemp("packed"), n_train=16,
+                                               config=synthetic.tiny_config(num_hidden_layers=3),
+                                               experts="mxfp4", dtype="bfloat16", seed=4)
     prompts = precompute.scenario_prompts(root / "data" / "train.json")
     plain = precompute.precompute_features(root / "ckpt", prompts, [1], root / "plain", mesh=make_mesh(),
                                            batch_size=BATCH)
