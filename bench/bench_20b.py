@@ -35,12 +35,19 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _subset(work: Path, n: int) -> Path:
+def _train_set(work: Path) -> Path:
     from hmoe_jax import data
 
     full = work / "data" / "train.json"
     if not full.is_file():
         data.write_dataset(work / "data")
+    return full
+
+
+def _subset(work: Path, n: int) -> Path:
+    from hmoe_jax import data
+
+    full = _train_set(work)
     subset = work / "data" / f"train_first{n}.json"
     if not subset.is_file():
         data.write_json_atomically(subset, json.loads(full.read_text())[:n])
@@ -53,8 +60,7 @@ def _ensure_tokenizer(hf: Path, work: Path) -> None:
 
     if (hf / "tokenizer.json").is_file():
         return
-    data_file = _subset(work, 3000)
-    texts = [s["input_prompt"] for s in json.loads(data_file.read_text())] + list(NEGATIVE_PROMPTS)
+    texts = [s["input_prompt"] for s in json.loads(_train_set(work).read_text())] + list(NEGATIVE_PROMPTS)
     config = json.loads((hf / "config.json").read_text())
     # A small trained BPE (ids far below the vocabulary size) with its own specials at ids 0 and 1:
     # gpt-oss's real tokenizer is not available offline; the forward cost depends only on the lengths.
