@@ -13,12 +13,16 @@ if (_os.environ.get("HMOE_XLA_CPU_SCHEDULER", "memory") != "default"
         and _SCHEDULER_FLAG not in _os.environ.get("XLA_FLAGS", "")):
     _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") + f" {_SCHEDULER_FLAG}=false").strip()
 
+from . import heap as _heap
 from .config import ConfigError, GptOssConfig, load_config
 from .checkpoint import CheckpointError
 from .hybrid import HybridConfig, HybridMoE, HybridParam, load_hybrid_config, make_hybrid
 from .loading import from_pretrained, load_probe
 from .model import CausalLMOutput, GptOssForCausalLM, default_position_ids
 from .sharding import LOGICAL_AXIS_RULES, make_mesh, shard_model
+
+# Return the XLA compiler's freed heap to the OS after each long compile (hmoe_jax.heap).
+_heap.install()
 
 __all__ = [
     "CausalLMOutput",

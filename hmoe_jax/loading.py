@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from . import heap
 from .checkpoint import (
     CheckpointError,
     SafetensorsReader,
@@ -142,7 +143,10 @@ def from_pretrained(
     expected = expected_params(abstract)
     rules = [r for r in rules if r.target in expected]
     params = read_params(reader, rules, config, expected, progress, check=False, widen_later=True)
-    return fill_model(abstract, params, mesh)
+    model = fill_model(abstract, params, mesh)
+    del params
+    heap.release_freed_heap()  # the host copies read from the files are gone: give their pages back
+    return model
 
 
 def truncated_config(config: GptOssConfig, num_layers: int | None) -> GptOssConfig:
@@ -171,7 +175,9 @@ def _from_flax(path: Path, dtype, mesh: Mesh | None, moe_backend: str, keep_mxfp
     abstract = full if num_layers is None else abstract_model(
         truncated_config(checkpoint.config, num_layers), dtype, moe_backend, checkpoint.packed_experts,
         param_dtype=param_dtype, kernels=kernels, head=False)
-    return fill_model(abstract, checkpoint.read(placed_params(abstract, mesh)), mesh)
+    model = fill_model(abstract, checkpoint.read(placed_params(abstract, mesh)), mesh)
+    heap.release_freed_heap()
+    return model
 
 
 def load_probe(path: str | Path) -> dict[str, jax.Array]:
