@@ -437,10 +437,27 @@ class GptOssForCausalLM(nnx.Module):
     ) -> CausalLMOutput:
         """`stop_after_layer=L` runs blocks 0..L-1 only: no later block, no final norm, no lm_head
         (precompute needs only `hidden_states[L]`, which is then the last entry)."""
+        n_layers = self.layer_count(stop_after_layer)
+        x, context = self.embed(input_ids, attention_mask, position_ids)
+        hidden, infos = [x], []
+        for i in range(n_layers):
+            x, info = self.block(i, x, context)
+            hidden.append(x)
+            infos.append(info)
+        return self._output(n_layers, hidden, infos, output_hidden_states, output_layer_info, stop_after_layer,
+                            self.head if n_layers == self.config.num_hidden_layers and self.has_head else None)
+
+    def layer_count(self, stop_after_layer: int | None) -> int:
+        """How many blocks a forward with `stop_after_layer` runs (all for None)."""
         c = self.config
         n_layers = c.num_hidden_layers if stop_after_layer is None else stop_after_layer
         if not 0 <= n_layers <= c.num_hidden_layers:
             raise ValueError(f"stop_after_layer={stop_after_layer} is outside [0, {c.num_hidden_layers}]")
+        return n_layers
+
+    def embed(self, input_ids, attention_mask=None, position_ids=None) -> tuple[jax.Array, BlockContext]:
+        """The embeddings [B,T,H] in the compute dtype, and what every block reads beside them."""
+        c = self.config
         b, t = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
@@ -448,20 +465,24 @@ class GptOssForCausalLM(nnx.Module):
             position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         full, sliding = attention_masks(attention_mask, c.sliding_window)
         cos, sin = rope_tables(position_ids, c, self.dtype)
-
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
-        hidden, infos = [x], []
-        for i in range(n_layers):
-            layer = self.layers[i]
-            x, info = layer(x, cos, sin, sliding if layer.self_attn.sliding_window else full, attention_mask,
-                            key_mask=attention_mask)
-            hidden.append(x)
-            infos.append(info)
+        return x, BlockContext(cos, sin, full, sliding, attention_mask)
+
+    def block(self, i: int, x, context: BlockContext):
+        """Decoder block `i` on the residual `x`: (new residual, routing info)."""
+        layer = self.layers[i]
+        return _run_block(layer, x, context)
+
+    def head(self, x) -> tuple[jax.Array, jax.Array]:
+        """(final-normed hidden state, logits)."""
+        x = self.norm(x)
+        return x, unembed(x, self.lm_head[...], self.dtype)
+
+    @staticmethod
+    def _output(n_layers, hidden, infos, output_hidden_states, output_layer_info, stop_after_layer, head):
         logits = None
-        if n_layers == c.num_hidden_layers and self.has_head:
-            x = self.norm(x)
-            hidden[-1] = x
-            logits = unembed(x, self.lm_head[...], self.dtype)
+        if head is not None:
+            hidden[-1], logits = head(hidden[-1])
         return CausalLMOutput(
             logits=logits,
             hidden_states=tuple(hidden) if output_hidden_states or stop_after_layer is not None else None,
@@ -476,15 +497,84 @@ class GptOssForCausalLM(nnx.Module):
         output_hidden_states: bool = False,
         output_layer_info: bool = False,
         stop_after_layer: int | None = None,
+        layerwise: bool = False,
     ) -> CausalLMOutput:
+        """`forward` under `jax.jit`. `layerwise=True` compiles the embedding, each distinct kind of
+        block (sliding or full attention, plain or hybrid MoE) and the head as programs of their own
+        and runs the blocks from Python, one after another: the same numbers (tests), but compiling a
+        few block-sized programs instead of one with every layer unrolled. For a full-size model on a
+        host with little memory to spare: the 20b's unrolled program takes ~2.5 GiB to compile, or to
+        load from the compile cache, while its 12.8 GiB of parameters are already resident."""
+        input_ids = jnp.asarray(input_ids)
+        attention_mask = None if attention_mask is None else jnp.asarray(attention_mask)
+        position_ids = None if position_ids is None else jnp.asarray(position_ids)
+        kernel_mode = kernels_module.select()
+        if layerwise:
+            return self._layerwise(input_ids, attention_mask, position_ids, output_hidden_states, output_layer_info,
+                                   stop_after_layer, kernel_mode)
         graphdef, state = nnx.split(self)
         return _jitted_forward(
-            graphdef, state, jnp.asarray(input_ids),
-            None if attention_mask is None else jnp.asarray(attention_mask),
-            None if position_ids is None else jnp.asarray(position_ids),
+            graphdef, state, input_ids, attention_mask, position_ids,
             output_hidden_states, output_layer_info, stop_after_layer,
-            kernel_mode=kernels_module.select(),
+            kernel_mode=kernel_mode,
         )
+
+    def _layerwise(self, input_ids, attention_mask, position_ids, output_hidden_states, output_layer_info,
+                   stop_after_layer, kernel_mode) -> CausalLMOutput:
+        n_layers = self.layer_count(stop_after_layer)
+        with_head = n_layers == self.config.num_hidden_layers and self.has_head
+        # Each part is jitted with only the parameters it reads; blocks of one kind share a graphdef,
+        # hence one compiled program.
+        outer = nnx.split(_Outer(self))
+        x, context = _jitted_part(*outer, "embed", input_ids, attention_mask, position_ids, kernel_mode=kernel_mode)
+        hidden, infos = [x], []
+        for i in range(n_layers):
+            x, info = _jitted_part(*nnx.split(self.layers[i]), "block", x, context, kernel_mode=kernel_mode)
+            hidden.append(x)
+            infos.append(info)
+        head = None
+        if with_head:
+            head = lambda h: _jitted_part(*outer, "head", h, kernel_mode=kernel_mode)  # noqa: E731
+        return self._output(n_layers, hidden, infos, output_hidden_states, output_layer_info, stop_after_layer, head)
+
+
+@struct.dataclass
+class BlockContext:
+    """What every decoder block reads beside the residual: rope tables, the (full, sliding) attention
+    masks and the [B,T] padding mask."""
+
+    cos: jax.Array
+    sin: jax.Array
+    full: jax.Array
+    sliding: jax.Array
+    attention_mask: jax.Array
+
+
+def _run_block(layer: DecoderLayer, x, context: BlockContext):
+    allowed = context.sliding if layer.self_attn.sliding_window else context.full
+    return layer(x, context.cos, context.sin, allowed, context.attention_mask, key_mask=context.attention_mask)
+
+
+class _Outer(nnx.Module):
+    """The model's embedding and head without its blocks, for `layerwise` calls."""
+
+    def __init__(self, model: GptOssForCausalLM):
+        self.config = model.config
+        self.dtype = model.dtype
+        self.embed_tokens = model.embed_tokens
+        if model.has_head:
+            self.norm = model.norm
+            self.lm_head = model.lm_head
+
+    embed = GptOssForCausalLM.embed
+    head = GptOssForCausalLM.head
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2), static_argnames=("kernel_mode",))
+def _jitted_part(graphdef, state, part, *args, kernel_mode=None):
+    module = nnx.merge(graphdef, state)
+    with kernels_module.use(kernel_mode):
+        return _run_block(module, *args) if part == "block" else getattr(module, part)(*args)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7), static_argnames=("kernel_mode",))

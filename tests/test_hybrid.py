@@ -616,3 +616,31 @@ def test_hybrid_forward_on_an_8_device_mesh_equals_single_device(checkpoint):
     assert np.asarray(r["expert_indices"]).max() >= CONFIG["num_local_experts"]
     for name in a["results"]:
         np.testing.assert_allclose(np.asarray(a["results"][name]), np.asarray(r["results"][name]), rtol=1e-5)
+
+
+def test_layerwise_hybrid_forward_equals_the_fused_one_on_one_device_and_on_a_mesh(checkpoint):
+    """`model(..., layerwise=True)` (blocks jitted one by one, as the 20b bench runs) computes what the
+    one-program forward computes, the hybrid layer's routing, arguments and results included."""
+    mesh = hmoe_jax.make_mesh(data=2, expert=2, tensor=2)
+    config = HybridConfig(layers=(HYBRID_LAYER,))
+    ids, mask = padded_batch(np.random.default_rng(47), batch=4, lengths=(12, 10, 7, 12))
+    pos = hmoe_jax.default_position_ids(jnp.asarray(mask))
+    kwargs = dict(attention_mask=mask, position_ids=pos, output_hidden_states=True, output_layer_info=True)
+    single = routed_hybrid(hmoe_jax.from_pretrained(checkpoint), config, seed=48)
+    fused = single(ids, **kwargs)
+    sharded = routed_hybrid(hmoe_jax.from_pretrained(checkpoint, mesh=mesh), config, seed=48)
+    hmoe_jax.shard_model(sharded, mesh)
+    ids_sharded = jax.device_put(jnp.asarray(ids), hmoe_jax.sharding.batch_sharding(mesh))
+    with jax.set_mesh(mesh):
+        on_mesh = sharded(ids_sharded, layerwise=True, **kwargs)
+    assert len(on_mesh.logits.sharding.device_set) == 8
+    for out in (single(ids, layerwise=True, **kwargs), on_mesh):
+        assert rel_err(out.logits, fused.logits) < 1e-6
+        for a, r in zip(out.hidden_states, fused.hidden_states, strict=True):
+            assert rel_err(a, r) < 1e-6
+        a, r = out.layer_info[HYBRID_LAYER], fused.layer_info[HYBRID_LAYER]
+        np.testing.assert_array_equal(np.asarray(a["expert_indices"]), np.asarray(r["expert_indices"]))
+        assert np.asarray(r["expert_indices"]).max() >= CONFIG["num_local_experts"]
+        for name in r["results"]:
+            np.testing.assert_array_equal(np.asarray(a["selected"][name]), np.asarray(r["selected"][name]))
+            np.testing.assert_allclose(np.asarray(a["results"][name]), np.asarray(r["results"][name]), rtol=1e-5)

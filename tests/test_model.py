@@ -164,6 +164,35 @@ def test_stop_after_layer_returns_that_residual_without_the_rest(pair):
     assert dots(n) < dots(None)
 
 
+def test_layerwise_calls_equal_the_fused_forward_and_compile_one_program_per_kind_of_block(pair):
+    """`layerwise=True` runs jitted blocks from Python: the same numbers as the one-program forward
+    (and transformers), padded or not, and blocks of one kind reuse one compiled program."""
+    from hmoe_jax.model import _jitted_part
+
+    ours_model, ref_model = pair
+    c = ours_model.config
+    rng = np.random.default_rng(11)
+    ids = rng.integers(0, c.vocab_size, (2, 3 * c.sliding_window))
+    mask = np.ones_like(ids)
+    mask[1, :5] = 0
+    pos = np.asarray(default_position_ids(jnp.asarray(mask)))
+    kwargs = dict(attention_mask=mask, position_ids=pos, output_hidden_states=True, output_layer_info=True)
+    fused = ours_model(ids, **kwargs)
+    _jitted_part.clear_cache()
+    layerwise = ours_model(ids, layerwise=True, **kwargs)
+    # embedding + head + one program per distinct layer type, however many layers share it
+    assert _jitted_part._cache_size() == 2 + len(set(c.layer_types))
+    assert rel_err(layerwise.logits, fused.logits) < 1e-6
+    for i, (a, b) in enumerate(zip(layerwise.hidden_states, fused.hidden_states, strict=True)):
+        assert rel_err(a, b) < 1e-6, f"hidden_states[{i}]"
+    for a, b in zip(layerwise.layer_info, fused.layer_info, strict=True):
+        np.testing.assert_array_equal(np.asarray(a["expert_indices"]), np.asarray(b["expert_indices"]))
+    assert_parity(layerwise, torch_forward(ref_model, ids, mask, pos), where=mask.astype(bool))
+    early = ours_model(ids, attention_mask=mask, position_ids=pos, stop_after_layer=1, layerwise=True)
+    assert early.logits is None and len(early.hidden_states) == 2
+    np.testing.assert_array_equal(np.asarray(early.hidden_states[1]), np.asarray(layerwise.hidden_states[1]))
+
+
 # ------------------------------------------------------------------ per-component parity
 
 def test_yarn_inverse_frequencies_and_attention_factor_match_transformers_to_2_ulp():
