@@ -475,8 +475,14 @@ class GptOssForCausalLM(nnx.Module):
 
     def head(self, x) -> tuple[jax.Array, jax.Array]:
         """(final-normed hidden state, logits)."""
-        x = self.norm(x)
-        return x, unembed(x, self.lm_head[...], self.dtype)
+        x = self.final_norm(x)
+        return x, self.logits(x)
+
+    def final_norm(self, x) -> jax.Array:
+        return self.norm(x)
+
+    def logits(self, normed) -> jax.Array:
+        return unembed(normed, self.lm_head[...], self.dtype)
 
     @staticmethod
     def _output(n_layers, hidden, infos, output_hidden_states, output_layer_info, stop_after_layer, head):
@@ -522,20 +528,41 @@ class GptOssForCausalLM(nnx.Module):
     def _layerwise(self, input_ids, attention_mask, position_ids, output_hidden_states, output_layer_info,
                    stop_after_layer, kernel_mode) -> CausalLMOutput:
         n_layers = self.layer_count(stop_after_layer)
-        with_head = n_layers == self.config.num_hidden_layers and self.has_head
+        hidden, infos = [], []
+        for _, x, info in self.layerwise_blocks(input_ids, attention_mask, position_ids, n_layers,
+                                                kernel_mode=kernel_mode):
+            hidden.append(x)
+            if info is not None:
+                infos.append(info)
+        head = None
+        if n_layers == self.config.num_hidden_layers and self.has_head:
+            # hidden[-1] is already final-normed (layerwise_blocks): only the logits are left.
+            head = lambda h: (h, _jitted_part(*nnx.split(_Outer(self)), "logits", h,  # noqa: E731
+                                              kernel_mode=kernel_mode))
+        return self._output(n_layers, hidden, infos, output_hidden_states, output_layer_info, stop_after_layer, head)
+
+    def layerwise_blocks(self, input_ids, attention_mask=None, position_ids=None, n_layers: int | None = None, *,
+                         kernel_mode=None):
+        """Yield (i, hidden_states[i], info of block i-1) for i = 0..n_layers (all blocks for None):
+        the embedding (info None), then each block's residual, each part a jitted program of its own
+        (`layerwise=True`). As in `forward`, the state after the last block is final-normed when the
+        model has a head and every block ran. A caller that keeps only the states it needs holds one
+        residual at a time."""
+        n_layers = self.layer_count(n_layers)
+        kernel_mode = kernel_mode if kernel_mode is not None else kernels_module.select()
+        input_ids = jnp.asarray(input_ids)
+        attention_mask = None if attention_mask is None else jnp.asarray(attention_mask)
+        position_ids = None if position_ids is None else jnp.asarray(position_ids)
         # Each part is jitted with only the parameters it reads; blocks of one kind share a graphdef,
         # hence one compiled program.
-        outer = nnx.split(_Outer(self))
-        x, context = _jitted_part(*outer, "embed", input_ids, attention_mask, position_ids, kernel_mode=kernel_mode)
-        hidden, infos = [x], []
+        x, context = _jitted_part(*nnx.split(_Outer(self)), "embed", input_ids, attention_mask, position_ids,
+                                  kernel_mode=kernel_mode)
+        yield 0, x, None
         for i in range(n_layers):
             x, info = _jitted_part(*nnx.split(self.layers[i]), "block", x, context, kernel_mode=kernel_mode)
-            hidden.append(x)
-            infos.append(info)
-        head = None
-        if with_head:
-            head = lambda h: _jitted_part(*outer, "head", h, kernel_mode=kernel_mode)  # noqa: E731
-        return self._output(n_layers, hidden, infos, output_hidden_states, output_layer_info, stop_after_layer, head)
+            if i + 1 == self.config.num_hidden_layers and self.has_head:
+                x = _jitted_part(*nnx.split(_Outer(self)), "final_norm", x, kernel_mode=kernel_mode)
+            yield i + 1, x, info
 
 
 @struct.dataclass
@@ -567,7 +594,8 @@ class _Outer(nnx.Module):
             self.lm_head = model.lm_head
 
     embed = GptOssForCausalLM.embed
-    head = GptOssForCausalLM.head
+    final_norm = GptOssForCausalLM.final_norm
+    logits = GptOssForCausalLM.logits
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2), static_argnames=("kernel_mode",))

@@ -204,7 +204,11 @@ def left_padded_batch(tokens: Sequence[np.ndarray], length: int, batch_size: int
 def _pooled_features(graphdef, state, input_ids, attention_mask, layers):
     model = nnx.merge(graphdef, state)
     out = model.forward(input_ids, attention_mask, default_position_ids(attention_mask), stop_after_layer=max(layers))
-    hidden = jnp.stack([out.hidden_states[layer] for layer in layers], axis=1).astype(jnp.float32)  # [B, L, T, H]
+    return _pool([out.hidden_states[layer] for layer in layers], attention_mask)
+
+
+def _pool(hidden_states, attention_mask):
+    hidden = jnp.stack(hidden_states, axis=1).astype(jnp.float32)  # [B, L, T, H]
     mask = attention_mask.astype(jnp.float32)[:, None, :, None]
     # Padded positions contribute exact zeros to the sum, so the mean is that of the real tokens alone.
     mean = jnp.sum(hidden * mask, axis=2) / jnp.sum(mask, axis=2)
@@ -212,10 +216,24 @@ def _pooled_features(graphdef, state, input_ids, attention_mask, layers):
     return mean, hidden[:, :, -1]
 
 
-def pooled_features(model, input_ids, attention_mask, layers: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, last) float32 [batch, len(layers), hidden] of a left-padded batch."""
-    graphdef, state = nnx.split(model)
-    mean, last = _pooled_features(graphdef, state, input_ids, attention_mask, tuple(layers))
+_jitted_pool = jax.jit(_pool)
+
+
+def pooled_features(model, input_ids, attention_mask, layers: Sequence[int], *,
+                    layerwise: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, last) float32 [batch, len(layers), hidden] of a left-padded batch. `layerwise`: run the
+    blocks as separately jitted programs (`GptOssForCausalLM(..., layerwise=True)`), keeping only the
+    requested residuals: the same features, compiled in seconds instead of minutes on a deep model."""
+    if not layerwise:
+        graphdef, state = nnx.split(model)
+        mean, last = _pooled_features(graphdef, state, input_ids, attention_mask, tuple(layers))
+    else:
+        wanted, kept = set(layers), {}
+        positions = default_position_ids(jnp.asarray(attention_mask))
+        for i, x, _ in model.layerwise_blocks(input_ids, attention_mask, positions, max(layers)):
+            if i in wanted:
+                kept[i] = x
+        mean, last = _jitted_pool([kept[layer] for layer in layers], attention_mask)
     return distributed.to_host(mean), distributed.to_host(last)
 
 
@@ -360,13 +378,15 @@ def precompute_features(
     progress: Progress | None = None,
     keep_mxfp4: bool | None = None,
     param_dtype: str | None = None,
+    layerwise: bool = False,
 ) -> FeatureStore:
     """Write (or finish) the feature store `out` for `prompt_set` at `layers` of `checkpoint`.
 
     Only the layers up to the deepest requested one are loaded (no lm_head unless the last hidden
     state is asked for). `keep_mxfp4` keeps MXFP4 experts packed (decoded inside the forward, bit-exact)
     and `param_dtype="bfloat16"` stores float32-computed weights in bfloat16 (lossless for gpt-oss's
-    bf16 checkpoints): together they let a 20b's first 12 layers run in about 10 GiB.
+    bf16 checkpoints): together they let a 20b's first 12 layers run in about 10 GiB. `layerwise` jits
+    the blocks one by one (`pooled_features`): the same features, compiled in seconds on a deep model.
 
     Everything is checked before anything is written: an existing `out` must be an unfinished or
     finished run of exactly this job (same model, layers, prompts and batching), else StoreError.
@@ -413,7 +433,7 @@ def precompute_features(
         length = bucket_length(max(t.size for t in batch_tokens), bucket)
         ids, mask = left_padded_batch(batch_tokens, length, batch_size, pad_id)
         mean, last = pooled_features(model, distributed.global_array(ids, sharding),
-                                     distributed.global_array(mask, sharding), layers)
+                                     distributed.global_array(mask, sharding), layers, layerwise=layerwise)
         mean, last = mean[:len(rows)], last[:len(rows)]
         bad = ~(np.isfinite(mean).all(axis=(1, 2)) & np.isfinite(last).all(axis=(1, 2)))
         if bad.any():

@@ -193,18 +193,25 @@ def test_tokenizer_beside_the_checkpoint_reads_as_transformers_reads_it(checkpoi
     assert [list(t) for t in ours] == theirs
 
 
-def test_packed_experts_and_bf16_storage_give_the_same_features(tmp_path_factory):
-    """The 20b path (MXFP4 kept packed, bf16 storage, fp32 compute, only the needed layers loaded)
-    stores the features of the plain fp32 path, on a bf16 MXFP4 checkpoint like gpt-oss's."""
+def test_packed_experts_bf16_storage_and_layerwise_give_the_same_features(tmp_path_factory):
+    """The 20b path (MXFP4 kept packed, bf16 storage, fp32 compute, only the needed layers loaded),
+    with the blocks jitted as one program or one by one, stores the features of the plain fp32 path,
+    on a bf16 MXFP4 checkpoint like gpt-oss's."""
     root = synthetic.write_scenario_checkpoint(tmp_path_factory.mktemp("packed"), n_train=16,
                                                config=synthetic.tiny_config(num_hidden_layers=3),
                                                experts="mxfp4", dtype="bfloat16", seed=4)
     prompts = precompute.scenario_prompts(root / "data" / "train.json")
-    plain = precompute.precompute_features(root / "ckpt", prompts, [1], root / "plain", mesh=make_mesh(),
+    # Layer 3 is the last: its state is final-normed, which the layerwise path must do too.
+    plain = precompute.precompute_features(root / "ckpt", prompts, [1, 3], root / "plain", mesh=make_mesh(),
                                            batch_size=BATCH)
-    packed = precompute.precompute_features(root / "ckpt", prompts, [1], root / "packed", mesh=make_mesh(),
+    packed = precompute.precompute_features(root / "ckpt", prompts, [1, 3], root / "packed", mesh=make_mesh(),
                                             batch_size=BATCH, keep_mxfp4=True, param_dtype="bfloat16")
+    layerwise = precompute.precompute_features(root / "ckpt", prompts, [1, 3], root / "layerwise",
+                                               mesh=make_mesh(), batch_size=BATCH, keep_mxfp4=True,
+                                               param_dtype="bfloat16", layerwise=True)
     for pooling in precompute.POOLINGS:
-        a, b = read_array(root / "plain" / f"{pooling}.zarr"), read_array(root / "packed" / f"{pooling}.zarr")
-        assert rel_err(b, a) < 1e-6, pooling
+        a = read_array(root / "plain" / f"{pooling}.zarr")
+        for other in ("packed", "layerwise"):
+            assert rel_err(read_array(root / other / f"{pooling}.zarr"), a) < 1e-6, (other, pooling)
     assert plain.metadata["model_fingerprint"] == packed.metadata["model_fingerprint"]
+    assert layerwise.metadata == packed.metadata
