@@ -1,6 +1,7 @@
 """Full-size gpt-oss-20b on this 2-core, 24 GiB machine: layer-12 precompute and the 24-layer hybrid forward.
 
-    python bench/bench_20b.py WORK_DIR [--parts precompute,hybrid] [--n-prompts 32] [--batch-size 32]
+    python bench/bench_20b.py WORK_DIR [--parts precompute,precompute-layerwise,hybrid,hybrid-fused]
+                                       [--n-prompts 32] [--batch-size 32]
 
 Uses (or writes, with make_synthetic_checkpoint.py) the random full-size 20b HF checkpoint in
 WORK_DIR/hf (MXFP4 experts, bf16 elsewhere, like gpt-oss-20b), and a BPE tokenizer beside it. Each part
@@ -8,10 +9,16 @@ runs in a child process, so the peak RSS reported is that part's own:
 
 - precompute: `train precompute`'s library call on the first N prompts of the data set
   (`train.json`, seed 42), layer 12, experts kept packed (MXFP4 decoded inside the forward), weights
-  stored bf16 and computed fp32, only layers 0..11 loaded. Targets: peak RSS <= 12 GiB, >= 20 tokens/s.
+  stored bf16 and computed fp32, only layers 0..11 loaded, the 12 blocks jitted as one program.
+  Targets: peak RSS <= 12 GiB, >= 20 tokens/s.
+- precompute-layerwise: the same with `layerwise=True` (`train precompute --layerwise`): the blocks
+  jitted one by one.
 - hybrid: the whole model (24 layers, packed experts, bf16 storage, fp32 compute) with the hybrid
   layer installed (randomly initialised extraction and projection MLPs: memory and time do not depend
-  on their values), one prompt, jitted. Target: peak RSS <= 16 GiB.
+  on their values), one prompt, `model(ids, layerwise=True)`: the blocks jitted one by one, a
+  compiled program per kind of block. Target: peak RSS <= 16 GiB.
+- hybrid-fused (not in the default parts): the same forward as one jitted program with all 24 layers
+  unrolled, whose compile (or compile-cache load) takes ~2.5 GiB on top of the resident parameters.
 
 Writes WORK_DIR/bench_20b.json and prints a markdown table. Slow (minutes): not part of the tests.
 """
@@ -22,12 +29,14 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 GIB = 1 << 30
+PARTS = ("precompute", "precompute-layerwise", "hybrid", "hybrid-fused")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -68,7 +77,7 @@ def _ensure_tokenizer(hf: Path, work: Path) -> None:
     synthetic.write_tokenizer(hf, texts, config)
 
 
-def child_precompute(args) -> dict:
+def child_precompute(args, layerwise: bool = False) -> dict:
     import jax.numpy as jnp  # noqa: F401  (jax starts before timing)
 
     from hmoe_jax import make_mesh, precompute
@@ -76,8 +85,6 @@ def child_precompute(args) -> dict:
     data_file = _subset(args.work_dir, args.n_prompts)
     out = args.work_dir / "store_layer12"
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     timings = {}
     original = precompute.from_pretrained
@@ -101,7 +108,7 @@ def child_precompute(args) -> dict:
     start = time.perf_counter()
     store = precompute.precompute_features(
         args.work_dir / "hf", precompute.scenario_prompts(data_file), [12], out, mesh=make_mesh(),
-        batch_size=args.batch_size, keep_mxfp4=True, param_dtype="bfloat16", progress=batches)
+        batch_size=args.batch_size, keep_mxfp4=True, param_dtype="bfloat16", progress=batches, layerwise=layerwise)
     total = time.perf_counter() - start
     tokens = int(sum(store.metadata["token_counts"]))
     forward_s = total - timings["load_s"]
@@ -111,7 +118,7 @@ def child_precompute(args) -> dict:
     steady = None
     if len(marks) > 1:
         steady = sum(t for _, t in marks[1:]) / (marks[-1][0] - marks[0][0])
-    return {"part": "precompute", "prompts": args.n_prompts, "tokens": tokens, "batch_size": args.batch_size,
+    return {"part": "precompute-layerwise" if layerwise else "precompute", "prompts": args.n_prompts, "tokens": tokens, "batch_size": args.batch_size,
             "batches": len(marks), "wall_s": total, "load_s": timings["load_s"], "forward_s": forward_s,
             "first_batch_s": marks[0][0] - (start + timings["load_s"]),
             "tokens_per_s": tokens / forward_s, "tokens_per_s_after_first_batch": steady,
@@ -120,7 +127,7 @@ def child_precompute(args) -> dict:
             "targets": {"peak_rss_gib": 12, "tokens_per_s": 20}}
 
 
-def child_hybrid(args) -> dict:
+def child_hybrid(args, layerwise: bool = True) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
@@ -137,16 +144,16 @@ def child_hybrid(args) -> dict:
     prompt = json.loads(_subset(args.work_dir, 1).read_text())[0]["input_prompt"]
     ids = precompute.tokenize(precompute.load_tokenizer(hf), [prompt], model.config.vocab_size)[0][None, :]
     t = time.perf_counter()
-    out = model(ids)
+    out = model(ids, layerwise=layerwise)
     np.asarray(out.logits)
     first = time.perf_counter() - t
     t = time.perf_counter()
-    out = model(ids)
+    out = model(ids, layerwise=layerwise)
     logits = np.asarray(out.logits)
     second = time.perf_counter() - t
     if not np.isfinite(logits).all():
         raise SystemExit("non-finite logits from the 20b hybrid forward")
-    return {"part": "hybrid", "tokens": int(ids.shape[1]), "hybrid_layers": list(config.layers),
+    return {"part": "hybrid" if layerwise else "hybrid-fused", "tokens": int(ids.shape[1]), "hybrid_layers": list(config.layers),
             "load_s": load_s, "first_call_s": first, "second_call_s": second,
             "rss_after_load_gib": loaded_rss / GIB, "peak_rss_gib": _peak_rss() / GIB,
             "targets": {"peak_rss_gib": 16}}
@@ -155,14 +162,18 @@ def child_hybrid(args) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("work_dir", type=Path)
-    p.add_argument("--parts", default="precompute,hybrid")
+    p.add_argument("--parts", default="precompute,precompute-layerwise,hybrid",
+                   help=f"comma-separated, of {', '.join(PARTS)}")
     p.add_argument("--n-prompts", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--child", choices=("precompute", "hybrid"), help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=PARTS, help=argparse.SUPPRESS)
     args = p.parse_args()
     sys.path.insert(0, str(REPO))
     if args.child:
-        result = (child_precompute if args.child == "precompute" else child_hybrid)(args)
+        if args.child.startswith("precompute"):
+            result = child_precompute(args, layerwise=args.child == "precompute-layerwise")
+        else:
+            result = child_hybrid(args, layerwise=args.child == "hybrid")
         print("RESULT " + json.dumps(result))
         return 0
 
@@ -171,11 +182,18 @@ def main() -> int:
         subprocess.run([sys.executable, str(REPO / "bench" / "make_synthetic_checkpoint.py"), str(hf)], check=True)
     _ensure_tokenizer(hf, args.work_dir)
     results = []
-    # Each part runs twice, in fresh processes sharing JAX's persistent compilation cache: the first
-    # (cold) run compiles, the second (warm) shows the rate of a long run, whose compile is amortised.
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(args.work_dir / "jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    for part, run in [(p, r) for p in args.parts.split(",") for r in ("cold", "warm")]:
+    # Each part runs twice, in fresh processes sharing a JAX persistent compilation cache of its own:
+    # the first (cold) run starts from an empty cache and compiles, the second (warm) shows the rate of
+    # a long run, whose compile is amortised.
+    parts = args.parts.split(",")
+    if not set(parts) <= set(PARTS):
+        p.error(f"unknown part(s) {sorted(set(parts) - set(PARTS))}: choose from {', '.join(PARTS)}")
+    for part, run in [(name, run) for name in parts for run in ("cold", "warm")]:
+        cache = args.work_dir / "jax_cache" / part
+        if run == "cold" and cache.exists():
+            shutil.rmtree(cache)
+        env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
         cmd = [sys.executable, __file__, str(args.work_dir), "--child", part, "--n-prompts", str(args.n_prompts),
                "--batch-size", str(args.batch_size)]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)
@@ -185,18 +203,27 @@ def main() -> int:
             results.append({"part": part, "run": run, "error": f"exit {proc.returncode}"})
             continue
         results.append(dict(json.loads(lines[-1][len("RESULT "):]), run=run))
-    (args.work_dir / "bench_20b.json").write_text(json.dumps(results, indent=2) + "\n")
+    # Parts not run this time keep their earlier results.
+    out = args.work_dir / "bench_20b.json"
+    done = {(r["part"], r["run"]) for r in results}
+    earlier = json.loads(out.read_text()) if out.is_file() else []
+    results = [r for r in earlier if (r["part"], r["run"]) not in done] + results
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, out)
     print("| part | compile cache | tokens | load | forward | tokens/s | peak RSS | target |\n"
           "|---|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
             print(f"| {r['part']} | {r['run']} | failed ({r['error']}) | | | | | |")
-        elif r["part"] == "precompute":
-            print(f"| precompute layer 12, {r['prompts']} prompts, batch {r['batch_size']} | {r['run']} | {r['tokens']} | "
+        elif r["part"].startswith("precompute"):
+            how = "layerwise" if r["part"] == "precompute-layerwise" else "one program"
+            print(f"| precompute layer 12, {r['prompts']} prompts, batch {r['batch_size']}, {how} | {r['run']} | {r['tokens']} | "
                   f"{r['load_s']:.0f} s | {r['forward_s']:.0f} s | {r['tokens_per_s']:.1f} | "
                   f"{r['peak_rss_gib']:.2f} GiB | <= 12 GiB, >= 20 tok/s |")
         else:
-            print(f"| hybrid forward, 24 layers, 1 prompt | {r['run']} | {r['tokens']} | {r['load_s']:.0f} s | "
+            how = "layerwise" if r["part"] == "hybrid" else "one program"
+            print(f"| hybrid forward, 24 layers, 1 prompt, {how} | {r['run']} | {r['tokens']} | {r['load_s']:.0f} s | "
                   f"{r['first_call_s']:.0f} s (1st call) / {r['second_call_s']:.1f} s (2nd) | "
                   f"{r['tokens'] / r['second_call_s']:.1f} | {r['peak_rss_gib']:.2f} GiB | <= 16 GiB |")
     return 0
