@@ -27,7 +27,7 @@ REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "fina
 
 
 def run(model, probes, data, out: Path, *, train=None, overwrite=False, batch_size=8, hybrid_params=None,
-        mesh=None) -> dict:
+        mesh=None, keep_mxfp4=None, param_dtype=None, layerwise=False) -> dict:
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
@@ -36,7 +36,8 @@ def run(model, probes, data, out: Path, *, train=None, overwrite=False, batch_si
     n = len(load_scenarios(data))
     with tqdm(total=n, unit="prompt", desc="hybrid forward", disable=not distributed.is_coordinator()) as bar:
         summary = evaluation.evaluate_hybrid(model, probes, data, train_path=train, batch_size=batch_size,
-                                             progress=bar.update, hybrid_params=hybrid_params, mesh=mesh)
+                                             progress=bar.update, hybrid_params=hybrid_params, mesh=mesh,
+                                             keep_mxfp4=keep_mxfp4, param_dtype=param_dtype, layerwise=layerwise)
     if not distributed.is_coordinator():
         return summary  # every process computed the same summary; process 0 writes it
     # Everything is computed: only now replace the old results, via a sibling directory and a rename.
@@ -66,6 +67,13 @@ def main(argv=None) -> int:
     p.add_argument("--mesh-tensor", type=int, default=1, help="devices on the tensor axis (default 1)")
     p.add_argument("--hybrid-params", help="a run directory of `python -m train hybrid`: its trained router rows and "
                                            "projections replace the initial ones")
+    p.add_argument("--keep-mxfp4", action="store_true",
+                   help="keep MXFP4 experts packed, decoded inside the forward (bit-exact; ~4x less memory)")
+    p.add_argument("--param-dtype", choices=("float32", "bfloat16"), default=None,
+                   help="weight storage dtype (compute stays float32); bfloat16 is lossless for gpt-oss's bf16 weights")
+    p.add_argument("--layerwise", action="store_true",
+                   help="jit the blocks one by one instead of as one program: the same predictions, compiled in "
+                        "seconds and in less memory on a deep model")
     p.add_argument("--overwrite", action="store_true")
     distributed.add_arguments(p)
     args = p.parse_args(argv)
@@ -77,7 +85,9 @@ def main(argv=None) -> int:
         data_devices = mesh.shape["data"]
         batch_size = args.batch_size or data_devices * -(-8 // data_devices)
         run(args.model, args.probes, args.data, Path(args.out), train=args.train, overwrite=args.overwrite,
-            batch_size=batch_size, hybrid_params=args.hybrid_params, mesh=mesh)
+            batch_size=batch_size, hybrid_params=args.hybrid_params, mesh=mesh,
+            keep_mxfp4=True if args.keep_mxfp4 else None,
+            param_dtype=args.param_dtype, layerwise=args.layerwise)
         distributed.sync("eval.hybrid.written")
     except (FileNotFoundError, FileExistsError, CheckpointError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

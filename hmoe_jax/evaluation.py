@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from . import data, distributed, metrics, probe
+from .config import load_config
 from .hybrid import HybridConfig, make_hybrid
 from .loading import from_pretrained
 from .model import default_position_ids
@@ -44,23 +45,28 @@ class EvaluationError(ValueError):
 
 
 def build_hybrid_model(checkpoint: str | Path, run_dir: str | Path, *, dtype=jnp.float32, mesh=None,
-                       hybrid_params: str | Path | None = None):
+                       hybrid_params: str | Path | None = None, keep_mxfp4: bool | None = None,
+                       param_dtype=None, through_hybrid_layer: bool = False):
     """The checkpoint's model with its probe layer made hybrid and the run's probes loaded; with
     `hybrid_params` (a `python -m train hybrid` run directory), its trained router rows and projections
-    replace the initial ones. Returns (model, layer)."""
+    replace the initial ones. Returns (model, layer).
+    `keep_mxfp4`, `param_dtype`: as `from_pretrained`. `through_hybrid_layer`: load only the blocks up
+    to the hybrid layer (no head): all that reading the hybrid layer's predictions needs."""
     identity = probe_run_identity(run_dir)
     layer = int(identity["layer"])
     pooling = identity.get("pooling", "mean")
     probes = extraction_probes(run_dir)
-    model = from_pretrained(checkpoint, dtype=dtype, mesh=mesh)
+    config = load_config(checkpoint)
+    if not 0 <= layer < config.num_hidden_layers:
+        raise EvaluationError(f"{run_dir}: probes read layer {layer}, outside the model's 0..{config.num_hidden_layers - 1}")
+    model = from_pretrained(checkpoint, dtype=dtype, mesh=mesh, keep_mxfp4=keep_mxfp4, param_dtype=param_dtype,
+                            num_layers=layer + 1 if through_hybrid_layer else None)
     hidden = model.config.hidden_size
     some = next(iter(next(iter(probes.values())).values()))
     if some["w1"].shape[-2] != hidden:
         raise EvaluationError(
             f"{run_dir}: probes read {some['w1'].shape[-2]}-dim features but {checkpoint} has hidden size {hidden}"
         )
-    if not 0 <= layer < model.config.num_hidden_layers:
-        raise EvaluationError(f"{run_dir}: probes read layer {layer}, outside the model's 0..{model.config.num_hidden_layers - 1}")
     config = HybridConfig(
         layers=(layer,),
         experts=tuple(e for e in metrics.METRICS if e in probes),
@@ -82,7 +88,16 @@ def build_hybrid_model(checkpoint: str | Path, run_dir: str | Path, *, dtype=jnp
 def _hybrid_last_token(graphdef, state, ids, mask, layer):
     model = nnx.merge(graphdef, state)
     out = model.forward(ids, mask, default_position_ids(mask), output_layer_info=True, stop_after_layer=layer + 1)
-    info = out.layer_info[layer]
+    return _last_token(out.layer_info[layer])
+
+
+def _layerwise_hybrid_last_token(model, ids, mask, layer):
+    for _, _, info in model.layerwise_blocks(ids, mask, default_position_ids(jnp.asarray(mask)), layer + 1):
+        pass  # only the last block's (the hybrid layer's) info is wanted
+    return _jitted_last_token(info)
+
+
+def _last_token(info):
     # Left padding: every prompt's last real token is at the last position.
     return (
         {k: v[:, -1] for k, v in info["results"].items()},
@@ -91,11 +106,15 @@ def _hybrid_last_token(graphdef, state, ids, mask, layer):
     )
 
 
+_jitted_last_token = jax.jit(_last_token)
+
+
 def hybrid_predictions(model, layer: int, tokenizer, prompts: Sequence[str], *, batch_size: int = 8,
                        bucket: int = 32, progress: Callable[[int], None] | None = None,
-                       mesh=None) -> dict[str, Any]:
+                       mesh=None, layerwise: bool = False) -> dict[str, Any]:
     """Formula results, extracted arguments and routing decisions at each prompt's last token.
-    With `mesh` (the model's), batches are split over its data axis."""
+    With `mesh` (the model's), batches are split over its data axis. `layerwise`: run blocks
+    0..layer as separately jitted programs (`GptOssForCausalLM(..., layerwise=True)`)."""
     c = model.config
     if mesh is not None and batch_size % mesh.shape["data"]:
         raise EvaluationError(f"batch size {batch_size} is not a multiple of the mesh's "
@@ -112,8 +131,11 @@ def hybrid_predictions(model, layer: int, tokenizer, prompts: Sequence[str], *, 
         batch = tokens[start:start + batch_size]
         ids, mask = left_padded_batch(batch, bucket_length(max(t.size for t in batch), bucket), batch_size, pad)
         t0 = time.perf_counter()
-        r, a, s = distributed.to_host(jax.block_until_ready(
-            _hybrid_last_token(graphdef, state, put(ids), put(mask), layer)))
+        if layerwise:
+            last = _layerwise_hybrid_last_token(model, put(ids), put(mask), layer)
+        else:
+            last = _hybrid_last_token(graphdef, state, put(ids), put(mask), layer)
+        r, a, s = distributed.to_host(jax.block_until_ready(last))
         seconds.append(time.perf_counter() - t0)
         for store, part in ((results, r), (arguments, a), (selected, s)):
             for k, v in part.items():
@@ -158,14 +180,20 @@ def argument_r2(scenarios: Sequence[Mapping], arguments: Mapping[str, np.ndarray
 
 def evaluate_hybrid(checkpoint, run_dir, eval_path, *, train_path=None, batch_size: int = 8,
                     progress: Callable[[int], None] | None = None, hybrid_params=None,
-                    mesh=None) -> dict[str, Any]:
+                    mesh=None, keep_mxfp4: bool | None = None, param_dtype=None,
+                    layerwise: bool = False) -> dict[str, Any]:
     """Everything `summary.json` holds: per protocol the hybrid's and the constant predictor's scores,
     argument R^2, routing rates and timing. With `mesh`, the model is sharded on it and batches
-    split over its data axis (across hosts in a multi-process run)."""
+    split over its data axis (across hosts in a multi-process run). Only blocks 0..layer are loaded
+    (nothing after the hybrid layer changes its predictions); `keep_mxfp4`, `param_dtype` as
+    `from_pretrained`, `layerwise` as `hybrid_predictions`: with all three, the 20b's first 13
+    blocks evaluate in well under 12 GiB."""
     scenarios = data.load_scenarios(eval_path)
-    model, layer = build_hybrid_model(checkpoint, run_dir, hybrid_params=hybrid_params, mesh=mesh)
+    model, layer = build_hybrid_model(checkpoint, run_dir, hybrid_params=hybrid_params, mesh=mesh,
+                                      keep_mxfp4=keep_mxfp4, param_dtype=jnp.dtype(param_dtype) if param_dtype else None,
+                                      through_hybrid_layer=True)
     predictions = hybrid_predictions(model, layer, load_tokenizer(checkpoint), [s["input_prompt"] for s in scenarios],
-                                     batch_size=batch_size, progress=progress, mesh=mesh)
+                                     batch_size=batch_size, progress=progress, mesh=mesh, layerwise=layerwise)
     train = data.load_scenarios(train_path) if train_path else data.generate_scenarios(3000, data.TRAIN_SEED, 0)
     medians = metrics.training_medians(train)
     constant = metrics.constant_predictions(medians, len(scenarios))
@@ -179,6 +207,8 @@ def evaluate_hybrid(checkpoint, run_dir, eval_path, *, train_path=None, batch_si
     return {
         "model": str(checkpoint), "probes": str(run_dir), "eval": str(eval_path), "layer": layer,
         "hybrid_params": None if hybrid_params is None else str(hybrid_params),
+        "loaded_layers": layer + 1, "keep_mxfp4": bool(keep_mxfp4),
+        "param_dtype": None if param_dtype is None else str(jnp.dtype(param_dtype)), "layerwise": layerwise,
         "n_scenarios": len(scenarios),
         "scores": scores,
         "training_medians": medians,

@@ -51,6 +51,26 @@ def test_integrated_forward_equals_the_probe_ensemble_route(pipeline):
         np.testing.assert_allclose(integrated[expert], separate[expert], rtol=2e-4, err_msg=expert)
 
 
+def test_layerwise_and_truncated_loading_give_the_same_predictions(pipeline):
+    """`eval hybrid` loads blocks 0..layer only and may run them one by one: the predictions of the
+    whole model's one-program forward, to float32 rounding."""
+    from hmoe_jax.precompute import load_tokenizer
+
+    prompts = [s["input_prompt"] for s in data.load_scenarios(pipeline["eval"])][:12]
+    tokenizer = load_tokenizer(pipeline["ckpt"])
+    whole, layer = evaluation.build_hybrid_model(pipeline["ckpt"], pipeline["run"])
+    truncated, _ = evaluation.build_hybrid_model(pipeline["ckpt"], pipeline["run"], through_hybrid_layer=True)
+    assert len(whole.layers) == CONFIG["num_hidden_layers"] and len(truncated.layers) == layer + 1
+    reference = evaluation.hybrid_predictions(whole, layer, tokenizer, prompts)
+    for model, layerwise in ((truncated, False), (truncated, True), (whole, True)):
+        got = evaluation.hybrid_predictions(model, layer, tokenizer, prompts, layerwise=layerwise)
+        for part in ("results", "arguments", "selected"):
+            assert set(got[part]) == set(reference[part])
+            for name in reference[part]:
+                np.testing.assert_allclose(got[part][name], reference[part][name], rtol=1e-5, atol=1e-6,
+                                           err_msg=f"{part}/{name}, layerwise={layerwise}")
+
+
 def test_eval_hybrid_writes_summary_report_and_plots_and_refuses_to_overwrite(pipeline, capsys):
     out = pipeline["root"] / "results"
     argv = ["--model", str(pipeline["ckpt"]), "--probes", str(pipeline["run"]), "--data", str(pipeline["eval"]),
@@ -70,6 +90,15 @@ def test_eval_hybrid_writes_summary_report_and_plots_and_refuses_to_overwrite(pi
     assert hybrid_cli.main(argv) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "summary.json").read_bytes() == before
+    # The 20b-on-a-small-host options give the same scores.
+    assert hybrid_cli.main(argv + ["--overwrite", "--layerwise", "--param-dtype", "float32"]) == 0
+    layerwise = json.loads((out / "summary.json").read_text())
+    assert layerwise["layerwise"] and layerwise["loaded_layers"] == 2 and layerwise["param_dtype"] == "float32"
+    for protocol in ("reference", "honest"):
+        for metric, score in summary["scores"][protocol]["hybrid"].items():
+            assert layerwise["scores"][protocol]["hybrid"][metric]["n"] == score["n"]
+            np.testing.assert_allclose(layerwise["scores"][protocol]["hybrid"][metric]["median_pct_error"],
+                                       score["median_pct_error"], rtol=1e-4, err_msg=metric)
 
 
 def test_probes_of_another_hidden_size_are_refused(pipeline, tmp_path, capsys):
