@@ -1,6 +1,6 @@
 """Full-size gpt-oss-20b on this 2-core, 24 GiB machine: layer-12 precompute and the 24-layer hybrid forward.
 
-    python bench/bench_20b.py WORK_DIR [--parts precompute,precompute-layerwise,hybrid,hybrid-fused]
+    python bench/bench_20b.py WORK_DIR [--parts precompute,precompute-layerwise,hybrid,eval-hybrid,hybrid-fused]
                                        [--n-prompts 32] [--batch-size 32]
 
 Uses (or writes, with make_synthetic_checkpoint.py) the random full-size 20b HF checkpoint in
@@ -17,6 +17,8 @@ runs in a child process, so the peak RSS reported is that part's own:
   layer installed (randomly initialised extraction and projection MLPs: memory and time do not depend
   on their values), one prompt, `model(ids, layerwise=True)`: the blocks jitted one by one, a
   compiled program per kind of block. Target: peak RSS <= 16 GiB.
+- eval-hybrid: `eval hybrid`'s library call on 16 eval prompts with the 20b options (blocks 0..12
+  only, packed, bf16, layerwise), probes briefly trained on the precompute part's store.
 - hybrid-fused (not in the default parts): the same forward as one jitted program with all 24 layers
   unrolled, whose compile (or compile-cache load) takes ~2.5 GiB on top of the resident parameters.
 
@@ -36,7 +38,7 @@ import time
 from pathlib import Path
 
 GIB = 1 << 30
-PARTS = ("precompute", "precompute-layerwise", "hybrid", "hybrid-fused")
+PARTS = ("precompute", "precompute-layerwise", "hybrid", "hybrid-fused", "eval-hybrid")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -159,10 +161,41 @@ def child_hybrid(args, layerwise: bool = True) -> dict:
             "targets": {"peak_rss_gib": 16}}
 
 
+def child_eval_hybrid(args) -> dict:
+    """`eval hybrid`'s library call with the 20b options (blocks 0..12 only, packed, bf16, layerwise), on
+    the first 16 eval prompts, with probes briefly trained on the precompute part's layer-12 store
+    (their values do not change memory or time)."""
+    from hmoe_jax import evaluation, precompute
+    from train import probes_cli
+
+    store = args.work_dir / "store_layer12"
+    if not precompute.FeatureStore.open(store).complete:
+        raise SystemExit(f"{store} is unfinished: run the precompute part first")
+    probes = args.work_dir / "probes_layer12"
+    if not (probes / "results.json").is_file():
+        if probes.exists():
+            shutil.rmtree(probes)
+        if probes_cli.main(["--store", str(store), "--out", str(probes), "--epochs", "5", "--folds", "2",
+                            "--seeds", "1", "--no-direct"]):
+            raise SystemExit("probe training failed")
+    eval_file = args.work_dir / "data" / "eval_first16.json"
+    if not eval_file.is_file():
+        from hmoe_jax import data
+
+        data.write_json_atomically(eval_file, json.loads((args.work_dir / "data" / "eval.json").read_text())[:16])
+    start = time.perf_counter()
+    summary = evaluation.evaluate_hybrid(args.work_dir / "hf", probes, eval_file,
+                                         train_path=_train_set(args.work_dir), batch_size=8, keep_mxfp4=True,
+                                         param_dtype="bfloat16", layerwise=True)
+    return {"part": "eval-hybrid", "prompts": summary["n_scenarios"], "batch_size": 8,
+            "loaded_layers": summary["loaded_layers"], "wall_s": time.perf_counter() - start,
+            "median_batch_s": summary["median_batch_ms"] / 1000, "peak_rss_gib": _peak_rss() / GIB}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("work_dir", type=Path)
-    p.add_argument("--parts", default="precompute,precompute-layerwise,hybrid",
+    p.add_argument("--parts", default="precompute,precompute-layerwise,hybrid,eval-hybrid",
                    help=f"comma-separated, of {', '.join(PARTS)}")
     p.add_argument("--n-prompts", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=32)
@@ -172,6 +205,8 @@ def main() -> int:
     if args.child:
         if args.child.startswith("precompute"):
             result = child_precompute(args, layerwise=args.child == "precompute-layerwise")
+        elif args.child == "eval-hybrid":
+            result = child_eval_hybrid(args)
         else:
             result = child_hybrid(args, layerwise=args.child == "hybrid")
         print("RESULT " + json.dumps(result))
@@ -221,6 +256,9 @@ def main() -> int:
             print(f"| precompute layer 12, {r['prompts']} prompts, batch {r['batch_size']}, {how} | {r['run']} | {r['tokens']} | "
                   f"{r['load_s']:.0f} s | {r['forward_s']:.0f} s | {r['tokens_per_s']:.1f} | "
                   f"{r['peak_rss_gib']:.2f} GiB | <= 12 GiB, >= 20 tok/s |")
+        elif r["part"] == "eval-hybrid":
+            print(f"| eval hybrid, blocks 0-12, {r['prompts']} prompts, batch {r['batch_size']}, layerwise | {r['run']} | | "
+                  f"| {r['wall_s']:.0f} s (median batch {r['median_batch_s']:.0f} s) | | {r['peak_rss_gib']:.2f} GiB | - |")
         else:
             how = "layerwise" if r["part"] == "hybrid" else "one program"
             print(f"| hybrid forward, 24 layers, 1 prompt, {how} | {r['run']} | {r['tokens']} | {r['load_s']:.0f} s | "
