@@ -24,8 +24,10 @@ from hmoe_jax.checkpoint import CheckpointError
 from hmoe_jax.config import ConfigError
 
 
-def generate_answers(model, tokenizer, prompts, new_tokens: int, batch_size: int, bar=None, mesh=None) -> list[str]:
-    """Greedy answers; with `mesh` (the model's), each batch is split over its data axis."""
+def generate_answers(model, tokenizer, prompts, new_tokens: int, batch_size: int, bar=None, mesh=None,
+                     layerwise: bool = False) -> list[str]:
+    """Greedy answers; with `mesh` (the model's), each batch is split over its data axis. `layerwise`:
+    `generate(..., layerwise=True)`."""
     from hmoe_jax.generate import generate
     from hmoe_jax.precompute import bucket_length, left_padded_batch, tokenize
     from hmoe_jax.sharding import batch_sharding
@@ -43,7 +45,7 @@ def generate_answers(model, tokenizer, prompts, new_tokens: int, batch_size: int
         ids, mask = left_padded_batch(batch, bucket_length(max(t.size for t in batch), 32), batch_size, pad)
         out = distributed.to_host(generate(model, put(ids), put(mask), max_new_tokens=new_tokens,
                                            eos_token_id=c.eos_token_id if isinstance(c.eos_token_id, int) else None,
-                                           pad_token_id=pad))
+                                           pad_token_id=pad, layerwise=layerwise))
         texts += [tokenizer.decode(row.tolist()) for row in out[: len(batch)]]
         if bar is not None:
             bar.update(len(batch))
@@ -62,6 +64,13 @@ def main(argv=None) -> int:
                    help="prompts per forward, a multiple of the data devices (default: 8, rounded up to one)")
     p.add_argument("--mesh-expert", type=int, default=1, help="devices on the expert axis (default 1)")
     p.add_argument("--mesh-tensor", type=int, default=1, help="devices on the tensor axis (default 1)")
+    p.add_argument("--keep-mxfp4", action="store_true",
+                   help="keep MXFP4 experts packed, decoded inside the forward (bit-exact; ~4x less memory)")
+    p.add_argument("--param-dtype", choices=("float32", "bfloat16"), default=None,
+                   help="weight storage dtype (compute stays float32); bfloat16 is lossless for gpt-oss's bf16 weights")
+    p.add_argument("--layerwise", action="store_true",
+                   help="generate block by block (generate(..., layerwise=True)): the same tokens, without compiling "
+                        "programs that unroll every layer; for the 20b on a CPU host")
     p.add_argument("--overwrite", action="store_true")
     distributed.add_arguments(p)
     args = p.parse_args(argv)
@@ -76,14 +85,18 @@ def main(argv=None) -> int:
         scenarios = data.load_scenarios(args.data)[: args.n]
         mesh = hmoe_jax.make_mesh(data=-1, expert=args.mesh_expert, tensor=args.mesh_tensor)
         batch_size = args.batch_size or mesh.shape["data"] * -(-8 // mesh.shape["data"])
-        model = hmoe_jax.from_pretrained(args.model, mesh=mesh)
+        import jax.numpy as jnp
+
+        model = hmoe_jax.from_pretrained(args.model, mesh=mesh, keep_mxfp4=True if args.keep_mxfp4 else None,
+                                         param_dtype=jnp.dtype(args.param_dtype) if args.param_dtype else None)
         tokenizer = load_tokenizer(args.model)
         results, generations = {}, {}
         for style in args.styles:
             prompts = [baselines.format_prompt(s["input_prompt"], style) for s in scenarios]
             start = time.perf_counter()
             with tqdm(total=len(prompts), unit="prompt", desc=style, disable=not info.is_coordinator) as bar:
-                texts = generate_answers(model, tokenizer, prompts, args.new_tokens, batch_size, bar, mesh=mesh)
+                texts = generate_answers(model, tokenizer, prompts, args.new_tokens, batch_size, bar, mesh=mesh,
+                                         layerwise=args.layerwise)
             parsed = [baselines.parse_metrics(t) for t in texts]
             preds = {m: np.array([x[m] for x in parsed]) for m in metrics.METRICS}
             results[style] = {protocol: metrics.score(scenarios, preds, protocol) for protocol in metrics.PROTOCOLS}

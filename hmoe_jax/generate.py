@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from . import kernels
-from .model import GptOssForCausalLM, attention_masks, default_position_ids, unembed
+from .model import BlockContext, GptOssForCausalLM, default_position_ids, unembed
 from .rope import rope_tables
 
 
@@ -39,32 +39,39 @@ def _cache_size(layer, total_len: int) -> int:
 
 def _prefill(model: GptOssForCausalLM, ids, mask, total_len: int):
     """Run the prompt, returning the last position's logits, the caches and the next positions."""
-    c = model.config
-    b, t = ids.shape
-    positions = default_position_ids(mask)
-    full, sliding = attention_masks(mask, c.sliding_window)
-    cos, sin = rope_tables(positions, c, model.dtype)
-    x = jnp.take(model.embed_tokens[...], ids, axis=0).astype(model.dtype)
-    seq_index = jnp.where(mask.astype(bool), jnp.arange(t)[None, :], -1)
+    x, context = model.embed(ids, mask, default_position_ids(mask))
     caches = []
     for layer in model.layers:
-        attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        q, k, v = attn.project_qkv(h, cos, sin)
-        x_mid = x + attn.output(attn.attend(q, k, v, sliding if attn.sliding_window else full, key_mask=mask))
-        y, _ = layer.mlp(layer.post_attention_layernorm(x_mid), block_input=x, token_mask=mask)
-        x = x_mid + y
-        size = _cache_size(layer, total_len)
-        keep = min(size, t)  # the last `keep` prompt positions land in slots (index % size), all distinct
-        slots = jnp.arange(t - keep, t) % size
-        cache = LayerCache(
-            jnp.zeros((b, size) + k.shape[2:], k.dtype).at[:, slots].set(k[:, t - keep:]),
-            jnp.zeros((b, size) + v.shape[2:], v.dtype).at[:, slots].set(v[:, t - keep:]),
-            jnp.full((b, size), -1, jnp.int32).at[:, slots].set(seq_index[:, t - keep:]),
-        )
+        x, cache = _prefill_block(layer, x, context, total_len)
         caches.append(cache)
-    logits = _lm_head(model, x[:, -1:])
-    return logits[:, 0], tuple(caches), positions[:, -1] + 1
+    return _lm_head(model, x[:, -1:])[:, 0], tuple(caches), _next_position(context.attention_mask)
+
+
+def _next_position(mask):
+    """Each row's first new position: one past its last prompt position (left-padded prompts)."""
+    return default_position_ids(mask)[:, -1] + 1
+
+
+def _prefill_block(layer, x, context: BlockContext, total_len: int):
+    """Block `layer` over the whole prompt: (new residual, its filled KV cache)."""
+    b, t = x.shape[:2]
+    mask = context.attention_mask
+    seq_index = jnp.where(mask.astype(bool), jnp.arange(t)[None, :], -1)
+    attn = layer.self_attn
+    h = layer.input_layernorm(x)
+    q, k, v = attn.project_qkv(h, context.cos, context.sin)
+    allowed = context.sliding if attn.sliding_window else context.full
+    x_mid = x + attn.output(attn.attend(q, k, v, allowed, key_mask=mask))
+    y, _ = layer.mlp(layer.post_attention_layernorm(x_mid), block_input=x, token_mask=mask)
+    size = _cache_size(layer, total_len)
+    keep = min(size, t)  # the last `keep` prompt positions land in slots (index % size), all distinct
+    slots = jnp.arange(t - keep, t) % size
+    cache = LayerCache(
+        jnp.zeros((b, size) + k.shape[2:], k.dtype).at[:, slots].set(k[:, t - keep:]),
+        jnp.zeros((b, size) + v.shape[2:], v.dtype).at[:, slots].set(v[:, t - keep:]),
+        jnp.full((b, size), -1, jnp.int32).at[:, slots].set(seq_index[:, t - keep:]),
+    )
+    return x_mid + y, cache
 
 
 def _lm_head(model, x):
@@ -74,30 +81,39 @@ def _lm_head(model, x):
 
 def _decode_step(model: GptOssForCausalLM, token, position, step_index, caches):
     """One token per row at sequence index `step_index` (shared: prompts are left-padded)."""
-    c = model.config
-    b = token.shape[0]
-    cos, sin = rope_tables(position[:, None], c, model.dtype)
-    x = jnp.take(model.embed_tokens[...], token[:, None], axis=0).astype(model.dtype)
-    ones = jnp.ones((b, 1), jnp.int32)
+    x, cos, sin = _decode_inputs(model, token, position)
     new_caches = []
     for layer, cache in zip(model.layers, caches):
-        attn = layer.self_attn
-        q, k, v = attn.project_qkv(layer.input_layernorm(x), cos, sin)
-        size = cache.k.shape[1]
-        slot = step_index % size
-        cache = LayerCache(
-            jax.lax.dynamic_update_slice_in_dim(cache.k, k, slot, axis=1),
-            jax.lax.dynamic_update_slice_in_dim(cache.v, v, slot, axis=1),
-            jax.lax.dynamic_update_slice_in_dim(cache.index, jnp.full((b, 1), step_index, jnp.int32), slot, axis=1),
-        )
-        allowed = (cache.index >= 0) & (cache.index <= step_index)
-        if attn.sliding_window is not None:
-            allowed &= cache.index > step_index - attn.sliding_window
-        x_mid = x + attn.output(attn.attend(q, cache.k, cache.v, allowed[:, None, :]))
-        y, _ = layer.mlp(layer.post_attention_layernorm(x_mid), block_input=x, token_mask=ones)
-        x = x_mid + y
+        x, cache = _decode_block(layer, x, cos, sin, step_index, cache)
         new_caches.append(cache)
     return _lm_head(model, x)[:, 0], tuple(new_caches)
+
+
+def _decode_inputs(model, token, position):
+    """The new tokens' embeddings [B,1,H] and rope tables."""
+    cos, sin = rope_tables(position[:, None], model.config, model.dtype)
+    x = jnp.take(model.embed_tokens[...], token[:, None], axis=0).astype(model.dtype)
+    return x, cos, sin
+
+
+def _decode_block(layer, x, cos, sin, step_index, cache: LayerCache):
+    """Block `layer` on one new token per row, reading and updating its KV cache."""
+    b = x.shape[0]
+    attn = layer.self_attn
+    q, k, v = attn.project_qkv(layer.input_layernorm(x), cos, sin)
+    size = cache.k.shape[1]
+    slot = step_index % size
+    cache = LayerCache(
+        jax.lax.dynamic_update_slice_in_dim(cache.k, k, slot, axis=1),
+        jax.lax.dynamic_update_slice_in_dim(cache.v, v, slot, axis=1),
+        jax.lax.dynamic_update_slice_in_dim(cache.index, jnp.full((b, 1), step_index, jnp.int32), slot, axis=1),
+    )
+    allowed = (cache.index >= 0) & (cache.index <= step_index)
+    if attn.sliding_window is not None:
+        allowed &= cache.index > step_index - attn.sliding_window
+    x_mid = x + attn.output(attn.attend(q, cache.k, cache.v, allowed[:, None, :]))
+    y, _ = layer.mlp(layer.post_attention_layernorm(x_mid), block_input=x, token_mask=jnp.ones((b, 1), jnp.int32))
+    return x_mid + y, cache
 
 
 def _choose(logits, key, temperature: float, top_k: int | None):
@@ -148,14 +164,79 @@ def generate(
     eos_token_id: int | None = None,
     pad_token_id: int = 0,
     seed: int = 0,
+    layerwise: bool = False,
 ) -> jax.Array:
     """New tokens [B, max_new_tokens] after left-padded prompts. `temperature=0` is greedy; after a
     row emits `eos_token_id` it emits `pad_token_id`. A hybrid model generates too, with
-    token-level extraction (causal-mean extraction needs the whole prefix and is a prefill feature)."""
+    token-level extraction (causal-mean extraction needs the whole prefix and is a prefill feature).
+    `layerwise=True`: the prefill and the decode step run block by block from Python, each kind of
+    block a small jitted program (as `GptOssForCausalLM(..., layerwise=True)`), and the token loop is
+    a Python loop: the same tokens, without compiling two programs that unroll every layer (the
+    memory a full-size model on a small host does not have)."""
     ids = jnp.asarray(input_ids, jnp.int32)
     mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     if bool(jnp.any(mask[:, -1] == 0)):
         raise ValueError("generate needs left-padded prompts: every row's last position must be a real token")
+    args = (max_new_tokens, float(temperature), top_k, eos_token_id, pad_token_id, jax.random.key(seed))
+    if layerwise:
+        return _generate_layerwise(model, ids, mask, *args, kernel_mode=kernels.select())
     graphdef, state = nnx.split(model)
-    return _generate(graphdef, state, ids, mask, max_new_tokens, float(temperature), top_k, eos_token_id,
-                     pad_token_id, jax.random.key(seed), kernel_mode=kernels.select())
+    return _generate(graphdef, state, ids, mask, *args, kernel_mode=kernels.select())
+
+
+# ------------------------------------------------------------------ layerwise generation
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), static_argnames=("kernel_mode",))
+def _jitted(fn, static, graphdef, state, *args, kernel_mode=None):
+    """`fn(module, *args, *static)` on a merged module, jitted; `fn` and `static` are compile-time."""
+    module = nnx.merge(graphdef, state)
+    with kernels.use(kernel_mode):
+        return fn(module, *args, *static)
+
+
+def _embed_prompt(model, ids, mask):
+    return model.embed(ids, mask, default_position_ids(mask))
+
+
+def _last_logits(model, x):
+    return _lm_head(model, x[:, -1:])[:, 0]
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
+def _choose_token(logits, key, done, temperature, top_k, eos_token_id, pad_token_id):
+    """One step of `_generate_traced`'s scan before the decode: the same key split and choice."""
+    key, sub = jax.random.split(key)
+    token = jnp.where(done, pad_token_id, _choose(logits, sub, temperature, top_k))
+    if eos_token_id is not None:
+        done = done | (token == eos_token_id)
+    return token, done, key
+
+
+def _generate_layerwise(model, ids, mask, max_new_tokens, temperature, top_k, eos_token_id, pad_token_id, key,
+                        kernel_mode=None):
+    t = ids.shape[1]
+    total = t + max_new_tokens
+    whole = nnx.split(model)  # embedding and head programs read only their own parameters
+    blocks = [nnx.split(layer) for layer in model.layers]
+    run = functools.partial(_jitted, kernel_mode=kernel_mode)
+    x, context = run(_embed_prompt, (), *whole, ids, mask)
+    caches = []
+    for block in blocks:
+        x, cache = run(_prefill_block, (total,), *block, x, context)
+        caches.append(cache)
+    logits = run(_last_logits, (), *whole, x)
+    position = _next_position(mask)
+    done = jnp.zeros(ids.shape[0], bool)
+    tokens = []
+    for i in range(max_new_tokens):
+        token, done, key = _choose_token(logits, key, done, temperature, top_k, eos_token_id, pad_token_id)
+        tokens.append(token)
+        if i == max_new_tokens - 1:
+            break  # the last token's own logits are never used
+        x, cos, sin = run(_decode_inputs, (), *whole, token, position)
+        step_index = jnp.asarray(t + i, jnp.int32)
+        for j, block in enumerate(blocks):
+            x, caches[j] = run(_decode_block, (), *block, x, cos, sin, step_index, caches[j])
+        logits = run(_last_logits, (), *whole, x)
+        position = position + 1
+    return jnp.stack(tokens, axis=1) if tokens else jnp.zeros((ids.shape[0], 0), jnp.int32)

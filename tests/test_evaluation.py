@@ -143,3 +143,9 @@ def test_baselines_command_generates_parses_and_scores(pipeline, tmp_path):
     assert res["zeroshot"]["reference"]["ltv"]["n"] == 4
     gens = json.loads((out / "generations.json").read_text())
     assert len(gens["structured"]) == 4 and all(isinstance(g["text"], str) for g in gens["structured"])
+    # The 20b-on-a-small-host options generate the same text.
+    layerwise = tmp_path / "layerwise"
+    assert baselines_cli.main(["--model", str(pipeline["ckpt"]), "--data", str(pipeline["eval"]), "--n", "4",
+                               "--new-tokens", "6", "--styles", "zeroshot", "structured", "--out", str(layerwise),
+                               "--layerwise", "--param-dtype", "float32"]) == 0
+    assert json.loads((layerwise / "generations.json").read_text()) == gens

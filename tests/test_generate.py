@@ -26,10 +26,11 @@ def left_padded_prompts(seed, lengths, t, vocab):
     return np.where(mask == 1, ids, 0), mask
 
 
-def test_greedy_tokens_equal_transformers_generate(pair):
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_greedy_tokens_equal_transformers_generate(pair, layerwise):
     ours_model, ref_model = pair
     ids, mask = left_padded_prompts(0, [10, 7, 4], 10, ours_model.config.vocab_size)
-    ours = np.asarray(generate(ours_model, ids, mask, max_new_tokens=24))
+    ours = np.asarray(generate(ours_model, ids, mask, max_new_tokens=24, layerwise=layerwise))
     with torch.no_grad():
         ref = ref_model.generate(
             torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=24,
@@ -38,12 +39,14 @@ def test_greedy_tokens_equal_transformers_generate(pair):
     np.testing.assert_array_equal(ours, ref)
 
 
-def test_rows_emit_padding_after_eos(pair):
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_rows_emit_padding_after_eos(pair, layerwise):
     ours_model, _ = pair
     ids, mask = left_padded_prompts(1, [10, 10], 10, ours_model.config.vocab_size)
-    free = np.asarray(generate(ours_model, ids, mask, max_new_tokens=12))
+    free = np.asarray(generate(ours_model, ids, mask, max_new_tokens=12, layerwise=layerwise))
     eos = int(free[0, 3])  # make the 4th greedy token of row 0 the end-of-sequence token
-    stopped = np.asarray(generate(ours_model, ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0))
+    stopped = np.asarray(generate(ours_model, ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0,
+                                  layerwise=layerwise))
     first = int(np.argmax(free[0] == eos))
     np.testing.assert_array_equal(stopped[0, : first + 1], free[0, : first + 1])
     assert (stopped[0, first + 1:] == 0).all()
@@ -59,6 +62,24 @@ def test_sampling_is_reproducible_and_differs_from_greedy(pair):
     assert (a != greedy).any()
     top1 = np.asarray(generate(ours_model, ids, mask, max_new_tokens=16, temperature=1.0, top_k=1, seed=4))
     np.testing.assert_array_equal(top1, greedy)  # top-k of 1 leaves only the argmax
+
+
+def test_layerwise_sampling_draws_the_tokens_of_the_one_program_loop(pair):
+    """Same seed, same key splits, same logits: layerwise sampling (top-k and plain) equals the scan."""
+    from hmoe_jax import generate as generate_module
+
+    ours_model, _ = pair
+    ids, mask = left_padded_prompts(5, [9, 6], 9, ours_model.config.vocab_size)
+    for kwargs in (dict(temperature=1.5, seed=3), dict(temperature=0.8, top_k=5, seed=8)):
+        fused = np.asarray(generate(ours_model, ids, mask, max_new_tokens=14, **kwargs))
+        generate_module._jitted.clear_cache()
+        layerwise = np.asarray(generate(ours_model, ids, mask, max_new_tokens=14, layerwise=True, **kwargs))
+        np.testing.assert_array_equal(layerwise, fused)
+    # embed, prefill per kind of block, logits after the prompt and after one token, decode inputs,
+    # decode per kind of block: however many tokens and layers
+    kinds = len(set(ours_model.config.layer_types))
+    assert generate_module._jitted._cache_size() == 4 + 2 * kinds
+    assert generate(ours_model, ids, mask, max_new_tokens=0, layerwise=True).shape == (2, 0)
 
 
 def test_right_padded_prompts_are_rejected(pair):
