@@ -1,6 +1,6 @@
 """Full-size gpt-oss-20b on this 2-core, 24 GiB machine: layer-12 precompute and the 24-layer hybrid forward.
 
-    python bench/bench_20b.py WORK_DIR [--parts precompute,precompute-layerwise,hybrid,eval-hybrid,hybrid-fused]
+    python bench/bench_20b.py WORK_DIR [--parts precompute,precompute-layerwise,hybrid,eval-hybrid,generate,hybrid-fused]
                                        [--n-prompts 32] [--batch-size 32]
 
 Uses (or writes, with make_synthetic_checkpoint.py) the random full-size 20b HF checkpoint in
@@ -19,6 +19,8 @@ runs in a child process, so the peak RSS reported is that part's own:
   compiled program per kind of block. Target: peak RSS <= 16 GiB.
 - eval-hybrid: `eval hybrid`'s library call on 16 eval prompts with the 20b options (blocks 0..12
   only, packed, bf16, layerwise), probes briefly trained on the precompute part's store.
+- generate: greedy `generate(..., layerwise=True)` on the whole model (packed, bf16 storage), one
+  prompt, 8 new tokens, twice (the first call compiles).
 - hybrid-fused (not in the default parts): the same forward as one jitted program with all 24 layers
   unrolled, whose compile (or compile-cache load) takes ~2.5 GiB on top of the resident parameters.
 
@@ -38,7 +40,7 @@ import time
 from pathlib import Path
 
 GIB = 1 << 30
-PARTS = ("precompute", "precompute-layerwise", "hybrid", "hybrid-fused", "eval-hybrid")
+PARTS = ("precompute", "precompute-layerwise", "hybrid", "hybrid-fused", "eval-hybrid", "generate")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -161,6 +163,27 @@ def child_hybrid(args, layerwise: bool = True) -> dict:
             "targets": {"peak_rss_gib": 16}}
 
 
+def child_generate(args) -> dict:
+    """Greedy generation on the whole 20b (packed, bf16 storage), layerwise: one prompt, 8 new tokens."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from hmoe_jax import from_pretrained, precompute
+    from hmoe_jax.generate import generate
+
+    hf = args.work_dir / "hf"
+    model = from_pretrained(hf, dtype=jnp.float32, param_dtype=jnp.bfloat16, keep_mxfp4=True)
+    prompt = json.loads(_subset(args.work_dir, 1).read_text())[0]["input_prompt"]
+    ids = precompute.tokenize(precompute.load_tokenizer(hf), [prompt], model.config.vocab_size)[0][None, :]
+    timings = []
+    for _ in range(2):  # the first call compiles its block programs
+        t = time.perf_counter()
+        np.asarray(generate(model, ids, max_new_tokens=8, layerwise=True))
+        timings.append(time.perf_counter() - t)
+    return {"part": "generate", "tokens": int(ids.shape[1]), "new_tokens": 8, "first_call_s": timings[0],
+            "second_call_s": timings[1], "peak_rss_gib": _peak_rss() / GIB}
+
+
 def child_eval_hybrid(args) -> dict:
     """`eval hybrid`'s library call with the 20b options (blocks 0..12 only, packed, bf16, layerwise), on
     the first 16 eval prompts, with probes briefly trained on the precompute part's layer-12 store
@@ -195,7 +218,7 @@ def child_eval_hybrid(args) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("work_dir", type=Path)
-    p.add_argument("--parts", default="precompute,precompute-layerwise,hybrid,eval-hybrid",
+    p.add_argument("--parts", default="precompute,precompute-layerwise,hybrid,eval-hybrid,generate",
                    help=f"comma-separated, of {', '.join(PARTS)}")
     p.add_argument("--n-prompts", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=32)
@@ -207,6 +230,8 @@ def main() -> int:
             result = child_precompute(args, layerwise=args.child == "precompute-layerwise")
         elif args.child == "eval-hybrid":
             result = child_eval_hybrid(args)
+        elif args.child == "generate":
+            result = child_generate(args)
         else:
             result = child_hybrid(args, layerwise=args.child == "hybrid")
         print("RESULT " + json.dumps(result))
@@ -256,6 +281,10 @@ def main() -> int:
             print(f"| precompute layer 12, {r['prompts']} prompts, batch {r['batch_size']}, {how} | {r['run']} | {r['tokens']} | "
                   f"{r['load_s']:.0f} s | {r['forward_s']:.0f} s | {r['tokens_per_s']:.1f} | "
                   f"{r['peak_rss_gib']:.2f} GiB | <= 12 GiB, >= 20 tok/s |")
+        elif r["part"] == "generate":
+            print(f"| greedy generate, whole model, 1 prompt, layerwise | {r['run']} | {r['tokens']} + {r['new_tokens']} | | "
+                  f"{r['first_call_s']:.0f} s (1st call) / {r['second_call_s']:.0f} s (2nd) | | "
+                  f"{r['peak_rss_gib']:.2f} GiB | - |")
         elif r["part"] == "eval-hybrid":
             print(f"| eval hybrid, blocks 0-12, {r['prompts']} prompts, batch {r['batch_size']}, layerwise | {r['run']} | | "
                   f"| {r['wall_s']:.0f} s (median batch {r['median_batch_s']:.0f} s) | | {r['peak_rss_gib']:.2f} GiB | - |")
