@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from . import kernels
-from .model import BlockContext, GptOssForCausalLM, default_position_ids, unembed
+from .model import BlockContext, EmbeddingAndHead, GptOssForCausalLM, call_jitted, default_position_ids, unembed
 from .rope import rope_tables
 
 
@@ -126,6 +126,15 @@ def _choose(logits, key, temperature: float, top_k: int | None):
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def _next_token(logits, key, done, temperature: float, top_k: int | None, eos_token_id, pad_token_id):
+    """One generation step's token: a fresh key split, the choice, padding after EOS."""
+    key, sub = jax.random.split(key)
+    token = jnp.where(done, pad_token_id, _choose(logits, sub, temperature, top_k))
+    if eos_token_id is not None:
+        done = done | (token == eos_token_id)
+    return token, done, key
+
+
 @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8), static_argnames=("kernel_mode",))
 def _generate(graphdef, state, ids, mask, max_new_tokens, temperature, top_k, eos_token_id, pad_token_id, key,
               kernel_mode=None):
@@ -142,11 +151,7 @@ def _generate_traced(model, ids, mask, t, max_new_tokens, temperature, top_k, eo
 
     def step(carry, i):
         logits, caches, position, done, key = carry
-        key, sub = jax.random.split(key)
-        token = _choose(logits, sub, temperature, top_k)
-        token = jnp.where(done, pad_token_id, token)
-        if eos_token_id is not None:
-            done = done | (token == eos_token_id)
+        token, done, key = _next_token(logits, key, done, temperature, top_k, eos_token_id, pad_token_id)
         logits, caches = _decode_step(model, token, position, t + i, caches)
         return (logits, caches, position + 1, done, key), token
 
@@ -186,12 +191,7 @@ def generate(
 
 # ------------------------------------------------------------------ layerwise generation
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), static_argnames=("kernel_mode",))
-def _jitted(fn, static, graphdef, state, *args, kernel_mode=None):
-    """`fn(module, *args, *static)` on a merged module, jitted; `fn` and `static` are compile-time."""
-    module = nnx.merge(graphdef, state)
-    with kernels.use(kernel_mode):
-        return fn(module, *args, *static)
+_jitted_next_token = jax.jit(_next_token, static_argnums=(3, 4, 5, 6))
 
 
 def _embed_prompt(model, ids, mask):
@@ -202,41 +202,31 @@ def _last_logits(model, x):
     return _lm_head(model, x[:, -1:])[:, 0]
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
-def _choose_token(logits, key, done, temperature, top_k, eos_token_id, pad_token_id):
-    """One step of `_generate_traced`'s scan before the decode: the same key split and choice."""
-    key, sub = jax.random.split(key)
-    token = jnp.where(done, pad_token_id, _choose(logits, sub, temperature, top_k))
-    if eos_token_id is not None:
-        done = done | (token == eos_token_id)
-    return token, done, key
-
-
 def _generate_layerwise(model, ids, mask, max_new_tokens, temperature, top_k, eos_token_id, pad_token_id, key,
                         kernel_mode=None):
     t = ids.shape[1]
     total = t + max_new_tokens
-    whole = nnx.split(model)  # embedding and head programs read only their own parameters
+    outer = nnx.split(EmbeddingAndHead(model))  # the embedding and head programs read only their parameters
     blocks = [nnx.split(layer) for layer in model.layers]
-    run = functools.partial(_jitted, kernel_mode=kernel_mode)
-    x, context = run(_embed_prompt, (), *whole, ids, mask)
+    run = functools.partial(call_jitted, kernel_mode=kernel_mode)
+    x, context = run(_embed_prompt, (), *outer, ids, mask)
     caches = []
     for block in blocks:
         x, cache = run(_prefill_block, (total,), *block, x, context)
         caches.append(cache)
-    logits = run(_last_logits, (), *whole, x)
+    logits = run(_last_logits, (), *outer, x)
     position = _next_position(mask)
     done = jnp.zeros(ids.shape[0], bool)
     tokens = []
     for i in range(max_new_tokens):
-        token, done, key = _choose_token(logits, key, done, temperature, top_k, eos_token_id, pad_token_id)
+        token, done, key = _jitted_next_token(logits, key, done, temperature, top_k, eos_token_id, pad_token_id)
         tokens.append(token)
         if i == max_new_tokens - 1:
             break  # the last token's own logits are never used
-        x, cos, sin = run(_decode_inputs, (), *whole, token, position)
+        x, cos, sin = run(_decode_inputs, (), *outer, token, position)
         step_index = jnp.asarray(t + i, jnp.int32)
         for j, block in enumerate(blocks):
             x, caches[j] = run(_decode_block, (), *block, x, cos, sin, step_index, caches[j])
-        logits = run(_last_logits, (), *whole, x)
+        logits = run(_last_logits, (), *outer, x)
         position = position + 1
     return jnp.stack(tokens, axis=1) if tokens else jnp.zeros((ids.shape[0], 0), jnp.int32)

@@ -511,9 +511,7 @@ class GptOssForCausalLM(nnx.Module):
         few block-sized programs instead of one with every layer unrolled. For a full-size model on a
         host with little memory to spare: the 20b's unrolled program takes ~2.5 GiB to compile, or to
         load from the compile cache, while its 12.8 GiB of parameters are already resident."""
-        input_ids = jnp.asarray(input_ids)
-        attention_mask = None if attention_mask is None else jnp.asarray(attention_mask)
-        position_ids = None if position_ids is None else jnp.asarray(position_ids)
+        input_ids, attention_mask, position_ids = _arrays(input_ids, attention_mask, position_ids)
         kernel_mode = kernels_module.select()
         if layerwise:
             return self._layerwise(input_ids, attention_mask, position_ids, output_hidden_states, output_layer_info,
@@ -537,8 +535,8 @@ class GptOssForCausalLM(nnx.Module):
         head = None
         if n_layers == self.config.num_hidden_layers and self.has_head:
             # hidden[-1] is already final-normed (layerwise_blocks): only the logits are left.
-            head = lambda h: (h, _jitted_part(*nnx.split(_Outer(self)), "logits", h,  # noqa: E731
-                                              kernel_mode=kernel_mode))
+            head = lambda h: (h, call_jitted(GptOssForCausalLM.logits, (), *nnx.split(EmbeddingAndHead(self)),  # noqa: E731
+                                             h, kernel_mode=kernel_mode))
         return self._output(n_layers, hidden, infos, output_hidden_states, output_layer_info, stop_after_layer, head)
 
     def layerwise_blocks(self, input_ids, attention_mask=None, position_ids=None, n_layers: int | None = None, *,
@@ -550,19 +548,23 @@ class GptOssForCausalLM(nnx.Module):
         residual at a time."""
         n_layers = self.layer_count(n_layers)
         kernel_mode = kernel_mode if kernel_mode is not None else kernels_module.select()
-        input_ids = jnp.asarray(input_ids)
-        attention_mask = None if attention_mask is None else jnp.asarray(attention_mask)
-        position_ids = None if position_ids is None else jnp.asarray(position_ids)
+        input_ids, attention_mask, position_ids = _arrays(input_ids, attention_mask, position_ids)
         # Each part is jitted with only the parameters it reads; blocks of one kind share a graphdef,
         # hence one compiled program.
-        x, context = _jitted_part(*nnx.split(_Outer(self)), "embed", input_ids, attention_mask, position_ids,
-                                  kernel_mode=kernel_mode)
+        outer = nnx.split(EmbeddingAndHead(self))
+        x, context = call_jitted(GptOssForCausalLM.embed, (), *outer, input_ids, attention_mask, position_ids,
+                                 kernel_mode=kernel_mode)
         yield 0, x, None
         for i in range(n_layers):
-            x, info = _jitted_part(*nnx.split(self.layers[i]), "block", x, context, kernel_mode=kernel_mode)
+            x, info = call_jitted(_run_block, (), *nnx.split(self.layers[i]), x, context, kernel_mode=kernel_mode)
             if i + 1 == self.config.num_hidden_layers and self.has_head:
-                x = _jitted_part(*nnx.split(_Outer(self)), "final_norm", x, kernel_mode=kernel_mode)
+                x = call_jitted(GptOssForCausalLM.final_norm, (), *outer, x, kernel_mode=kernel_mode)
             yield i + 1, x, info
+
+
+def _arrays(*values):
+    """Each value as a jax array; None stays None."""
+    return tuple(None if v is None else jnp.asarray(v) for v in values)
 
 
 @struct.dataclass
@@ -582,8 +584,9 @@ def _run_block(layer: DecoderLayer, x, context: BlockContext):
     return layer(x, context.cos, context.sin, allowed, context.attention_mask, key_mask=context.attention_mask)
 
 
-class _Outer(nnx.Module):
-    """The model's embedding and head without its blocks, for `layerwise` calls."""
+class EmbeddingAndHead(nnx.Module):
+    """A model's embedding and head without its blocks (sharing its variables): what the layerwise
+    paths jit around the blocks, so those programs take none of the blocks' parameters."""
 
     def __init__(self, model: GptOssForCausalLM):
         self.config = model.config
@@ -598,11 +601,13 @@ class _Outer(nnx.Module):
     logits = GptOssForCausalLM.logits
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2), static_argnames=("kernel_mode",))
-def _jitted_part(graphdef, state, part, *args, kernel_mode=None):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), static_argnames=("kernel_mode",))
+def call_jitted(fn, static, graphdef, state, *args, kernel_mode=None):
+    """`fn(module, *args, *static)` on the module `nnx.merge(graphdef, state)`, jitted: `fn` and the
+    tuple `static` are compile-time, so modules of one structure (blocks of one kind) share a program."""
     module = nnx.merge(graphdef, state)
     with kernels_module.use(kernel_mode):
-        return _run_block(module, *args) if part == "block" else getattr(module, part)(*args)
+        return fn(module, *args, *static)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7), static_argnames=("kernel_mode",))

@@ -66,19 +66,19 @@ def test_sampling_is_reproducible_and_differs_from_greedy(pair):
 
 def test_layerwise_sampling_draws_the_tokens_of_the_one_program_loop(pair):
     """Same seed, same key splits, same logits: layerwise sampling (top-k and plain) equals the scan."""
-    from hmoe_jax import generate as generate_module
+    from hmoe_jax.model import call_jitted
 
     ours_model, _ = pair
     ids, mask = left_padded_prompts(5, [9, 6], 9, ours_model.config.vocab_size)
     for kwargs in (dict(temperature=1.5, seed=3), dict(temperature=0.8, top_k=5, seed=8)):
         fused = np.asarray(generate(ours_model, ids, mask, max_new_tokens=14, **kwargs))
-        generate_module._jitted.clear_cache()
+        call_jitted.clear_cache()
         layerwise = np.asarray(generate(ours_model, ids, mask, max_new_tokens=14, layerwise=True, **kwargs))
         np.testing.assert_array_equal(layerwise, fused)
     # embed, prefill per kind of block, logits after the prompt and after one token, decode inputs,
     # decode per kind of block: however many tokens and layers
     kinds = len(set(ours_model.config.layer_types))
-    assert generate_module._jitted._cache_size() == 4 + 2 * kinds
+    assert call_jitted._cache_size() == 4 + 2 * kinds
     assert generate(ours_model, ids, mask, max_new_tokens=0, layerwise=True).shape == (2, 0)
 
 

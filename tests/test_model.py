@@ -167,7 +167,7 @@ def test_stop_after_layer_returns_that_residual_without_the_rest(pair):
 def test_layerwise_calls_equal_the_fused_forward_and_compile_one_program_per_kind_of_block(pair):
     """`layerwise=True` runs jitted blocks from Python: the same numbers as the one-program forward
     (and transformers), padded or not, and blocks of one kind reuse one compiled program."""
-    from hmoe_jax.model import _jitted_part
+    from hmoe_jax.model import call_jitted
 
     ours_model, ref_model = pair
     c = ours_model.config
@@ -178,10 +178,10 @@ def test_layerwise_calls_equal_the_fused_forward_and_compile_one_program_per_kin
     pos = np.asarray(default_position_ids(jnp.asarray(mask)))
     kwargs = dict(attention_mask=mask, position_ids=pos, output_hidden_states=True, output_layer_info=True)
     fused = ours_model(ids, **kwargs)
-    _jitted_part.clear_cache()
+    call_jitted.clear_cache()
     layerwise = ours_model(ids, layerwise=True, **kwargs)
     # embedding, final norm, logits + one program per distinct layer type, however many layers share it
-    assert _jitted_part._cache_size() == 3 + len(set(c.layer_types))
+    assert call_jitted._cache_size() == 3 + len(set(c.layer_types))
     assert rel_err(layerwise.logits, fused.logits) < 1e-6
     for i, (a, b) in enumerate(zip(layerwise.hidden_states, fused.hidden_states, strict=True)):
         assert rel_err(a, b) < 1e-6, f"hidden_states[{i}]"
