@@ -22,6 +22,7 @@ from tqdm import tqdm
 from hmoe_jax import baselines, data, distributed, metrics
 from hmoe_jax.checkpoint import CheckpointError
 from hmoe_jax.config import ConfigError
+from hmoe_jax.loading import add_memory_arguments, memory_options
 
 
 def generate_answers(model, tokenizer, prompts, new_tokens: int, batch_size: int, bar=None, mesh=None,
@@ -64,13 +65,7 @@ def main(argv=None) -> int:
                    help="prompts per forward, a multiple of the data devices (default: 8, rounded up to one)")
     p.add_argument("--mesh-expert", type=int, default=1, help="devices on the expert axis (default 1)")
     p.add_argument("--mesh-tensor", type=int, default=1, help="devices on the tensor axis (default 1)")
-    p.add_argument("--keep-mxfp4", action="store_true",
-                   help="keep MXFP4 experts packed, decoded inside the forward (bit-exact; ~4x less memory)")
-    p.add_argument("--param-dtype", choices=("float32", "bfloat16"), default=None,
-                   help="weight storage dtype (compute stays float32); bfloat16 is lossless for gpt-oss's bf16 weights")
-    p.add_argument("--layerwise", action="store_true",
-                   help="generate block by block (generate(..., layerwise=True)): the same tokens, without compiling "
-                        "programs that unroll every layer; for the 20b on a CPU host")
+    add_memory_arguments(p)
     p.add_argument("--overwrite", action="store_true")
     distributed.add_arguments(p)
     args = p.parse_args(argv)
@@ -85,10 +80,7 @@ def main(argv=None) -> int:
         scenarios = data.load_scenarios(args.data)[: args.n]
         mesh = hmoe_jax.make_mesh(data=-1, expert=args.mesh_expert, tensor=args.mesh_tensor)
         batch_size = args.batch_size or mesh.shape["data"] * -(-8 // mesh.shape["data"])
-        import jax.numpy as jnp
-
-        model = hmoe_jax.from_pretrained(args.model, mesh=mesh, keep_mxfp4=True if args.keep_mxfp4 else None,
-                                         param_dtype=jnp.dtype(args.param_dtype) if args.param_dtype else None)
+        model = hmoe_jax.from_pretrained(args.model, mesh=mesh, **memory_options(args))
         tokenizer = load_tokenizer(args.model)
         results, generations = {}, {}
         for style in args.styles:

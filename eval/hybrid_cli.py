@@ -22,6 +22,7 @@ from hmoe_jax import distributed, evaluation
 from hmoe_jax.checkpoint import CheckpointError
 from hmoe_jax.config import ConfigError
 from hmoe_jax.data import write_json_atomically
+from hmoe_jax.loading import add_memory_arguments, memory_options
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "final_results.json"
 
@@ -67,13 +68,7 @@ def main(argv=None) -> int:
     p.add_argument("--mesh-tensor", type=int, default=1, help="devices on the tensor axis (default 1)")
     p.add_argument("--hybrid-params", help="a run directory of `python -m train hybrid`: its trained router rows and "
                                            "projections replace the initial ones")
-    p.add_argument("--keep-mxfp4", action="store_true",
-                   help="keep MXFP4 experts packed, decoded inside the forward (bit-exact; ~4x less memory)")
-    p.add_argument("--param-dtype", choices=("float32", "bfloat16"), default=None,
-                   help="weight storage dtype (compute stays float32); bfloat16 is lossless for gpt-oss's bf16 weights")
-    p.add_argument("--layerwise", action="store_true",
-                   help="jit the blocks one by one instead of as one program: the same predictions, compiled in "
-                        "seconds and in less memory on a deep model")
+    add_memory_arguments(p)
     p.add_argument("--overwrite", action="store_true")
     distributed.add_arguments(p)
     args = p.parse_args(argv)
@@ -85,9 +80,8 @@ def main(argv=None) -> int:
         data_devices = mesh.shape["data"]
         batch_size = args.batch_size or data_devices * -(-8 // data_devices)
         run(args.model, args.probes, args.data, Path(args.out), train=args.train, overwrite=args.overwrite,
-            batch_size=batch_size, hybrid_params=args.hybrid_params, mesh=mesh,
-            keep_mxfp4=True if args.keep_mxfp4 else None,
-            param_dtype=args.param_dtype, layerwise=args.layerwise)
+            batch_size=batch_size, hybrid_params=args.hybrid_params, mesh=mesh, layerwise=args.layerwise,
+            **memory_options(args))
         distributed.sync("eval.hybrid.written")
     except (FileNotFoundError, FileExistsError, CheckpointError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

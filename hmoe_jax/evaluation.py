@@ -190,8 +190,7 @@ def evaluate_hybrid(checkpoint, run_dir, eval_path, *, train_path=None, batch_si
     blocks evaluate in 8.1 GiB peak RSS (`bench/bench_20b.py`, part eval-hybrid)."""
     scenarios = data.load_scenarios(eval_path)
     model, layer = build_hybrid_model(checkpoint, run_dir, hybrid_params=hybrid_params, mesh=mesh,
-                                      keep_mxfp4=keep_mxfp4, param_dtype=jnp.dtype(param_dtype) if param_dtype else None,
-                                      through_hybrid_layer=True)
+                                      keep_mxfp4=keep_mxfp4, param_dtype=param_dtype, through_hybrid_layer=True)
     predictions = hybrid_predictions(model, layer, load_tokenizer(checkpoint), [s["input_prompt"] for s in scenarios],
                                      batch_size=batch_size, progress=progress, mesh=mesh, layerwise=layerwise)
     train = data.load_scenarios(train_path) if train_path else data.generate_scenarios(3000, data.TRAIN_SEED, 0)

@@ -116,15 +116,16 @@ def from_pretrained(
     None means: as a converted checkpoint stores them, decoded for PyTorch layouts.
     `kernels`: the model's kernel choice (`GptOssForCausalLM`, `hmoe_jax.kernels`): `"auto"` runs the
     Pallas kernels on a GPU and XLA elsewhere.
-    `param_dtype`: how parameters are stored, when it should differ from the compute `dtype`. gpt-oss
-    ships its non-expert weights in bfloat16, so `dtype=float32, param_dtype=bfloat16` computes
-    exactly what float32 storage computes, in half the memory.
+    `param_dtype`: how parameters are stored (a dtype or its name), when it should differ from the
+    compute `dtype`. gpt-oss ships its non-expert weights in bfloat16, so `dtype=float32,
+    param_dtype=bfloat16` computes exactly what float32 storage computes, in half the memory.
     `num_layers`: load only the embedding and decoder layers 0..num_layers-1, without the final norm
     and lm_head (`GptOssForCausalLM(head=False)`): features from an early layer, where
     `hidden_states[L]` (L <= num_layers) is the raw residual after block L-1 and there are no logits.
     A 20b's first 12 layers, packed, fit where all 24 and the lm_head would not. The whole checkpoint is
     still validated.
     """
+    param_dtype = None if param_dtype is None else jnp.dtype(param_dtype)
     location = locate_checkpoint(path)
     if location.layout == "probe":
         raise CheckpointError(f"{location.path}: a probe state dict, not a model: convert it and use load_probe")
@@ -147,6 +148,26 @@ def from_pretrained(
     del params
     heap.release_freed_heap()  # the host copies read from the files are gone: give their pages back
     return model
+
+
+def add_memory_arguments(parser) -> None:
+    """The command-line options that fit a full-size model on a small host: `--keep-mxfp4`,
+    `--param-dtype` (see `from_pretrained`; `memory_options` turns them into its arguments) and
+    `--layerwise` (`GptOssForCausalLM(..., layerwise=True)`)."""
+    parser.add_argument("--keep-mxfp4", action="store_true",
+                        help="keep MXFP4 experts packed, decoded inside the forward (bit-exact; ~4x less memory)")
+    parser.add_argument("--param-dtype", choices=("float32", "bfloat16"), default=None,
+                        help="weight storage dtype when it should differ from the compute dtype; bfloat16 is "
+                             "lossless for gpt-oss's bf16 weights")
+    parser.add_argument("--layerwise", action="store_true",
+                        help="run the blocks as separately jitted programs instead of one that unrolls every "
+                             "layer: the same results, compiled in seconds and in less memory on a deep model "
+                             "(the 20b on a CPU host)")
+
+
+def memory_options(args) -> dict:
+    """`from_pretrained`'s `keep_mxfp4` and `param_dtype` from `add_memory_arguments`' options."""
+    return {"keep_mxfp4": True if args.keep_mxfp4 else None, "param_dtype": args.param_dtype}
 
 
 def truncated_config(config: GptOssConfig, num_layers: int | None) -> GptOssConfig:

@@ -421,7 +421,7 @@ def precompute_features(
     deepest = layers[-1]
     model = from_pretrained(
         checkpoint, dtype=jnp.dtype(dtype), mesh=mesh, keep_mxfp4=keep_mxfp4,
-        param_dtype=jnp.dtype(param_dtype) if param_dtype else None,
+        param_dtype=param_dtype,
         num_layers=None if deepest == config.num_hidden_layers else max(deepest, 1))
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
     sharding = batch_sharding(mesh)

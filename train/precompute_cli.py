@@ -17,6 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from hmoe_jax import distributed
+from hmoe_jax.loading import add_memory_arguments, memory_options
 
 
 def _parser():
@@ -34,13 +35,7 @@ def _parser():
     parser.add_argument("--bucket", type=int, default=32, help="padded lengths are multiples of this (default 32)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="model compute dtype; features are always stored as float32")
-    parser.add_argument("--keep-mxfp4", action="store_true",
-                        help="keep MXFP4 experts packed, decoded inside the forward (bit-exact; ~4x less memory)")
-    parser.add_argument("--param-dtype", choices=("float32", "bfloat16"), default=None,
-                        help="weight storage dtype if not --dtype; bfloat16 is lossless for gpt-oss's bf16 weights")
-    parser.add_argument("--layerwise", action="store_true",
-                        help="jit the blocks one by one instead of as one program: the same features, compiled "
-                             "in seconds and in less memory on a deep model (the 20b on a CPU host)")
+    add_memory_arguments(parser)
     parser.add_argument("--mesh-expert", type=int, default=1, help="devices on the expert axis (default 1)")
     parser.add_argument("--mesh-tensor", type=int, default=1, help="devices on the tensor axis (default 1)")
     distributed.add_arguments(parser)
@@ -83,7 +78,7 @@ def main(argv):
         store = precompute.precompute_features(
             args.model, prompt_set, args.layer, args.out, mesh=mesh, batch_size=batch_size, bucket=args.bucket,
             dtype=args.dtype, progress=bars if info.is_coordinator else None,
-            keep_mxfp4=True if args.keep_mxfp4 else None, param_dtype=args.param_dtype, layerwise=args.layerwise,
+            layerwise=args.layerwise, **memory_options(args),
         )
         distributed.sync("train.precompute.done")
     except (precompute.StoreError, ConfigError, CheckpointError, ValueError, FileNotFoundError) as err:
