@@ -131,22 +131,31 @@ def child_precompute(args, layerwise: bool = False) -> dict:
             "targets": {"peak_rss_gib": 12, "tokens_per_s": 20}}
 
 
-def child_hybrid(args, layerwise: bool = True) -> dict:
+def _whole_model_and_prompt(args):
+    """The whole 20b (packed experts, bf16 storage, fp32 compute), its load time and peak RSS after
+    loading, and the data set's first prompt as ids [1, T]."""
     import jax.numpy as jnp
-    import numpy as np
 
     from hmoe_jax import from_pretrained, precompute
-    from hmoe_jax.hybrid import HybridConfig, make_hybrid
 
     hf = args.work_dir / "hf"
     start = time.perf_counter()
     model = from_pretrained(hf, dtype=jnp.float32, param_dtype=jnp.bfloat16, keep_mxfp4=True)
     load_s = time.perf_counter() - start
     loaded_rss = _peak_rss()
-    config = HybridConfig()
-    make_hybrid(model, config)
     prompt = json.loads(_subset(args.work_dir, 1).read_text())[0]["input_prompt"]
     ids = precompute.tokenize(precompute.load_tokenizer(hf), [prompt], model.config.vocab_size)[0][None, :]
+    return model, load_s, loaded_rss, ids
+
+
+def child_hybrid(args, layerwise: bool = True) -> dict:
+    import numpy as np
+
+    from hmoe_jax.hybrid import HybridConfig, make_hybrid
+
+    model, load_s, loaded_rss, ids = _whole_model_and_prompt(args)
+    config = HybridConfig()
+    make_hybrid(model, config)
     t = time.perf_counter()
     out = model(ids, layerwise=layerwise)
     np.asarray(out.logits)
@@ -165,16 +174,11 @@ def child_hybrid(args, layerwise: bool = True) -> dict:
 
 def child_generate(args) -> dict:
     """Greedy generation on the whole 20b (packed, bf16 storage), layerwise: one prompt, 8 new tokens."""
-    import jax.numpy as jnp
     import numpy as np
 
-    from hmoe_jax import from_pretrained, precompute
     from hmoe_jax.generate import generate
 
-    hf = args.work_dir / "hf"
-    model = from_pretrained(hf, dtype=jnp.float32, param_dtype=jnp.bfloat16, keep_mxfp4=True)
-    prompt = json.loads(_subset(args.work_dir, 1).read_text())[0]["input_prompt"]
-    ids = precompute.tokenize(precompute.load_tokenizer(hf), [prompt], model.config.vocab_size)[0][None, :]
+    model, _, _, ids = _whole_model_and_prompt(args)
     timings = []
     for _ in range(2):  # the first call compiles its block programs
         t = time.perf_counter()
