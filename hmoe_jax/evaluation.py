@@ -187,7 +187,7 @@ def evaluate_hybrid(checkpoint, run_dir, eval_path, *, train_path=None, batch_si
     split over its data axis (across hosts in a multi-process run). Only blocks 0..layer are loaded
     (nothing after the hybrid layer changes its predictions); `keep_mxfp4`, `param_dtype` as
     `from_pretrained`, `layerwise` as `hybrid_predictions`: with all three, the 20b's first 13
-    blocks evaluate in 8.1 GiB peak RSS (`bench/bench_20b.py`, part eval-hybrid)."""
+    blocks evaluate in 8 GiB peak RSS (`bench/bench_20b.py`, part eval-hybrid)."""
     scenarios = data.load_scenarios(eval_path)
     model, layer = build_hybrid_model(checkpoint, run_dir, hybrid_params=hybrid_params, mesh=mesh,
                                       keep_mxfp4=keep_mxfp4, param_dtype=param_dtype, through_hybrid_layer=True)

@@ -39,30 +39,32 @@ def _cache_size(layer, total_len: int) -> int:
 
 def _prefill(model: GptOssForCausalLM, ids, mask, total_len: int):
     """Run the prompt, returning the last position's logits, the caches and the next positions."""
-    x, context = model.embed(ids, mask, default_position_ids(mask))
+    positions = default_position_ids(mask)
+    x, context = model.embed(ids, mask, positions)
+    seq_index = _sequence_index(mask)
     caches = []
     for layer in model.layers:
-        x, cache = _prefill_block(layer, x, context, total_len)
+        x, cache = _prefill_block(layer, x, context, seq_index, total_len)
         caches.append(cache)
-    return _lm_head(model, x[:, -1:])[:, 0], tuple(caches), _next_position(context.attention_mask)
+    return _lm_head(model, x[:, -1:])[:, 0], tuple(caches), positions[:, -1] + 1
 
 
-def _next_position(mask):
-    """Each row's first new position: one past its last prompt position (left-padded prompts)."""
-    return default_position_ids(mask)[:, -1] + 1
+def _sequence_index(mask):
+    """[B,T] the sequence index of each prompt position, -1 for padding: what cache slots record."""
+    return jnp.where(mask.astype(bool), jnp.arange(mask.shape[1])[None, :], -1)
 
 
-def _prefill_block(layer, x, context: BlockContext, total_len: int):
+def _prefill_block(layer, x, context: BlockContext, seq_index, total_len: int):
     """Block `layer` over the whole prompt: (new residual, its filled KV cache)."""
     b, t = x.shape[:2]
     mask = context.attention_mask
-    seq_index = jnp.where(mask.astype(bool), jnp.arange(t)[None, :], -1)
     attn = layer.self_attn
     h = layer.input_layernorm(x)
     q, k, v = attn.project_qkv(h, context.cos, context.sin)
     allowed = context.sliding if attn.sliding_window else context.full
     x_mid = x + attn.output(attn.attend(q, k, v, allowed, key_mask=mask))
     y, _ = layer.mlp(layer.post_attention_layernorm(x_mid), block_input=x, token_mask=mask)
+    x = x_mid + y
     size = _cache_size(layer, total_len)
     keep = min(size, t)  # the last `keep` prompt positions land in slots (index % size), all distinct
     slots = jnp.arange(t - keep, t) % size
@@ -71,7 +73,7 @@ def _prefill_block(layer, x, context: BlockContext, total_len: int):
         jnp.zeros((b, size) + v.shape[2:], v.dtype).at[:, slots].set(v[:, t - keep:]),
         jnp.full((b, size), -1, jnp.int32).at[:, slots].set(seq_index[:, t - keep:]),
     )
-    return x_mid + y, cache
+    return x, cache
 
 
 def _lm_head(model, x):
@@ -194,8 +196,8 @@ def generate(
 _jitted_next_token = jax.jit(_next_token, static_argnums=(3, 4, 5, 6))
 
 
-def _embed_prompt(model, ids, mask):
-    return model.embed(ids, mask, default_position_ids(mask))
+def _embed_prompt(model, ids, mask, positions):
+    return model.embed(ids, mask, positions)
 
 
 def _last_logits(model, x):
@@ -209,13 +211,15 @@ def _generate_layerwise(model, ids, mask, max_new_tokens, temperature, top_k, eo
     outer = nnx.split(EmbeddingAndHead(model))  # the embedding and head programs read only their parameters
     blocks = [nnx.split(layer) for layer in model.layers]
     run = functools.partial(call_jitted, kernel_mode=kernel_mode)
-    x, context = run(_embed_prompt, (), *outer, ids, mask)
+    positions = default_position_ids(mask)
+    x, context = run(_embed_prompt, (), *outer, ids, mask, positions)
+    seq_index = _sequence_index(mask)
     caches = []
     for block in blocks:
-        x, cache = run(_prefill_block, (total,), *block, x, context)
+        x, cache = run(_prefill_block, (total,), *block, x, context, seq_index)
         caches.append(cache)
     logits = run(_last_logits, (), *outer, x)
-    position = _next_position(mask)
+    position = positions[:, -1] + 1
     done = jnp.zeros(ids.shape[0], bool)
     tokens = []
     for i in range(max_new_tokens):
