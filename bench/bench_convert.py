@@ -7,8 +7,8 @@ Steps, each in a fresh child process so its peak RSS is its own:
    WORK_DIR/hf, unless one is there;
 2. convert it with dense experts (decoded to bf16, ~42 GB written), then delete the output;
 3. convert it with `--keep-mxfp4` (~13 GB written);
-4. `from_pretrained(..., dtype=bfloat16)` of the packed conversion (and with `--forward`, one forward
-   pass of 8 tokens).
+4. `from_pretrained(..., dtype="bfloat16", param_dtype="bfloat16")` (bf16 weights and compute) of the
+   packed conversion (and with `--forward`, one forward pass of 8 tokens, jitted as one program).
 Targets: conversion peak RSS <= 4 GiB, loading the packed 20b <= 16 GiB. Slow (minutes per step)
 and disk hungry (~60 GB at the peak): not part of the test suite. Prints a markdown table.
 """
@@ -36,19 +36,22 @@ def _child(step: str, src: Path, dst: Path) -> dict:
     start = time.perf_counter()
     result: dict = {"step": step}
     if step in ("convert_dense", "convert_packed"):
-        from hmoe_jax.convert import convert_checkpoint
+        from hmoe_jax.checkpoint.convert import convert_checkpoint
 
         summary = convert_checkpoint(src, dst, keep_mxfp4=step == "convert_packed")
         result.update(source_bytes=summary.bytes, tensors=summary.tensors, written_bytes=_du(dst))
     elif step in ("load_packed", "load_packed_forward"):
         import jax
-        import jax.numpy as jnp
         import numpy as np
         from flax import nnx
 
         import hmoe_jax
 
-        model = hmoe_jax.from_pretrained(src, dtype=jnp.bfloat16)
+        # bf16 storage and compute, the experts as the conversion stored them (packed), the forward as one
+        # jitted program: what this step has always measured, not the loader's CPU defaults (float32
+        # compute, "layerwise" execution for a model this size).
+        model = hmoe_jax.from_pretrained(src, dtype="bfloat16", param_dtype="bfloat16", experts="packed",
+                                         execution="program")
         param_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
         result.update(param_bytes=param_bytes, load_seconds=time.perf_counter() - start)
         if step == "load_packed_forward":
@@ -88,7 +91,8 @@ def main(argv=None) -> int:
     hf, dense, packed = args.work / "hf", args.work / "flax_dense", args.work / "flax_packed"
     if not hf.exists():
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, str(Path(__file__).with_name("make_synthetic_checkpoint.py")), str(hf)], check=True)
+        subprocess.run([sys.executable, str(Path(__file__).with_name("make_synthetic_checkpoint.py")), str(hf)],
+                       check=True)
         print(f"synthetic checkpoint: {_du(hf) / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s")
     rows = []
     for step, dst in (("convert_dense", dense), ("convert_packed", packed)):

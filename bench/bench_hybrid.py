@@ -37,9 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hmoe_jax.config import GptOssConfig
-from hmoe_jax.hybrid import HybridConfig, HybridMoE
-from hmoe_jax.model import MoE
+from hmoe_jax.hybrid.layer import HybridConfig, HybridMoE
+from hmoe_jax.model.config import GptOssConfig
+from hmoe_jax.model.layers import MoE
+from hmoe_jax.runtime.options import RunOptions
 
 GPT_OSS_20B_MOE = dict(hidden_size=2880, intermediate_size=2880, num_local_experts=32, num_experts_per_tok=4)
 
@@ -54,8 +55,8 @@ def full_width_config(**overrides) -> GptOssConfig:
 def random_moe(config: GptOssConfig, seed: int, backend: str = "auto") -> MoE:
     """The MoE with N(0, 0.02^2) weights (3.2 GB of fp32 experts), filled one leading-axis slice at a
     time into a donated buffer, so no full-size temporary ever sits beside a parameter."""
-    moe = nnx.eval_shape(lambda: MoE(config, dtype=jnp.float32, param_dtype=jnp.float32, backend=backend,
-                                     rngs=nnx.Rngs(0)))
+    options = RunOptions(dtype="float32", param_dtype="float32", experts="dense", moe_backend=backend).resolved()
+    moe = nnx.eval_shape(lambda: MoE(config, options, rngs=nnx.Rngs(0)))
     rng = np.random.default_rng(seed)
     fill = jax.jit(lambda a, row, i: a.at[i].set(row), donate_argnums=0)
     for _, variable in nnx.to_flat_state(nnx.state(moe)):
@@ -116,7 +117,8 @@ def main(argv=None) -> int:
 
     info = jitted_layer(default, part=1)(x, block_input, mask)
     det_slots = float(np.mean(np.asarray(info["expert_indices"]) >= config.num_local_experts))
-    stats = {"median": {n: statistics.median(t) for n, t in times.items()}, "min": {n: min(t) for n, t in times.items()}}
+    stats = {"median": {n: statistics.median(t) for n, t in times.items()},
+             "min": {n: min(t) for n, t in times.items()}}
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
 
     def overhead(stat: str, name: str) -> float:

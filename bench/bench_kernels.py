@@ -4,21 +4,23 @@
                                   [--layers 2] [--dtype bfloat16] [--runs 20] [--out bench/results/kernels.md]
     python bench/bench_kernels.py --smoke      # tiny shapes, interpret mode: checks the script, times nothing
 
-Every "pallas" variant is the wired model path (`hmoe_jax.kernels.select` picking the kernels), every
-"xla" variant the same code with the XLA path selected (`kernels.use("xla")`, what `HMOE_KERNELS=xla`
-does).
+Every "pallas" variant is the wired model path (the kernels the model's `RunOptions.kernels` "pallas"
+selects), every "xla" variant the same code with the XLA path selected (`kernels="xla"`: on a built model
+`model.using(kernels="xla")`, on a bare module `module.options.replace(kernels="xla")`).
 
 Attention (one layer's core, after the projections): batch 1, 64 query heads on 8 KV heads, head_dim
-64, sliding window 128 and full causal, `--seq` tokens. `model.Attention.attend` with the mask from
-`model.attention_masks`: XLA materialises [B, KV, G, T, S] scores; with the padding `key_mask` the
-kernel (`kernels.sink_attention`) rebuilds the mask per tile.
+64, sliding window 128 and full causal, `--seq` tokens. The two paths of
+`hmoe_jax.model.layers.Attention.attend`, with the mask from `hmoe_jax.model.layers.attention_masks`:
+XLA (`layers.sink_attention_xla`) materialises [B, KV, G, T, S] scores; with the padding `key_mask` the
+kernel (`hmoe_jax.model.kernel_dispatch.attention`, running `kernels.sink_attention`) rebuilds the mask
+per tile.
 
 MoE (one layer, after the router): hidden 2880, intermediate 2880, 32 experts top-4, `--tokens` tokens,
-experts MXFP4-packed as in the checkpoint (`model.PackedExperts`). Variants:
+experts MXFP4-packed as in the checkpoint (`hmoe_jax.model.layers.PackedExperts`). Variants:
 - `xla packed`: decode every expert with `dequantize_mxfp4` inside the jitted forward, then `ragged`;
 - `xla predecoded`: `moe_ragged` on experts decoded once ahead (4x the weight bytes resident: the
   XLA ceiling without a decode per call);
-- `pallas`: `kernels.moe_pallas_mxfp4` (decode fused into the grouped matmul tiles).
+- `pallas`: `hmoe_jax.model.moe.moe_packed_kernel` (decode fused into the grouped matmul tiles).
 
 Model: `GptOssForCausalLM` at gpt-oss-20b width with `--layers` blocks (sliding and full alternating),
 packed MXFP4 experts, random weights, one sequence of `--model-seq` tokens: the jitted forward
@@ -36,7 +38,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import NamedTuple
 
 import jax
@@ -44,9 +45,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hmoe_jax import kernels, moe
-from hmoe_jax.config import GptOssConfig
-from hmoe_jax.model import Attention, GptOssForCausalLM, PackedExperts, _precision, attention_masks
+from hmoe_jax import kernels
+from hmoe_jax.model import kernel_dispatch, moe
+from hmoe_jax.model.config import GptOssConfig
+from hmoe_jax.model.layers import PackedExperts, attention_masks, sink_attention_xla
+from hmoe_jax.model.transformer import GptOssForCausalLM
+from hmoe_jax.runtime.options import RunOptions, matmul_precision
 
 
 class Shapes(NamedTuple):
@@ -104,10 +108,14 @@ def bench_attention(shapes: Shapes, seq: int, window: int | None, dtype, runs: i
     def attend(kernel_mode):
         @jax.jit
         def run(q, k, v, sinks, allowed, key_mask):
-            # `Attention.attend` reads only these attributes; no need to build (and time) the projections.
-            layer = SimpleNamespace(num_heads=shapes.heads, num_kv_heads=shapes.kv_heads, head_dim=shapes.head_dim,
-                                    dtype=dtype, sinks=sinks, sliding_window=window, kernels=kernel_mode)
-            return Attention.attend(layer, q, k, v, allowed, key_mask)
+            # What `Attention.attend` runs over a prompt, without building (and timing) the projections: the
+            # kernel where the mode is not "xla" and it takes the shapes, the XLA path otherwise.
+            if kernel_mode != "xla":
+                out = kernel_dispatch.attention(q, k, v, sinks, key_mask, window=window,
+                                                scale=shapes.head_dim**-0.5, mode=kernel_mode)
+                if out is not None:
+                    return out
+            return sink_attention_xla(q, k, v, sinks, allowed, dtype)
         return run
 
     xla, pallas = attend("xla"), attend(mode)
@@ -121,8 +129,9 @@ def bench_attention(shapes: Shapes, seq: int, window: int | None, dtype, runs: i
 
 def random_packed_experts(shapes: Shapes, dtype) -> PackedExperts:
     """`PackedExperts` with random bytes, scales near 2**-6 and small biases, made on device."""
-    module = nnx.eval_shape(lambda: PackedExperts(config(shapes), dtype=dtype, param_dtype=dtype, backend="ragged",
-                                                  rngs=nnx.Rngs(0)))
+    options = RunOptions(dtype=dtype, param_dtype=dtype, experts="packed", moe_backend="ragged", kernels="xla",
+                         execution="program")
+    module = nnx.eval_shape(lambda: PackedExperts(config(shapes), options, rngs=nnx.Rngs(0)))
     key = jax.random.key(0)
     for path, param in nnx.to_flat_state(nnx.state(module)):
         key, sub = jax.random.split(key)
@@ -149,7 +158,7 @@ def bench_moe(shapes: Shapes, module: PackedExperts, tokens: int, runs: int, mod
         @jax.jit
         def run(state, x, weights, indices):
             m = nnx.merge(graphdef, state)
-            m.kernels = kernel_mode  # the module's own option: `PackedExperts.__call__` picks the path
+            m.options = m.options.replace(kernels=kernel_mode)  # the module's own option picks the path
             return m(x, weights, indices)
         return run
 
@@ -157,7 +166,7 @@ def bench_moe(shapes: Shapes, module: PackedExperts, tokens: int, runs: int, mod
 
     @jax.jit
     def xla_predecoded(w, x, weights, indices):
-        return moe.moe_ragged(x, weights, indices, w, module.activation, _precision(dt))
+        return moe.moe_ragged(x, weights, indices, w, module.activation, matmul_precision(dt))
 
     xla_packed, pallas = packed("xla"), packed(mode)
     args = (x, weights, indices)
@@ -170,22 +179,25 @@ def bench_moe(shapes: Shapes, module: PackedExperts, tokens: int, runs: int, mod
     return result
 
 
+def forward_seconds(model: GptOssForCausalLM, ids, kernel_mode: str, runs: int) -> tuple[float, jax.Array]:
+    """(median seconds, logits) of `model(ids)` on one kernel path. The path is the model's own option,
+    part of its graph: `model(...)` compiles (and caches) a program per path."""
+    def forward(ids):
+        return model(ids).logits
+
+    with model.using(kernels=kernel_mode):
+        return median_seconds(forward, (ids,), runs), forward(ids)
+
+
 def bench_model(shapes: Shapes, layers: int, seq: int, dtype, runs: int, mode: str) -> dict:
     """The whole jitted forward (`model(ids)`), XLA vs both kernels: the model as it runs."""
-    model = GptOssForCausalLM(config(shapes, layers), dtype=dtype, packed_experts=True, rngs=nnx.Rngs(0))
+    options = RunOptions(dtype=dtype, param_dtype=dtype, experts="packed", execution="program")
+    model = GptOssForCausalLM(config(shapes, layers), options, rngs=nnx.Rngs(0))
     ids = jax.random.randint(jax.random.key(1), (1, seq), 0, shapes.vocab)
-
-    def forward(kernel_mode):
-        def run(ids):
-            with kernels.use(kernel_mode):  # keyed into `model(...)`'s compile cache
-                return model(ids).logits
-        return run
-
-    xla, pallas = forward("xla"), forward(mode)
     result = dict(layers=layers, seq=seq)
-    result["xla"] = median_seconds(xla, (ids,), runs)
-    result["pallas"] = median_seconds(pallas, (ids,), runs)
-    result["err"] = rel_err(pallas(ids), xla(ids))
+    result["xla"], xla_logits = forward_seconds(model, ids, "xla", runs)
+    result["pallas"], pallas_logits = forward_seconds(model, ids, mode, runs)
+    result["err"] = rel_err(pallas_logits, xla_logits)
     del model
     return result
 
@@ -199,7 +211,7 @@ def report(args, shapes: Shapes, attention: list[dict], moe_rows: list[dict], mo
         "",
         f"{device.device_kind} ({jax.default_backend()}), JAX {jax.__version__}, {args.dtype}; median of "
         f"{args.runs} runs after warm-up (`python bench/bench_kernels.py`). Both paths are the model's own "
-        "(`hmoe_jax.kernels.select`). Error: max |pallas - xla| / max |xla|.",
+        "(`RunOptions.kernels`). Error: max |pallas - xla| / max |xla|.",
         "",
         f"## Attention: 1 x T tokens, {s.heads} heads on {s.kv_heads} KV heads, head_dim {s.head_dim}, sinks",
         "",

@@ -7,15 +7,17 @@
 Cases (issue 2):
   medium  hidden 512, 4 layers, 8 heads / 2 KV heads, head_dim 64, 16 experts top-4, intermediate 512,
           vocab 2048; batch 4 x 128 tokens; the whole model (logits), loaded through
-          `hmoe_jax.from_pretrained` from a checkpoint written by `hmoe_jax.synthetic.write_hf_checkpoint`
-          vs `hmoe_jax.synthetic.load_torch_reference` on the same directory.
+          `hmoe_jax.from_pretrained` (fp32 weights and compute, dense experts, one jitted program) from a
+          checkpoint written by `hmoe_jax.checkpoint.synthetic.write_hf_checkpoint` vs
+          `hmoe_jax.checkpoint.synthetic.load_torch_reference` on the same directory.
   full    one gpt-oss-20b decoder layer at the real width (hidden 2880, 64 q / 8 kv heads of 64,
           32 experts top-4, intermediate 2880; random weights), as a 1-layer GptOssForCausalLM with a
           256-token vocabulary (the lm_head is 0.6% of the FLOPs), batch 1 x 128 tokens.
 
-The model runs as loaded: experts stored [out, in] (`model.Experts`, `moe.ExpertWeightsOutIn`).
-`--in-out` adds a row per case with the same weights stored [in, out] (`moe.ExpertWeights`, the model's
-layout before format 2 of the converted checkpoints), timed in a second interleaved loop beside torch.
+The model runs as loaded: experts stored [out, in] (`hmoe_jax.model.layers.Experts`,
+`hmoe_jax.model.moe.ExpertWeightsOutIn`). `--in-out` adds a row per case with the same weights stored
+[in, out] (`hmoe_jax.model.moe.ExpertWeights`, the model's layout before format 2 of the converted
+checkpoints), timed in a second interleaved loop beside torch.
 
 Both outputs are compared (logits and every hidden state, max abs error / max abs value) before timing.
 Timing: warm-up calls excluded, JAX and torch repetitions interleaved, median reported. The machine may
@@ -191,7 +193,7 @@ def weight_bytes(c: dict) -> int:
 # ------------------------------------------------------------------ configs
 
 def medium_config() -> dict:
-    from hmoe_jax import synthetic
+    from hmoe_jax.checkpoint import synthetic
 
     return synthetic.tiny_config(
         vocab_size=2048, hidden_size=512, intermediate_size=512, num_hidden_layers=4,
@@ -201,7 +203,7 @@ def medium_config() -> dict:
 
 
 def full_layer_config() -> dict:
-    from hmoe_jax import synthetic
+    from hmoe_jax.checkpoint import synthetic
 
     return synthetic.tiny_config(
         vocab_size=256, hidden_size=2880, intermediate_size=2880, num_hidden_layers=1,
@@ -253,26 +255,29 @@ def stream_gbs(reps: int, busy: float, max_wait: float, gib: float = 1.0) -> dic
     f = jax.jit(jnp.sum)
     t = time_interleaved({"sum": lambda: f(x).block_until_ready()}, reps, busy, max_wait)["sum"]
     t["gbs"] = x.nbytes / t[METRIC] / 1e9
-    del x
-    return t
+    return t  # x (1 GiB) is freed with this frame
 
 
 def run_case(name: str, spec: dict, workdir: Path, args) -> dict:
-    import jax
     import torch
 
     import hmoe_jax
-    from hmoe_jax import synthetic
+    from hmoe_jax.checkpoint import synthetic
 
     config = spec["config"]()
     batch, seq = spec["batch"], spec["seq"]
     ckpt = workdir / f"ckpt_{name}"
-    if not (ckpt / "config.json").is_file() or json.loads((ckpt / "config.json").read_text()).get("hidden_size") != config["hidden_size"]:
+    written = (ckpt / "config.json").is_file() and \
+        json.loads((ckpt / "config.json").read_text()).get("hidden_size") == config["hidden_size"]
+    if not written:
         print(f"[{name}] writing checkpoint to {ckpt} ...", flush=True)
         synthetic.write_hf_checkpoint(ckpt, config, seed=0, std=spec["std"])
     # JAX first: the loader's transient copies then do not stack on top of the torch model.
     print(f"[{name}] loading JAX model (moe_backend={args.moe_backend}) ...", flush=True)
-    model = hmoe_jax.from_pretrained(ckpt, moe_backend=args.moe_backend)
+    # What this benchmark has always measured: fp32 weights and compute, the experts decoded (dense), one
+    # jitted program per forward (not the loader's defaults, which follow the checkpoint and the platform).
+    model = hmoe_jax.from_pretrained(ckpt, dtype="float32", param_dtype="float32", experts="dense",
+                                     moe_backend=args.moe_backend, execution="program")
     print(f"[{name}] loading transformers reference ...", flush=True)
     ref = synthetic.load_torch_reference(ckpt)
 
@@ -299,42 +304,46 @@ def run_case(name: str, spec: dict, workdir: Path, args) -> dict:
         raise SystemExit(f"[{name}] JAX and transformers disagree: {errors}")
 
     print(f"[{name}] timing ...", flush=True)
-    t = time_interleaved({"jax": run_jax, "torch": run_torch, "matmul": args.matmul}, args.reps, args.busy, args.max_wait)
+    t = time_interleaved({"jax": run_jax, "torch": run_torch, "matmul": args.matmul}, args.reps, args.busy,
+                         args.max_wait)
     t["matmul"] = with_gflops(t["matmul"])
     if args.in_out:
-        # The previous expert layout ([E, in, out], moe.ExpertWeights), on the same weights: the loaded
+        # The previous expert layout ([E, in, out], `moe.ExpertWeights`), on the same weights: the loaded
         # model's experts transposed in place.
         print(f"[{name}] experts as [in, out] (previous layout) ...", flush=True)
         to_in_out(model)
         out = model(ids, output_hidden_states=True)
         errors_io = {"logits": rel_err(out.logits, tout.logits.numpy())}
-        errors_io.update({f"hidden_{i}": rel_err(a, b.numpy()) for i, (a, b) in enumerate(zip(out.hidden_states, tout.hidden_states))})
+        errors_io.update({f"hidden_{i}": rel_err(a, b.numpy())
+                          for i, (a, b) in enumerate(zip(out.hidden_states, tout.hidden_states))})
         if max(errors_io.values()) > args.tolerance:
             raise SystemExit(f"[{name}] in-out experts disagree with transformers: {errors_io}")
         errors.update({f"in_out_{k}": v for k, v in errors_io.items()})
         t2 = time_interleaved({"jax_in_out": run_jax, "torch": run_torch, "matmul": args.matmul}, args.reps, args.busy,
                               args.max_wait)
-        t["jax_in_out"], t["torch_in_out_run"], t["matmul_in_out_run"] = t2["jax_in_out"], t2["torch"], with_gflops(t2["matmul"])
+        t["jax_in_out"], t["torch_in_out_run"] = t2["jax_in_out"], t2["torch"]
+        t["matmul_in_out_run"] = with_gflops(t2["matmul"])
     flops = model_flops(config, batch, seq)
     result = {
-        "config": {k: config[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                                          "num_key_value_heads", "head_dim", "num_local_experts",
-                                          "num_experts_per_tok", "vocab_size", "sliding_window")},
+        "config": {k: config[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                          "num_attention_heads", "num_key_value_heads", "head_dim",
+                                          "num_local_experts", "num_experts_per_tok", "vocab_size",
+                                          "sliding_window")},
         "batch": batch, "seq": seq, "flops": flops, "weight_bytes": weight_bytes(config),
         "parity_rel_err": errors, "timing": t,
     }
-    del model, ref
-    return result
+    return result  # the JAX and torch models are freed with this frame, before the next case loads
 
 
 def to_in_out(model) -> None:
     """Replace every layer's experts by a module holding the same matrices as [E, in, out]
-    (`moe.ExpertWeights`): what `model.Experts` was before it stored them [out, in]."""
+    (`hmoe_jax.model.moe.ExpertWeights`): what `hmoe_jax.model.layers.Experts` was before it stored them
+    [out, in]. The new module holds the model's `RunOptions` (compute dtype, MoE backend) as `Experts` does."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from hmoe_jax import model as model_lib, moe
+    from hmoe_jax.model import moe
 
     class InOutExperts(nnx.Module):
         def __init__(self, src):
@@ -343,7 +352,11 @@ def to_in_out(model) -> None:
             self.down_proj = nnx.Param(t(src.down_proj[...]), axes=("experts", "mlp", "embed"))
             self.gate_up_proj_bias = nnx.Param(src.gate_up_proj_bias[...], axes=("experts", "mlp"))
             self.down_proj_bias = nnx.Param(src.down_proj_bias[...], axes=("experts", "embed"))
-            self.activation, self.backend, self.dtype = src.activation, src.backend, src.dtype
+            self.activation, self.options = src.activation, src.options
+
+        @property
+        def dtype(self):
+            return self.options.compute_dtype
 
         def weights(self):
             dt = self.dtype
@@ -351,8 +364,8 @@ def to_in_out(model) -> None:
                                      self.down_proj[...].astype(dt), self.down_proj_bias[...].astype(dt))
 
         def __call__(self, x, weights, indices):
-            return moe.dispatch(self.backend)(x, weights, indices, self.weights(), self.activation,
-                                              model_lib._precision(self.dtype))
+            return moe.dispatch(self.options.moe_backend)(x, weights, indices, self.weights(), self.activation,
+                                                          self.options.precision)
 
     for layer in model.layers:
         layer.mlp.experts = InOutExperts(layer.mlp.experts)
@@ -366,14 +379,16 @@ def _row(case, label, t, gf, torch_s, mm_gflops, parity) -> str:
     t = dict(t, median_s=t[METRIC])
     speed = f"{torch_s / t['median_s']:.2f}x"
     return (f"| {case} | {label} | {t['median_s']:.4f} | {gf:.2f} | {gf / t['median_s']:.1f} | "
-            f"{100 * gf / t['median_s'] / mm_gflops:.0f}% | {speed} | {t['clean_reps']}/{t['all_reps']}{flag} | {parity} |")
+            f"{100 * gf / t['median_s'] / mm_gflops:.0f}% | {speed} | {t['clean_reps']}/{t['all_reps']}{flag} | "
+            f"{parity} |")
 
 
 def table(results: dict) -> str:
     """Markdown table. GFLOP/s percentages are against the matmul timed in the same interleaved loop."""
     bw = results.get("stream", {}).get("gbs")
     lines = [
-        "| case | implementation | median time (s) | GFLOP / forward | GFLOP/s | % of matmul | speedup vs transformers | clean reps | parity (rel) |",
+        "| case | implementation | median time (s) | GFLOP / forward | GFLOP/s | % of matmul | "
+        "speedup vs transformers | clean reps | parity (rel) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     notes = []
@@ -401,7 +416,8 @@ def table(results: dict) -> str:
             tj, tt = t["jax"][METRIC], t["torch"][METRIC]
             notes.append(
                 f"Full-width layer: {gb:.2f} GB of fp32 weights per forward"
-                + (f"; at the measured stream-read bandwidth ({bw:.1f} GB/s) the memory roofline is {gb / bw:.3f} s" if bw else "")
+                + (f"; at the measured stream-read bandwidth ({bw:.1f} GB/s) the memory roofline is "
+                   f"{gb / bw:.3f} s" if bw else "")
                 + f". JAX reads them at {gb / tj:.1f} GB/s effective."
             )
             notes.append(
@@ -468,7 +484,8 @@ def main(argv=None) -> int:
     }
     print("measuring matmul throughput ...", flush=True)
     args.matmul = matmul_thunk()
-    results["matmul"] = with_gflops(time_interleaved({"matmul": args.matmul}, args.reps, args.busy, args.max_wait)["matmul"])
+    results["matmul"] = with_gflops(
+        time_interleaved({"matmul": args.matmul}, args.reps, args.busy, args.max_wait)["matmul"])
     print(f"  {results['matmul']['gflops']:.1f} GFLOP/s", flush=True)
     results["stream"] = stream_gbs(args.reps, args.busy, args.max_wait)
     print(f"  stream read {results['stream']['gbs']:.1f} GB/s", flush=True)
@@ -484,7 +501,8 @@ def main(argv=None) -> int:
     env = results["environment"]
     header = (
         f"# JAX vs transformers forward (fp32, CPU)\n\n"
-        f"`python bench/bench_model.py` on {env['cpu']} ({env['cores']} cores), jax {env['jax']}, torch {env['torch']}, "
+        f"`python bench/bench_model.py` on {env['cpu']} ({env['cores']} cores), jax {env['jax']}, "
+        f"torch {env['torch']}, "
         f"transformers {env['transformers']}, MoE backend `{env['moe_backend']}`"
         + (f", XLA_FLAGS=`{env['XLA_FLAGS']}`" if env["XLA_FLAGS"] else "")
         + f", {env['date']}.\n\n"

@@ -1,4 +1,4 @@
-"""The MoE dispatch backends (`hmoe_jax.moe`: dense, ragged, grouped, auto) on this machine, at three sizes.
+"""The MoE dispatch backends (`hmoe_jax.model.moe`: dense, ragged, grouped, auto) on this machine, at three sizes.
 
     python bench/bench_moe_backends.py                # writes bench/results/moe_backends.{md,json}
     python bench/bench_moe_backends.py --sizes full   # one size
@@ -10,13 +10,13 @@ Each size runs the experts alone (router output given), jitted, fp32, `Precision
   full    hidden 2880, intermediate 2880, 32 experts top-4, 128 tokens  (one gpt-oss-20b layer, 1 x 128)
   (small, small2: in between, for the dense/grouped crossover; not in the default run)
 with the experts stored [in, out] (`moe.ExpertWeights`, HF's bf16 layout and the model's before it
-switched) and [out, in] (`moe.ExpertWeightsOutIn`, the layout of `model.Experts` and of decoded
-MXFP4). Routing: top-k of N(0, 1) router logits (a random router: groups of about N*k/E tokens).
+switched) and [out, in] (`moe.ExpertWeightsOutIn`, the layout of `hmoe_jax.model.layers.Experts` and of
+decoded MXFP4). Routing: top-k of N(0, 1) router logits (a random router: groups of about N*k/E tokens).
 All backends are checked against `dense` (max abs error / max abs value) before timing.
 GFLOP/s counts the FLOPs of the top-k experts actually routed (2 * N * k * (H*2I + I*H)); `dense`
 computes E/k times that. Timing as in bench_model.py (interleaved repetitions, medians of repetitions
 during which other processes stayed under `--busy` cores; or CPU time with `--metric cpu`).
-`hmoe_jax.moe.auto_backend` is set from these numbers: `dense` while all experts on all tokens stay
+`hmoe_jax.model.moe.auto_backend` is set from these numbers: `dense` while all experts on all tokens stay
 under `moe.DENSE_MAX_FLOPS`, `grouped` above, on CPU.
 """
 
@@ -46,23 +46,24 @@ SIZES = {
 }
 
 
-def routed_flops(E, k, H, I, N) -> int:
-    return 2 * N * k * (H * 2 * I + I * H)
+def routed_flops(E, k, H, inter, N) -> int:
+    """FLOPs of the routed experts: N tokens, top-k, hidden H, intermediate `inter` (the sizes' "I")."""
+    return 2 * N * k * (H * 2 * inter + inter * H)
 
 
 def run_size(name: str, size: dict, backends: list[str], layouts: list[str], args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from hmoe_jax import moe
+    from hmoe_jax.model import moe
 
-    E, k, H, I, N = (size[key] for key in "EkHIN")
+    E, k, H, inter, N = (size[key] for key in "EkHIN")
     rng = np.random.default_rng(0)
     std = 0.02
     w = moe.ExpertWeights(
-        jnp.asarray(rng.standard_normal((E, H, 2 * I), dtype=np.float32) * std),
-        jnp.asarray(rng.standard_normal((E, 2 * I), dtype=np.float32) * std),
-        jnp.asarray(rng.standard_normal((E, I, H), dtype=np.float32) * std),
+        jnp.asarray(rng.standard_normal((E, H, 2 * inter), dtype=np.float32) * std),
+        jnp.asarray(rng.standard_normal((E, 2 * inter), dtype=np.float32) * std),
+        jnp.asarray(rng.standard_normal((E, inter, H), dtype=np.float32) * std),
         jnp.asarray(rng.standard_normal((E, H), dtype=np.float32) * std),
     )
     stores = {}
@@ -96,18 +97,19 @@ def run_size(name: str, size: dict, backends: list[str], layouts: list[str], arg
     if bad:
         raise SystemExit(f"[{name}] backends disagree with dense: {bad}")
     del outputs
-    print(f"[{name}] E={E} k={k} H={H} I={I} N={N}: groups {groups.min()}..{groups.max()}; timing ...", flush=True)
+    print(f"[{name}] E={E} k={k} H={H} I={inter} N={N}: groups {groups.min()}..{groups.max()}; timing ...", flush=True)
     t = bm.time_interleaved(fns, args.reps, args.busy, args.max_wait)
-    flops = routed_flops(E, k, H, I, N)
+    flops = routed_flops(E, k, H, inter, N)
     return {
-        "size": size, "group_sizes": groups.tolist(), "auto_picks": auto, "routed_flops": flops, "errors_vs_dense": errors,
-        "first_call_s": compile_s, "timing": t,
+        "size": size, "group_sizes": groups.tolist(), "auto_picks": auto, "routed_flops": flops,
+        "errors_vs_dense": errors, "first_call_s": compile_s, "timing": t,
     }
 
 
 def table(results: dict) -> str:
     lines = [
-        f"| size | backend | median {'CPU ' if bm.METRIC != 'median_s' else ''}time (ms) | GFLOP/s (routed) | vs fastest | first call (s) | clean reps | rel err vs dense |",
+        f"| size | backend | median {'CPU ' if bm.METRIC != 'median_s' else ''}time (ms) | GFLOP/s (routed) | "
+        "vs fastest | first call (s) | clean reps | rel err vs dense |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in results["sizes"].items():
@@ -136,7 +138,8 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default="tiny,medium,full")
     p.add_argument("--backends", default="dense,ragged,grouped,auto")
     p.add_argument("--layouts", default="in_out,out_in",
-                   help="expert storage: in_out (moe.ExpertWeights) and/or out_in (moe.ExpertWeightsOutIn, the model's)")
+                   help="expert storage: in_out (moe.ExpertWeights) and/or out_in (moe.ExpertWeightsOutIn, "
+                        "the model's)")
     p.add_argument("--metric", choices=("wall", "cpu"), default="wall",
                    help="median wall time, or median CPU time of this process (single-thread runs on a shared machine)")
     p.add_argument("--reps", type=int, default=7)
@@ -146,8 +149,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import jax
-
-    from hmoe_jax import moe
 
     bm.METRIC = "median_s" if args.metric == "wall" else "cpu_median_s"
     if args.metric == "cpu":  # CPU time needs no quiet machine: take every repetition
@@ -170,7 +171,8 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(
         f"# MoE dispatch backends (fp32, {env['platform']})\n\n`python bench/bench_moe_backends.py` on {env['cpu']} "
-        f"({env['cores']} cores, affinity {env['affinity']}), jax {env['jax']}, metric {env['metric']}, {env['date']}.\n\n"
+        f"({env['cores']} cores, affinity {env['affinity']}), jax {env['jax']}, metric {env['metric']}, "
+        f"{env['date']}.\n\n"
         + md + "\n"
     )
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))

@@ -30,7 +30,8 @@ def main() -> int:
     args = p.parse_args()
     hf = args.work_dir / "hf"
     if not (hf / "config.json").is_file():
-        subprocess.run([sys.executable, str(Path(__file__).parent / "make_synthetic_checkpoint.py"), str(hf)], check=True)
+        subprocess.run([sys.executable, str(Path(__file__).parent / "make_synthetic_checkpoint.py"), str(hf)],
+                       check=True)
     cmd = [sys.executable, "-m", "eval", "parity", "--model", str(hf), "--n-prompts", str(args.n_prompts),
            "--dtype", args.dtype, "--out", str(args.work_dir / "parity_out")]
     if args.layers:

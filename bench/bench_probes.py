@@ -8,7 +8,7 @@ The reduced protocol of the issue: all 12 probes (8 argument + 4 direct-output) 
 read out through random directions plus noise, centred targets smooth in the code). Both sides
 train on identical rows (fold 0's inner-train split) and are scored on identical held-out rows.
 
-- ours: `hmoe_jax.probe_training.EnsembleTrainer`, all 36 members in one program, ensemble sharded
+- ours: `hmoe_jax.training.probes.EnsembleTrainer`, all 36 members in one program, ensemble sharded
   over one CPU device per core. Timed three times from a fresh init: the first call includes
   compilation, the best of the other two is the steady cost;
 - reference: `torch_probe_loop.train_reference_probe`, one probe and seed at a time, `DataLoader`
@@ -44,11 +44,12 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hmoe_jax import make_mesh  # noqa: E402
-from hmoe_jax.data import EXPERT_ARGS  # noqa: E402
-from hmoe_jax.probe_training import (  # noqa: E402
-    ACTIVE_EXPERTS, DIRECT, EnsembleTrainer, Protocol, Task, build_ensemble)
 from torch_probe_loop import train_reference_probe  # noqa: E402
+
+from hmoe_jax import make_mesh  # noqa: E402
+from hmoe_jax.formulas import default_expert_names, get_expert  # noqa: E402
+from hmoe_jax.hybrid.artifacts import DIRECT  # noqa: E402
+from hmoe_jax.training.probes import EnsembleTrainer, Protocol, Task, build_ensemble  # noqa: E402
 
 MATMUL_SHAPE = (2048, 2880, 2048)
 
@@ -61,7 +62,8 @@ def synthetic_features(rows: int, dim: int, seed: int = 0, latent: int = 16):
     z = rng.standard_normal((rows, latent))
     basis = rng.standard_normal((latent, dim)) / np.sqrt(latent)
     x = (z @ basis + 0.5 * rng.standard_normal((rows, dim))).astype(np.float32)
-    keys = [(e, a) for e in ACTIVE_EXPERTS for a in EXPERT_ARGS[e]] + [(e, DIRECT) for e in ACTIVE_EXPERTS]
+    experts = default_expert_names()
+    keys = [(e, a) for e in experts for a in get_expert(e).arg_names] + [(e, DIRECT) for e in experts]
     tasks = []
     for key in keys:
         a, b = rng.standard_normal((2, latent)) / np.sqrt(latent)

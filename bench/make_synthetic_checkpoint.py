@@ -5,9 +5,10 @@
 Same key names (459 tensors), shapes, dtypes (bf16, MXFP4 uint8 experts), shard layout (three files
 named `model-0000{0,1,2}-of-00002.safetensors` as in the release, plus the index) and `config.json`
 (old `rope_scaling` spelling, `quantization_config`) as the released gpt-oss-20b: about 13.8 GB.
-Written tensor by tensor with `hmoe_jax.safetensors_file.SafetensorsWriter` (numpy + ml_dtypes, no
-torch), so it needs about one tensor of memory. Values: bf16 ~ N(0, 0.02^2) (norms ~ 1), random MXFP4
-codes with scale bytes 115..124, a spread like real expert weights, so every decoded value is finite.
+Written tensor by tensor with `hmoe_jax.checkpoint.safetensors_file.SafetensorsWriter` (numpy +
+ml_dtypes, no torch), so it needs about one tensor of memory. Values: bf16 ~ N(0, 0.02^2) (norms ~ 1),
+random MXFP4 codes with scale bytes 115..124, a spread like real expert weights, so every decoded value
+is finite. Key names and shapes come from `hmoe_jax.checkpoint.layouts.hf_tensor_shapes`.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from hmoe_jax.checkpoint import MXFP4_MODULES_NOT_CONVERTED, hf_tensor_shapes
-from hmoe_jax.config import GptOssConfig
-from hmoe_jax.safetensors_file import SafetensorsWriter
+from hmoe_jax.checkpoint.layouts import MXFP4_MODULES_NOT_CONVERTED, hf_tensor_shapes
+from hmoe_jax.checkpoint.safetensors_file import SafetensorsWriter
+from hmoe_jax.model.config import GptOssConfig
 
 N_LAYERS = 24
 
@@ -94,7 +95,8 @@ def write_checkpoint(out_dir: Path, seed: int = 0) -> None:
     out_dir.mkdir(parents=True, exist_ok=False)
     config = GptOssConfig.from_dict(GPT_OSS_20B_CONFIG)
     shapes = hf_tensor_shapes(config, "mxfp4")
-    dtypes = {k: np.dtype(np.uint8) if k.endswith(("_blocks", "_scales")) else np.dtype(ml_dtypes.bfloat16) for k in shapes}
+    dtypes = {k: np.dtype(np.uint8) if k.endswith(("_blocks", "_scales")) else np.dtype(ml_dtypes.bfloat16)
+              for k in shapes}
     nbytes = {k: math.prod(s) * dtypes[k].itemsize for k, s in shapes.items()}
     # The release orders each shard's tensors by name; layers spread over the shards in order.
     keys = sorted(shapes, key=lambda k: (int(k.split(".")[2]) if k.startswith("model.layers.") else -1, k))

@@ -11,13 +11,14 @@ import signal
 import sys
 from pathlib import Path
 
-from hmoe_jax import convert
+from hmoe_jax.checkpoint import convert
 
 
 def _parser():
     parser = argparse.ArgumentParser(
         prog="python -m convert",
         description="Convert a gpt-oss checkpoint into a Flax (orbax) checkpoint, or export one back to HF.",
+        epilog="example: python -m convert gpt-oss-20b gpt-oss-20b-flax --keep-mxfp4",
     )
     parser.add_argument("src", type=Path, help="HF checkpoint dir, OpenAI original/ dir (or its parent), probe .pt; "
                                                "with --to hf: a converted Flax checkpoint")
@@ -44,10 +45,17 @@ def main(argv=None) -> int:
         parser.error("--keep-mxfp4 applies to --to flax; use --mxfp4 for MXFP4 experts in an HF export")
     if args.to == "flax" and args.mxfp4:
         parser.error("--mxfp4 applies to --to hf; use --keep-mxfp4 to keep experts packed in a Flax checkpoint")
+    from hmoe_jax.checkpoint.location import locate_checkpoint
+    from hmoe_jax.hybrid.artifacts import convert_probe
+
     try:
         if args.to == "hf":
             summary = convert.export_hf(args.src, args.dst, mxfp4=args.mxfp4, dtype=args.dtype,
                                         overwrite=args.overwrite, progress=True)
+        elif locate_checkpoint(args.src).layout == "probe":
+            if args.keep_mxfp4:
+                parser.error("--keep-mxfp4 applies to gpt-oss checkpoints, not to a probe")
+            summary = convert_probe(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
         else:
             summary = convert.convert_checkpoint(args.src, args.dst, keep_mxfp4=args.keep_mxfp4, dtype=args.dtype,
                                                  overwrite=args.overwrite, progress=True)
@@ -60,5 +68,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from hmoe_jax.runtime.host import configure_host_memory
+
+    configure_host_memory()  # before JAX starts its backend
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     sys.exit(main())

@@ -1,5 +1,13 @@
-"""`python -m eval STAGE ...`; run a stage with --help for its options."""
+"""`python -m eval STAGE ...`: the evaluation stages; run a stage with --help for its options.
 
+    hybrid      score the integrated hybrid forward on an eval set
+    baselines   the frozen model answering by greedy generation, parsed and scored
+    latency     one hybrid forward versus N-token generation, JAX and transformers
+    parity      layer-by-layer parity against transformers
+    demo        the whole pipeline on an embedded random model (or on --model)
+"""
+
+import importlib
 import sys
 
 STAGES = {
@@ -14,10 +22,11 @@ STAGES = {
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in STAGES:
-        print(f"usage: python -m eval {{{','.join(STAGES)}}} [options]", file=sys.stderr)
-        return 2
-    import importlib
+        print(__doc__.strip(), file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    from hmoe_jax.runtime.host import configure_host_memory
 
+    configure_host_memory()  # before JAX starts its backend
     return importlib.import_module(STAGES[argv[0]]).main(argv[1:]) or 0
 
 

@@ -1,28 +1,28 @@
-"""hmoe-jax: Hybrid MoE (exact deterministic experts in gpt-oss's routing pool) in JAX/Flax NNX."""
+"""hmoe-jax: Hybrid MoE (exact deterministic experts in gpt-oss's routing pool) in JAX/Flax NNX.
 
-import os as _os
+Importing the package changes nothing in the process (no environment variable, no JAX setting, no
+listener); `hmoe_jax.runtime.host.configure_host_memory()` applies what a full-size model on a CPU host
+needs, and the pipeline's commands call it. The layers, each importing only from those before it:
 
-# XLA:CPU's default "concurrency-optimized" scheduler keeps independent work alive side by side; for a
-# gpt-oss forward that means every layer's decoded MXFP4 experts at once (measured on the 20b, 12
-# layers, 32 x 128 tokens: 40 GiB of temporaries instead of 3.9 GiB). The memory-minimising scheduler
-# reuses one layer's buffers for the next. XLA reads XLA_FLAGS when its CPU backend starts, so this
-# works when hmoe_jax is imported before the first computation; HMOE_XLA_CPU_SCHEDULER=default keeps
-# XLA's choice, and a flag already in XLA_FLAGS wins.
-_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
-if (_os.environ.get("HMOE_XLA_CPU_SCHEDULER", "memory") != "default"
-        and _SCHEDULER_FLAG not in _os.environ.get("XLA_FLAGS", "")):
-    _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") + f" {_SCHEDULER_FLAG}=false").strip()
+    runtime     RunOptions, meshes and sharding rules, multi-host, host memory, atomic files
+    formulas    the deterministic experts: exact formulas and their registry
+    kernels     Pallas GPU kernels (sink attention, MXFP4 grouped expert matmul)
+    model       gpt-oss in Flax NNX: layers, MoE dispatch, the transformer, generation
+    checkpoint  checkpoint layouts, from_pretrained, conversion, tokenizer
+    data        the CRE data set and its scoring, prompts as model inputs, the feature store
+    hybrid      the hybrid layer, the probe MLP, trained artifacts, the hybrid model's inference
+    training    precompute, probe training, end-to-end hybrid training
+    evaluation  hybrid evaluation, generation baselines, latency, parity, the demo
+"""
 
-from . import heap as _heap
-from .config import ConfigError, GptOssConfig, load_config
-from .checkpoint import CheckpointError
-from .hybrid import HybridConfig, HybridMoE, HybridParam, load_hybrid_config, make_hybrid
-from .loading import from_pretrained, load_probe
-from .model import CausalLMOutput, GptOssForCausalLM, default_position_ids
-from .sharding import LOGICAL_AXIS_RULES, make_mesh, shard_model
-
-# Return the XLA compiler's freed heap to the OS after each long compile (hmoe_jax.heap).
-_heap.install()
+from .checkpoint.loading import from_pretrained
+from .checkpoint.location import CheckpointError
+from .hybrid.layer import HybridConfig, HybridMoE, HybridParam, load_hybrid_config, make_hybrid
+from .model.config import ConfigError, GptOssConfig, load_config
+from .model.generate import generate
+from .model.transformer import CausalLMOutput, GptOssForCausalLM, default_position_ids
+from .runtime.options import RunOptions
+from .runtime.sharding import LOGICAL_AXIS_RULES, make_mesh, shard_model
 
 __all__ = [
     "CausalLMOutput",
@@ -34,9 +34,10 @@ __all__ = [
     "HybridMoE",
     "HybridParam",
     "LOGICAL_AXIS_RULES",
+    "RunOptions",
     "default_position_ids",
     "from_pretrained",
-    "load_probe",
+    "generate",
     "load_config",
     "load_hybrid_config",
     "make_hybrid",

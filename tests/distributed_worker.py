@@ -17,9 +17,9 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from hmoe_jax import precompute  # noqa: E402
+from hmoe_jax.data import features  # noqa: E402
 
-precompute.ROWS_PER_CHUNK = int(os.environ.get("HMOE_TEST_ROWS_PER_CHUNK", precompute.ROWS_PER_CHUNK))
+features.ROWS_PER_CHUNK = int(os.environ.get("HMOE_TEST_ROWS_PER_CHUNK", features.ROWS_PER_CHUNK))
 
 if __name__ == "__main__":
     sys.exit(importlib.import_module(sys.argv[1]).main(sys.argv[2:]) or 0)

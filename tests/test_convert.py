@@ -1,6 +1,6 @@
 """`python -m convert` and the Flax checkpoint format, against `transformers` 5.23 on the same weights.
 
-Fixtures are tiny random gpt-oss checkpoints written by `transformers` itself (`hmoe_jax.synthetic`),
+Fixtures are tiny random gpt-oss checkpoints written by `transformers` itself (`hmoe_jax.checkpoint.synthetic`),
 built once per module. Logit errors are relative: max |ours - ref| / max |ref|. The issue's fp32 parity
 bound is 1e-4; conversion is exact, so the model's own ~5e-7 shows through and we hold it to 1e-5.
 """
@@ -18,13 +18,14 @@ from safetensors.torch import load_file, save_file
 
 import hmoe_jax
 from convert.__main__ import main as convert_main
-from hmoe_jax import synthetic
-from hmoe_jax.checkpoint import CheckpointError, hf_tensor_shapes
-from hmoe_jax.config import GptOssConfig
-from hmoe_jax.convert import convert_checkpoint, export_hf
-from hmoe_jax.flax_checkpoint import open_flax_checkpoint
-from hmoe_jax.loading import load_probe
-from hmoe_jax.probe import probe_apply
+from hmoe_jax.checkpoint import synthetic
+from hmoe_jax.checkpoint.convert import convert_checkpoint, export_hf
+from hmoe_jax.checkpoint.flax_format import open_flax_checkpoint
+from hmoe_jax.checkpoint.layouts import hf_tensor_shapes
+from hmoe_jax.checkpoint.location import CheckpointError
+from hmoe_jax.hybrid.artifacts import convert_probe, load_probe
+from hmoe_jax.hybrid.probe import probe_apply
+from hmoe_jax.model.config import GptOssConfig
 
 FP32_REL = 1e-5
 IDS = np.random.default_rng(0).integers(0, 128, (2, 24))  # 3 sliding windows of the tiny config
@@ -54,7 +55,8 @@ def assert_no_output(dst):
 
 @pytest.fixture(scope="module")
 def hf_mxfp4(tmp_path_factory):
-    return synthetic.write_hf_checkpoint(tmp_path_factory.mktemp("hf_mxfp4"), synthetic.tiny_config(), experts="mxfp4", seed=3)
+    return synthetic.write_hf_checkpoint(tmp_path_factory.mktemp("hf_mxfp4"), synthetic.tiny_config(), experts="mxfp4",
+                                         seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +102,8 @@ def write_original_layout(hf_dir, out_dir):
         out[b + "attn.out.weight"], out[b + "attn.out.bias"] = attn["o_proj.weight"], attn["o_proj.bias"]
         out[b + "attn.sinks"] = attn["sinks"]
         out[b + "mlp.norm.scale"] = hf.pop(h + "post_attention_layernorm.weight")
-        out[b + "mlp.gate.weight"], out[b + "mlp.gate.bias"] = hf.pop(h + "mlp.router.weight"), hf.pop(h + "mlp.router.bias")
+        out[b + "mlp.gate.weight"] = hf.pop(h + "mlp.router.weight")
+        out[b + "mlp.gate.bias"] = hf.pop(h + "mlp.router.bias")
         for ours, theirs in (("gate_up_proj", "mlp1"), ("down_proj", "mlp2")):
             out[b + f"mlp.{theirs}_weight.blocks"] = hf.pop(h + f"mlp.experts.{ours}_blocks")
             out[b + f"mlp.{theirs}_weight.scales"] = hf.pop(h + f"mlp.experts.{ours}_scales")
@@ -147,13 +150,15 @@ def test_hf_mxfp4_converts_to_logits_matching_transformers(flax_dense, dense_log
 
 
 def test_hf_plain_bf16_experts_convert_losslessly_to_bfloat16(tmp_path):
-    src = synthetic.write_hf_checkpoint(tmp_path / "hf", synthetic.tiny_config(), experts="bf16", dtype="bfloat16", seed=5)
+    src = synthetic.write_hf_checkpoint(tmp_path / "hf", synthetic.tiny_config(), experts="bf16", dtype="bfloat16",
+                                        seed=5)
     convert_checkpoint(src, tmp_path / "flax")
     checkpoint = open_flax_checkpoint(tmp_path / "flax")
     assert checkpoint.meta["param_dtype"] == "bfloat16"  # every source tensor is bf16: nothing lost
     assert checkpoint.shapes["layers/0/mlp/experts/gate_up_proj"][1] == jnp.bfloat16
     c = checkpoint.config  # HF's [E, in, out] transposed into the model's [E, out, in]
-    assert checkpoint.shapes["layers/0/mlp/experts/gate_up_proj"][0] == (c.num_local_experts, 2 * c.intermediate_size, c.hidden_size)
+    assert checkpoint.shapes["layers/0/mlp/experts/gate_up_proj"][0] == (c.num_local_experts, 2 * c.intermediate_size,
+                                                                         c.hidden_size)
     # fp32 compute on both sides, on the same bf16 weights.
     ours = jax_logits(hmoe_jax.from_pretrained(tmp_path / "flax", dtype=jnp.float32))
     assert rel_err(ours, torch_logits(src)) < FP32_REL
@@ -184,7 +189,7 @@ def test_keep_mxfp4_gives_identical_outputs_with_a_third_of_the_expert_memory(fl
     packed = hmoe_jax.from_pretrained(flax_packed)
     np.testing.assert_array_equal(jax_logits(packed), dense_logits)  # bit-identical decode in the forward
     # From the HF directory directly, without converting.
-    np.testing.assert_array_equal(jax_logits(hmoe_jax.from_pretrained(hf_mxfp4, keep_mxfp4=True)), dense_logits)
+    np.testing.assert_array_equal(jax_logits(hmoe_jax.from_pretrained(hf_mxfp4, experts="packed")), dense_logits)
     experts = packed.layers[0].mlp.experts
     packed_bytes = sum(getattr(experts, n)[...].nbytes for n in
                        ("gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales"))
@@ -203,8 +208,8 @@ def test_converted_checkpoint_loads_sharded_onto_a_mesh(flax_packed, dense_logit
 
 
 def test_packed_checkpoint_refuses_a_dense_request(flax_packed):
-    with pytest.raises(CheckpointError, match="packed MXFP4 experts but keep_mxfp4=False"):
-        hmoe_jax.from_pretrained(flax_packed, keep_mxfp4=False)
+    with pytest.raises(CheckpointError, match="packed MXFP4 experts but experts='dense'"):
+        hmoe_jax.from_pretrained(flax_packed, experts="dense")
 
 
 def _with_format_version(src, dst, version):
@@ -254,7 +259,8 @@ def test_round_trip_to_hf_mxfp4_repacks_exactly(flax_dense, flax_packed, hf_mxfp
     assert len(json.loads((tmp_path / "repacked" / "model.safetensors.index.json").read_text())["weight_map"]) == 41
     np.testing.assert_array_equal(torch_logits(tmp_path / "repacked"), hf_mxfp4_logits)
     export_hf(flax_packed, tmp_path / "copied", mxfp4=True)  # packed -> MXFP4: the bytes themselves
-    source, copied = load_file(str(hf_mxfp4 / "model.safetensors")), load_file(str(tmp_path / "copied" / "model.safetensors"))
+    source = load_file(str(hf_mxfp4 / "model.safetensors"))
+    copied = load_file(str(tmp_path / "copied" / "model.safetensors"))
     assert sorted(source) == sorted(copied)
     for key in source:
         if key.endswith(("_blocks", "_scales")):
@@ -302,16 +308,16 @@ def test_bad_probe_files_are_refused(tmp_path):
     del state["net.3.bias"]
     torch.save(state, tmp_path / "missing.pt")
     with pytest.raises(CheckpointError, match=r"missing\.pt.*net\.3\.bias is missing"):
-        convert_checkpoint(tmp_path / "missing.pt", tmp_path / "out")
+        convert_probe(tmp_path / "missing.pt", tmp_path / "out")
     state = _Probe(16).state_dict()
     state["net.3.weight"] = state["net.3.weight"][:, :-1]
     torch.save(state, tmp_path / "shape.pt")
     with pytest.raises(CheckpointError, match=r"shape\.pt.*net\.3\.weight \(128, 511\)"):
-        convert_checkpoint(tmp_path / "shape.pt", tmp_path / "out")
+        convert_probe(tmp_path / "shape.pt", tmp_path / "out")
     # Not a plain state dict: weights_only loading refuses to run the pickle.
     torch.save({"probe": _Probe(16)}, tmp_path / "module.pt")
     with pytest.raises(CheckpointError, match=r"module\.pt.*weights-only"):
-        convert_checkpoint(tmp_path / "module.pt", tmp_path / "out")
+        convert_probe(tmp_path / "module.pt", tmp_path / "out")
     assert_no_output(tmp_path / "out")
 
 
@@ -360,12 +366,16 @@ def _retype(key):
 
 
 @pytest.mark.parametrize("edit, key, match", [
-    (_drop, "model.layers.1.self_attn.sinks", "tensor 'model.layers.1.self_attn.sinks' is missing from the checkpoint .*model.safetensors"),
+    (_drop, "model.layers.1.self_attn.sinks",
+     "tensor 'model.layers.1.self_attn.sinks' is missing from the checkpoint .*model.safetensors"),
     (_add, "model.layers.1.mlp.extra", r"model\.safetensors: unexpected tensor 'model.layers.1.mlp.extra'"),
     # In the last layer, so the failure comes after several groups have been written.
-    (_reshape, "model.layers.1.self_attn.o_proj.weight", r"model\.safetensors: tensor\(s\) .*o_proj\.weight.*config implies"),
-    (_retype, "model.layers.0.mlp.experts.down_proj_blocks", r"model\.safetensors: tensor '.*down_proj_blocks' has dtype int32, expected uint8"),
-    (_retype, "model.norm.weight", r"model\.safetensors: tensor 'model\.norm\.weight' has dtype int32, expected a floating"),
+    (_reshape, "model.layers.1.self_attn.o_proj.weight",
+     r"model\.safetensors: tensor\(s\) .*o_proj\.weight.*config implies"),
+    (_retype, "model.layers.0.mlp.experts.down_proj_blocks",
+     r"model\.safetensors: tensor '.*down_proj_blocks' has dtype int32, expected uint8"),
+    (_retype, "model.norm.weight",
+     r"model\.safetensors: tensor 'model\.norm\.weight' has dtype int32, expected a floating"),
 ], ids=["missing", "unexpected", "shape", "dtype_packed", "dtype_float"])
 def test_bad_tensor_is_named_with_file_and_key(hf_mxfp4, tmp_path, edit, key, match):
     bad = rewrite_tensors(hf_mxfp4, tmp_path / "bad", edit(key))
@@ -421,7 +431,7 @@ def test_cli_usage_errors_exit_2(hf_mxfp4, tmp_path):
 
 
 def test_interrupted_conversion_leaves_no_destination(hf_mxfp4, tmp_path, monkeypatch):
-    from hmoe_jax import checkpoint
+    from hmoe_jax.checkpoint import layouts as checkpoint
 
     real = checkpoint.SafetensorsReader.get
     calls = []

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hmoe_jax import data
+from hmoe_jax.data import scenarios as data
 from train.data_cli import main as data_main
 
 REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"

@@ -22,8 +22,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorstore as ts
+from scenario_inputs import write_scenario_checkpoint
 
-from hmoe_jax import distributed, precompute, probe_training, synthetic
+from hmoe_jax.data import features as precompute
+from hmoe_jax.hybrid import artifacts
+from hmoe_jax.runtime import arguments, distributed
+from hmoe_jax.training import probes as probe_training
 from train import precompute_cli, probes_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +89,7 @@ def read_array(path):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return synthetic.write_scenario_checkpoint(tmp_path_factory.mktemp("distributed"), n_train=N_PROMPTS)
+    return write_scenario_checkpoint(tmp_path_factory.mktemp("distributed"), n_train=N_PROMPTS)
 
 
 def precompute_args(root: Path, out: Path) -> list[str]:
@@ -134,7 +138,7 @@ def assert_same_run(ours: Path, reference: Path):
     np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-6)
     assert {k: v for k, v in a.items() if k not in ("tasks", "train_loss", "validation_curve")} == \
         {k: v for k, v in b.items() if k not in ("tasks", "train_loss", "validation_curve")}
-    probes_a, probes_b = probe_training.load_probes(ours), probe_training.load_probes(reference)
+    probes_a, probes_b = artifacts.load_probes(ours), artifacts.load_probes(reference)
     assert probes_a.keys() == probes_b.keys()
     for key in probes_a:
         for leaf in probes_a[key]:
@@ -148,7 +152,7 @@ def assert_same_run(ours: Path, reference: Path):
 
 def parse(argv, environ=None):
     parser = argparse.ArgumentParser()
-    distributed.add_arguments(parser)
+    arguments.add_distributed_arguments(parser)
     return distributed.settings_from_args(parser.parse_args(argv), environ or {})
 
 

@@ -1,15 +1,16 @@
 """`python -m eval hybrid` and `python -m eval demo`: the integrated forward's predictions, reports."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from hmoe_jax import data, evaluation, synthetic
-from hmoe_jax.precompute import FeatureStore
 from eval import hybrid_cli
+from hmoe_jax.checkpoint import synthetic
+from hmoe_jax.data import scenarios as data
+from hmoe_jax.data.features import FeatureStore
+from hmoe_jax.evaluation import hybrid as evaluation
+from hmoe_jax.hybrid.inference import build_hybrid_model, hybrid_predictions
 from train import precompute_cli, probes_cli
 
 CONFIG = synthetic.tiny_config(vocab_size=256, hidden_size=64, num_hidden_layers=3)
@@ -36,12 +37,12 @@ def pipeline(tmp_path_factory):
 def test_integrated_forward_equals_the_probe_ensemble_route(pipeline):
     """The hybrid layer's causal mean at the last token is the precompute's mean pool, its extraction
     is the fold-probe median, its formulas the registry's: both routes give the same predictions."""
-    model, layer = evaluation.build_hybrid_model(pipeline["ckpt"], pipeline["run"])
+    model, layer = build_hybrid_model(pipeline["ckpt"], pipeline["run"])
     assert layer == 1
     scenarios = data.load_scenarios(pipeline["eval"])
-    from hmoe_jax.precompute import load_tokenizer
+    from hmoe_jax.checkpoint.tokenizer import load_tokenizer
 
-    integrated = evaluation.hybrid_predictions(model, layer, load_tokenizer(pipeline["ckpt"]),
+    integrated = hybrid_predictions(model, layer, load_tokenizer(pipeline["ckpt"]),
                                                [s["input_prompt"] for s in scenarios])["results"]
     features = FeatureStore.open(pipeline["stores"]["eval"]).features(1, "mean")
     separate = evaluation.probe_route_predictions(pipeline["run"], features)
@@ -54,16 +55,17 @@ def test_integrated_forward_equals_the_probe_ensemble_route(pipeline):
 def test_layerwise_and_truncated_loading_give_the_same_predictions(pipeline):
     """`eval hybrid` loads blocks 0..layer only and may run them one by one: the predictions of the
     whole model's one-program forward, to float32 rounding."""
-    from hmoe_jax.precompute import load_tokenizer
+    from hmoe_jax.checkpoint.tokenizer import load_tokenizer
 
     prompts = [s["input_prompt"] for s in data.load_scenarios(pipeline["eval"])][:12]
     tokenizer = load_tokenizer(pipeline["ckpt"])
-    whole, layer = evaluation.build_hybrid_model(pipeline["ckpt"], pipeline["run"])
-    truncated, _ = evaluation.build_hybrid_model(pipeline["ckpt"], pipeline["run"], through_hybrid_layer=True)
+    whole, layer = build_hybrid_model(pipeline["ckpt"], pipeline["run"])
+    truncated, _ = build_hybrid_model(pipeline["ckpt"], pipeline["run"], through_hybrid_layer=True)
     assert len(whole.layers) == CONFIG["num_hidden_layers"] and len(truncated.layers) == layer + 1
-    reference = evaluation.hybrid_predictions(whole, layer, tokenizer, prompts)
+    reference = hybrid_predictions(whole, layer, tokenizer, prompts)
     for model, layerwise in ((truncated, False), (truncated, True), (whole, True)):
-        got = evaluation.hybrid_predictions(model, layer, tokenizer, prompts, layerwise=layerwise)
+        with model.using(execution="layerwise" if layerwise else "program"):
+            got = hybrid_predictions(model, layer, tokenizer, prompts)
         for part in ("results", "arguments", "selected"):
             assert set(got[part]) == set(reference[part])
             for name in reference[part]:
@@ -93,7 +95,9 @@ def test_eval_hybrid_writes_summary_report_and_plots_and_refuses_to_overwrite(pi
     # The 20b-on-a-small-host options give the same scores.
     assert hybrid_cli.main(argv + ["--overwrite", "--layerwise", "--param-dtype", "float32"]) == 0
     layerwise = json.loads((out / "summary.json").read_text())
-    assert layerwise["layerwise"] and layerwise["loaded_layers"] == 2 and layerwise["param_dtype"] == "float32"
+    options = layerwise["options"]
+    assert options["execution"] == "layerwise" and options["param_dtype"] == "float32"
+    assert layerwise["loaded_layers"] == 2
     for protocol in ("reference", "honest"):
         for metric, score in summary["scores"][protocol]["hybrid"].items():
             assert layerwise["scores"][protocol]["hybrid"][metric]["n"] == score["n"]

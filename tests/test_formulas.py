@@ -29,7 +29,6 @@ import mpmath
 import numpy as np
 import pytest
 
-from hmoe_jax import formulas
 from hmoe_jax.formulas import (
     DeterministicExpert,
     annual_debt_service,
@@ -39,8 +38,8 @@ from hmoe_jax.formulas import (
     evaluate,
     get_expert,
     ltv,
-    noi_projection,
     registered_experts,
+    registry,
     resolve_experts,
 )
 
@@ -545,7 +544,7 @@ def test_resolve_experts_validates_config_lists():
 def test_resolve_experts_rejects_shared_ids(monkeypatch):
     # The decorator refuses a taken id, so fake a corrupted registry to reach the guard.
     clone = dataclasses.replace(get_expert("dscr"), name="dscr_clone")
-    monkeypatch.setitem(formulas._REGISTRY, "dscr_clone", clone)
+    monkeypatch.setitem(registry._REGISTRY, "dscr_clone", clone)
     with pytest.raises(ValueError, match="share an expert id.*32"):
         resolve_experts(["dscr", "dscr_clone"])
 
@@ -556,8 +555,8 @@ def scratch_expert_names():
     names: list[str] = []
     yield names
     for name in names:
-        if name in formulas._REGISTRY:
-            formulas._unregister(name)
+        if name in registry._REGISTRY:
+            registry._unregister(name)
 
 
 def test_new_expert_is_one_decorated_function(scratch_expert_names):
@@ -577,12 +576,12 @@ def test_new_expert_is_one_decorated_function(scratch_expert_names):
     args = jnp.array([[1e6, 0.05], [2e6, 0.1]], jnp.float32)
     np.testing.assert_allclose(np.asarray(evaluate("interest_only_payment", args)), [5e4, 2e5])
 
-    formulas._unregister("interest_only_payment")
+    registry._unregister("interest_only_payment")
     assert "interest_only_payment" not in [e.name for e in registered_experts()]
     with pytest.raises(ValueError, match="unknown"):
         resolve_experts(["interest_only_payment"])
     with pytest.raises(ValueError, match="not registered"):
-        formulas._unregister("interest_only_payment")
+        registry._unregister("interest_only_payment")
 
 
 def test_registration_errors(scratch_expert_names):
@@ -604,7 +603,7 @@ def test_registration_errors(scratch_expert_names):
             deterministic_expert(name="scratch_a", expert_id=bad_id)
     with pytest.raises(ValueError, match="name"):
         deterministic_expert(name="", expert_id=41)
-    assert "scratch_a" not in formulas._REGISTRY  # failed registrations leave no trace
+    assert "scratch_a" not in registry._REGISTRY  # failed registrations leave no trace
     deterministic_expert(name="scratch_a", expert_id=41, args=("a", "b"))(two_args)
     with pytest.raises(ValueError, match="expert_id 41 is already used by 'scratch_a'"):
         deterministic_expert(name="scratch_b", expert_id=41)(two_args)

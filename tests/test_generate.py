@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import hmoe_jax
-from hmoe_jax import synthetic
-from hmoe_jax.generate import generate
+from hmoe_jax.checkpoint import synthetic
+from hmoe_jax.model.generate import generate
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,8 @@ def left_padded_prompts(seed, lengths, t, vocab):
 def test_greedy_tokens_equal_transformers_generate(pair, layerwise):
     ours_model, ref_model = pair
     ids, mask = left_padded_prompts(0, [10, 7, 4], 10, ours_model.config.vocab_size)
-    ours = np.asarray(generate(ours_model, ids, mask, max_new_tokens=24, layerwise=layerwise))
+    with ours_model.using(execution="layerwise" if layerwise else "program"):
+        ours = np.asarray(generate(ours_model, ids, mask, max_new_tokens=24))
     with torch.no_grad():
         ref = ref_model.generate(
             torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=24,
@@ -43,10 +44,10 @@ def test_greedy_tokens_equal_transformers_generate(pair, layerwise):
 def test_rows_emit_padding_after_eos(pair, layerwise):
     ours_model, _ = pair
     ids, mask = left_padded_prompts(1, [10, 10], 10, ours_model.config.vocab_size)
-    free = np.asarray(generate(ours_model, ids, mask, max_new_tokens=12, layerwise=layerwise))
-    eos = int(free[0, 3])  # make the 4th greedy token of row 0 the end-of-sequence token
-    stopped = np.asarray(generate(ours_model, ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0,
-                                  layerwise=layerwise))
+    with ours_model.using(execution="layerwise" if layerwise else "program"):
+        free = np.asarray(generate(ours_model, ids, mask, max_new_tokens=12))
+        eos = int(free[0, 3])  # make the 4th greedy token of row 0 the end-of-sequence token
+        stopped = np.asarray(generate(ours_model, ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0))
     first = int(np.argmax(free[0] == eos))
     np.testing.assert_array_equal(stopped[0, : first + 1], free[0, : first + 1])
     assert (stopped[0, first + 1:] == 0).all()
@@ -66,20 +67,22 @@ def test_sampling_is_reproducible_and_differs_from_greedy(pair):
 
 def test_layerwise_sampling_draws_the_tokens_of_the_one_program_loop(pair):
     """Same seed, same key splits, same logits: layerwise sampling (top-k and plain) equals the scan."""
-    from hmoe_jax.model import call_jitted
+    from hmoe_jax.model.transformer import _jitted as call_jitted
 
     ours_model, _ = pair
     ids, mask = left_padded_prompts(5, [9, 6], 9, ours_model.config.vocab_size)
     for kwargs in (dict(temperature=1.5, seed=3), dict(temperature=0.8, top_k=5, seed=8)):
         fused = np.asarray(generate(ours_model, ids, mask, max_new_tokens=14, **kwargs))
         call_jitted.clear_cache()
-        layerwise = np.asarray(generate(ours_model, ids, mask, max_new_tokens=14, layerwise=True, **kwargs))
+        with ours_model.using(execution="layerwise"):
+            layerwise = np.asarray(generate(ours_model, ids, mask, max_new_tokens=14, **kwargs))
         np.testing.assert_array_equal(layerwise, fused)
-    # embed, prefill per kind of block, logits after the prompt and after one token, decode inputs,
-    # decode per kind of block: however many tokens and layers
+    # embedding of the prompt and of one token, prefill per kind of block, logits after the prompt and
+    # after one token, decode per kind of block: however many tokens and layers
     kinds = len(set(ours_model.config.layer_types))
     assert call_jitted._cache_size() == 4 + 2 * kinds
-    assert generate(ours_model, ids, mask, max_new_tokens=0, layerwise=True).shape == (2, 0)
+    with ours_model.using(execution="layerwise"):
+        assert generate(ours_model, ids, mask, max_new_tokens=0).shape == (2, 0)
 
 
 def test_right_padded_prompts_are_rejected(pair):

@@ -21,9 +21,10 @@ import torch
 from flax import nnx
 
 import hmoe_jax
-from hmoe_jax import formulas, moe, probe, synthetic
-from hmoe_jax.config import GptOssConfig
-from hmoe_jax.hybrid import (
+from hmoe_jax import formulas
+from hmoe_jax.checkpoint import synthetic
+from hmoe_jax.hybrid import probe
+from hmoe_jax.hybrid.layer import (
     SIGN_LOG_LIMIT,
     ExtractionParam,
     HybridConfig,
@@ -36,7 +37,10 @@ from hmoe_jax.hybrid import (
     load_hybrid_config,
     make_hybrid,
 )
-from hmoe_jax.model import MoE
+from hmoe_jax.model import moe
+from hmoe_jax.model.config import GptOssConfig
+from hmoe_jax.model.layers import MoE
+from hmoe_jax.runtime.options import RunOptions
 
 # fp32 against fp32 (the model's own parity bound, tests/test_model.py).
 FP32_REL = 1e-5
@@ -90,7 +94,8 @@ def test_default_config_is_the_papers_setup_and_the_json_file_matches_it():
     c = HybridConfig()
     assert c.layers == (12,)
     assert c.experts == ("dscr", "ltv", "cap_rate", "debt_yield") == formulas.default_expert_names()
-    assert (c.normalization, c.router_init_std, c.router_bias_init, c.output_scale_init) == ("softmax", 0.01, -2.0, 0.01)
+    assert (c.normalization, c.router_init_std, c.router_bias_init, c.output_scale_init) == (
+        "softmax", 0.01, -2.0, 0.01)
     assert c.probe_hidden == probe.PROBE_HIDDEN and c.projection_hidden == (128, 512)
     assert load_hybrid_config(REPO / "configs" / "hybrid_default.json") == c
     assert HybridConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
@@ -183,7 +188,8 @@ def test_dispatch_backends_drop_out_of_range_slots_bit_exactly(backend, layout):
     w = moe.ExpertWeights(*(jnp.asarray(rng.standard_normal(s), jnp.float32) * 0.3
                             for s in ((e, h, 2 * i), (e, 2 * i), (e, i, h), (e, h))))
     if layout == "out_in":  # the model's layout (`model.Experts`)
-        w = moe.ExpertWeightsOutIn(jnp.swapaxes(w.gate_up, 1, 2), w.gate_up_bias, jnp.swapaxes(w.down, 1, 2), w.down_bias)
+        w = moe.ExpertWeightsOutIn(jnp.swapaxes(w.gate_up, 1, 2), w.gate_up_bias, jnp.swapaxes(w.down, 1, 2),
+                                   w.down_bias)
     x = jnp.asarray(rng.standard_normal((n, h)), jnp.float32)
     indices = np.stack([rng.permutation(e)[:k] for _ in range(n)])
     weights = rng.uniform(0.1, 1.0, (n, k)).astype(np.float32)
@@ -302,7 +308,8 @@ class TorchHybridMLP(torch.nn.Module):
             m = self.token_mask.float()[..., None]
             features = torch.cumsum(features * m, dim=1) / torch.cumsum(m, dim=1).clamp(min=1.0)
         features = features.reshape(-1, h)
-        values = torch.stack([p(features)[:, 0] for p in self.probes], dim=-1).reshape(-1, sum(self.num_args), self.members)
+        values = torch.stack([p(features)[:, 0] for p in self.probes], dim=-1)
+        values = values.reshape(-1, sum(self.num_args), self.members)
         values = values.clamp(-SIGN_LOG_LIMIT, SIGN_LOG_LIMIT)
         values = torch.sign(values) * torch.expm1(values.abs())
         arguments = values[..., 0] if self.members == 1 else torch.quantile(values, 0.5, dim=-1)
@@ -456,7 +463,8 @@ def test_probe_ensembles_combine_by_the_median_of_decoded_outputs(checkpoint):
         arg_names = formulas.get_expert(name).arg_names
         for arg in arg_names:
             members = jax.vmap(probe.probe_apply, in_axes=(0, None))(probes[name][arg], features)[..., 0]
-            np.testing.assert_allclose(np.asarray(arguments[:, column]), np.median(np.asarray(probe.decode(members)), 0),
+            np.testing.assert_allclose(np.asarray(arguments[:, column]),
+                                       np.median(np.asarray(probe.decode(members)), 0),
                                        rtol=1e-5, atol=1e-7)
             column += 1
         own = arguments[:, column - len(arg_names):column]
@@ -495,10 +503,11 @@ def test_overflowing_formulas_and_huge_probe_outputs_stay_finite_with_finite_gra
     np.testing.assert_array_equal(np.asarray(result), [np.inf, -np.inf])
     np.testing.assert_array_equal(np.asarray(encoded), [SIGN_LOG_LIMIT, -SIGN_LOG_LIMIT])
 
-    from hmoe_jax.hybrid import decode_arguments
+    from hmoe_jax.hybrid.layer import decode_arguments
 
     raw = decode_arguments(jnp.asarray([[[1e3], [-1e3], [2.0]]], jnp.float32))
-    assert np.isfinite(np.asarray(raw)).all() and float(raw[0, 0]) == pytest.approx(math.expm1(SIGN_LOG_LIMIT), rel=1e-6)
+    assert np.isfinite(np.asarray(raw)).all()
+    assert float(raw[0, 0]) == pytest.approx(math.expm1(SIGN_LOG_LIMIT), rel=1e-6)
 
 
 # ------------------------------------------------------------------ training: what moves and what does not
@@ -510,7 +519,8 @@ def test_gradients_reach_router_rows_extraction_and_projection_and_match_finite_
     The routing does not change within +-eps, so the loss is smooth there."""
     with jax.enable_x64(True):
         cfg = GptOssConfig.from_dict(CONFIG)
-        neural = MoE(cfg, dtype=jnp.float64, param_dtype=jnp.float64, backend="dense", rngs=nnx.Rngs(40))
+        neural = MoE(cfg, RunOptions(dtype="float64", param_dtype="float64", moe_backend="dense").resolved(),
+                     rngs=nnx.Rngs(40))
         layer = HybridMoE(neural, HybridConfig(layers=(0,), router_bias_init=0.5), rngs=nnx.Rngs(41))
         rng = np.random.default_rng(42)
         b, t, h = 2, 6, cfg.hidden_size
@@ -602,7 +612,7 @@ def test_hybrid_forward_on_an_8_device_mesh_equals_single_device(checkpoint):
     assert len(sharded.layers[1].mlp.extraction.w1[...].sharding.device_set) == 8
     ids, mask = padded_batch(np.random.default_rng(46), batch=4, lengths=(12, 10, 7, 12))
     pos = hmoe_jax.default_position_ids(jnp.asarray(mask))
-    ids_sharded = jax.device_put(jnp.asarray(ids), hmoe_jax.sharding.batch_sharding(mesh))
+    ids_sharded = jax.device_put(jnp.asarray(ids), hmoe_jax.runtime.sharding.batch_sharding(mesh))
     with jax.set_mesh(mesh):
         out = sharded(ids_sharded, attention_mask=mask, position_ids=pos, output_hidden_states=True,
                       output_layer_info=True)
@@ -619,7 +629,7 @@ def test_hybrid_forward_on_an_8_device_mesh_equals_single_device(checkpoint):
 
 
 def test_layerwise_hybrid_forward_equals_the_fused_one_on_one_device_and_on_a_mesh(checkpoint):
-    """`model(..., layerwise=True)` (blocks jitted one by one, as the 20b bench runs) computes what the
+    """Layerwise execution (blocks jitted one by one, as the 20b runs on a CPU host) computes what the
     one-program forward computes, the hybrid layer's routing, arguments and results included."""
     mesh = hmoe_jax.make_mesh(data=2, expert=2, tensor=2)
     config = HybridConfig(layers=(HYBRID_LAYER,))
@@ -630,11 +640,13 @@ def test_layerwise_hybrid_forward_equals_the_fused_one_on_one_device_and_on_a_me
     fused = single(ids, **kwargs)
     sharded = routed_hybrid(hmoe_jax.from_pretrained(checkpoint, mesh=mesh), config, seed=48)
     hmoe_jax.shard_model(sharded, mesh)
-    ids_sharded = jax.device_put(jnp.asarray(ids), hmoe_jax.sharding.batch_sharding(mesh))
-    with jax.set_mesh(mesh):
-        on_mesh = sharded(ids_sharded, layerwise=True, **kwargs)
+    ids_sharded = jax.device_put(jnp.asarray(ids), hmoe_jax.runtime.sharding.batch_sharding(mesh))
+    with jax.set_mesh(mesh), sharded.using(execution="layerwise"):
+        on_mesh = sharded(ids_sharded, **kwargs)
     assert len(on_mesh.logits.sharding.device_set) == 8
-    for out in (single(ids, layerwise=True, **kwargs), on_mesh):
+    with single.using(execution="layerwise"):
+        one_device = single(ids, **kwargs)
+    for out in (one_device, on_mesh):
         assert rel_err(out.logits, fused.logits) < 1e-6
         for a, r in zip(out.hidden_states, fused.hidden_states, strict=True):
             assert rel_err(a, r) < 1e-6

@@ -18,9 +18,16 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from hmoe_jax import baselines, data, evaluation, hybrid_training as ht, probe, synthetic
-from hmoe_jax.precompute import load_tokenizer
-from hmoe_jax.probe_training import PROBES_DIR, PROBES_FILE
+from hmoe_jax import formulas
+from hmoe_jax.checkpoint import synthetic
+from hmoe_jax.checkpoint.tokenizer import load_tokenizer
+from hmoe_jax.data import scenarios as data
+from hmoe_jax.data import scoring
+from hmoe_jax.hybrid import artifacts, probe
+from hmoe_jax.hybrid.artifacts import PROBES_DIR, PROBES_FILE
+from hmoe_jax.hybrid.inference import build_hybrid_model
+from hmoe_jax.runtime.options import RunOptions
+from hmoe_jax.training import hybrid as ht
 
 CONFIG = synthetic.tiny_config(vocab_size=256, hidden_size=64, num_hidden_layers=3)
 LAYER = 1
@@ -35,10 +42,8 @@ def write_random_probe_run(run_dir: Path, hidden: int, layer: int, seed: int = 0
     sign-log 13 (raw arguments ~ 4e5), so every formula sees positive, plausible arguments."""
     key = jax.random.key(seed)
     tree, names = {}, []
-    for expert, args in data.EXPERT_ARGS.items():
-        if expert not in ("dscr", "ltv", "cap_rate", "debt_yield"):
-            continue
-        for arg in args:
+    for expert in ("dscr", "ltv", "cap_rate", "debt_yield"):
+        for arg in formulas.get_expert(expert).arg_names:
             key, sub = jax.random.split(key)
             members = [probe.probe_init(k, hidden, probe.PROBE_HIDDEN) for k in jax.random.split(sub, FOLDS)]
             params = {n: np.stack([np.asarray(m[n]) for m in members]) for n in members[0]}
@@ -67,7 +72,7 @@ def setup(tmp_path_factory):
 
 
 def build(setup):
-    model, layer = evaluation.build_hybrid_model(setup["ckpt"], setup["probes"])
+    model, layer = build_hybrid_model(setup["ckpt"], setup["probes"])
     assert layer == LAYER
     return model
 
@@ -93,7 +98,7 @@ def test_answer_text_is_the_structured_format_and_parses_back_to_the_ground_trut
         text = ht.answer_text(s)
         asked = ht.answer_metrics(s)
         assert len(text.splitlines()) == len(asked) == (1 if s["complexity"] == 1 else 4)
-        parsed = baselines.parse_metrics(text)
+        parsed = scoring.parse_metrics(text)
         for m, v in parsed.items():
             assert (v == pytest.approx(s["ground_truth"][m])) if m in asked else math.isnan(v), (m, text)
 
@@ -134,7 +139,8 @@ def test_gradients_are_nonzero_and_match_finite_differences_in_float64(setup):
     the deterministic experts are in the top-k (else the answer loss does not see them); the router
     bias step is small, since a routing decision flipping at some token makes the loss jump."""
     with jax.enable_x64(True):
-        model, _ = evaluation.build_hybrid_model(setup["ckpt"], setup["probes"], dtype=jnp.float64)
+        model, _ = build_hybrid_model(setup["ckpt"], setup["probes"],
+                                      options=RunOptions(dtype="float64", param_dtype="float64"))
         rows = model.layers[LAYER].mlp.det_router
         rows.bias[...] = jnp.full(rows.bias.shape, 3.0, rows.bias.dtype)
         trainer = ht.HybridTrainer(model, SETTINGS, total_steps=1)
@@ -182,7 +188,7 @@ def test_training_lowers_the_answer_loss_keeps_everything_else_bit_identical_and
 
     fresh = build(setup)
     trained = build(setup)
-    ht.load_hybrid_params(trained, tmp_path / "a")
+    artifacts.load_hybrid_params(trained, tmp_path / "a")
     frozen_before, frozen_after = snapshot(nnx.state(fresh, nnx.Not(ht.TRAINABLE))), snapshot(
         nnx.state(trained, nnx.Not(ht.TRAINABLE)))
     assert frozen_before.keys() == frozen_after.keys() and any("extraction" in k for k in frozen_after)
@@ -196,7 +202,7 @@ def test_training_lowers_the_answer_loss_keeps_everything_else_bit_identical_and
     assert not unmoved, f"trainable params that did not move: {unmoved}"
     for k, v in snapshot(result.params).items():
         np.testing.assert_array_equal(v, moved_after[k])
-    for name in (ht.REPORT_FILE, ht.SUMMARY_FILE, ht.CURVE_PLOT, ht.PARAMS_FILE):
+    for name in (ht.REPORT_FILE, ht.SUMMARY_FILE, ht.CURVE_PLOT, artifacts.PARAMS_FILE):
         assert (tmp_path / "a" / name).is_file()
     assert "answer-token cross-entropy" in (tmp_path / "a" / ht.REPORT_FILE).read_text()
 
@@ -209,7 +215,7 @@ def test_training_lowers_the_answer_loss_keeps_everything_else_bit_identical_and
 
     with pytest.raises(Killed):
         run(setup, tmp_path / "b", on_step=kill_after_5)
-    assert not (tmp_path / "b" / ht.PARAMS_FILE).exists()
+    assert not (tmp_path / "b" / artifacts.PARAMS_FILE).exists()
     messages = []
     _, resumed = run(setup, tmp_path / "b", log=messages.append)
     assert any("step-4 checkpoint" in m for m in messages)
@@ -222,7 +228,7 @@ def test_non_finite_loss_stops_naming_the_step_and_writes_nothing_more(setup, tm
     settings = dataclasses.replace(SETTINGS, learning_rate=1e30, clip_norm=1e30)
     with pytest.raises(ht.HybridTrainingError, match=r"non-finite loss or gradient at step \d+ of 16"):
         run(setup, tmp_path / "nan", settings)
-    assert not (tmp_path / "nan" / ht.PARAMS_FILE).exists() and not (tmp_path / "nan" / ht.SUMMARY_FILE).exists()
+    assert not (tmp_path / "nan" / artifacts.PARAMS_FILE).exists() and not (tmp_path / "nan" / ht.SUMMARY_FILE).exists()
 
 
 # ------------------------------------------------------------------ the commands
@@ -286,12 +292,12 @@ def test_cli_refuses_bad_input_before_writing(setup, tmp_path, capsys, case, mat
 
 def test_hybrid_params_of_another_layer_are_refused(setup, tmp_path):
     model = build(setup)
-    meta = tmp_path / ht.PARAMS_FILE
+    meta = tmp_path / artifacts.PARAMS_FILE
     meta.write_text(json.dumps({"layer": 0, "experts": [], "params": {}}))
-    with pytest.raises(ht.HybridTrainingError, match="trained for layer 0"):
-        ht.load_hybrid_params(model, tmp_path)
-    with pytest.raises(ht.HybridTrainingError, match="did training finish"):
-        ht.load_hybrid_params(model, tmp_path / "none")
+    with pytest.raises(artifacts.ArtifactError, match="trained for layer 0"):
+        artifacts.load_hybrid_params(model, tmp_path)
+    with pytest.raises(artifacts.ArtifactError, match="did training finish"):
+        artifacts.load_hybrid_params(model, tmp_path / "none")
 
 
 @pytest.mark.slow
@@ -315,13 +321,13 @@ def test_a_killed_training_process_resumes_to_the_uninterrupted_params(setup, tm
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (tmp_path / "b" / ht.PARAMS_FILE).exists(), "killed too late to test anything"
+    assert not (tmp_path / "b" / artifacts.PARAMS_FILE).exists(), "killed too late to test anything"
     done = subprocess.run(argv(tmp_path / "b"), cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "resuming" in done.stderr
     a, b = build(setup), build(setup)
-    ht.load_hybrid_params(a, tmp_path / "a")
-    ht.load_hybrid_params(b, tmp_path / "b")
+    artifacts.load_hybrid_params(a, tmp_path / "a")
+    artifacts.load_hybrid_params(b, tmp_path / "b")
     sa, sb = snapshot(nnx.state(a, ht.TRAINABLE)), snapshot(nnx.state(b, ht.TRAINABLE))
     for k in sa:
         np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)

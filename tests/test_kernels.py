@@ -4,9 +4,9 @@ The interpreter runs the very kernel bodies (tiles, loops, masks, in-kernel MXFP
 compiles, so agreement here pins the algorithm; a separate test lowers both kernels for CUDA (Triton
 IR, MLIR-verified) to pin that they compile there. Shapes are small: interpret mode is slow.
 
-The model's wiring is tested the same way: with the kernels forced (`kernels.use("interpret")`), whole
-forwards of a packed-MXFP4 model (left padding, sliding and full layers, jitted, on an 8-device mesh),
-generation and gradients equal the XLA path; the selection picks Pallas on a (mocked) GPU backend and
+The model's wiring is tested the same way: with the kernels forced (`RunOptions.kernels="interpret"`),
+whole forwards of a packed-MXFP4 model (left padding, sliding and full layers, jitted, on an 8-device
+mesh), generation and gradients equal the XLA path; "auto" picks Pallas on a (mocked) GPU platform and
 XLA on CPU; and the wired forward lowers to Triton calls for CUDA.
 
 Tolerances (fp32):
@@ -20,7 +20,6 @@ Tolerances (fp32):
 from __future__ import annotations
 
 import functools
-from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -28,10 +27,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hmoe_jax import kernels, moe, mxfp4
-from hmoe_jax.config import GptOssConfig
+from hmoe_jax import kernels
 from hmoe_jax.kernels.moe import e2m1_bits
-from hmoe_jax.model import Attention, PackedExperts, _precision, attention_masks
+from hmoe_jax.model import kernel_dispatch, moe, mxfp4
+from hmoe_jax.model.config import GptOssConfig
+from hmoe_jax.model.layers import BlockContext, PackedExperts, attention_masks, sink_attention_xla
+from hmoe_jax.runtime import options as run_options
+from hmoe_jax.runtime.options import RunOptions, matmul_precision
 
 FP32_REL = 1e-5
 MATMUL_REL = 1e-6
@@ -47,12 +49,8 @@ def rel_err(ours, ref) -> float:
 
 @jax.jit
 def xla_attention(q, k, v, sinks, allowed):
-    """`model.Attention.attend` itself, jitted (op-by-op dispatch is slow here). It reads only these
-    attributes, so a namespace stands in for the module: initialising a real one (random projections)
-    costs seconds per shape on this machine."""
-    layer = SimpleNamespace(num_heads=q.shape[2], num_kv_heads=k.shape[2], head_dim=q.shape[3], dtype=q.dtype,
-                            sinks=sinks)
-    return Attention.attend(layer, q, k, v, allowed)
+    """`Attention.attend`'s XLA path itself, jitted (op-by-op dispatch is slow here)."""
+    return sink_attention_xla(q, k, v, sinks, allowed, q.dtype)
 
 
 def allowed_mask(t, s, key_mask, window):
@@ -233,8 +231,9 @@ def moe_config(hidden, intermediate, experts, top_k):
 def packed_experts_module(cfg, seed):
     """`model.PackedExperts` with random bytes, scale factors 2**-9..2**-4 and N(0, 0.5^2) biases. Built abstractly
     and filled from numpy: its own random initialisation costs seconds on this machine."""
-    module = nnx.eval_shape(lambda: PackedExperts(cfg, dtype=jnp.float32, param_dtype=jnp.float32, backend="ragged",
-                                                  rngs=nnx.Rngs(0)))
+    options = RunOptions(dtype="float32", param_dtype="float32", experts="packed", moe_backend="ragged",
+                         kernels="xla", execution="program")
+    module = nnx.eval_shape(lambda: PackedExperts(cfg, options, rngs=nnx.Rngs(0)))
     rng = np.random.default_rng(seed)
     for path, param in nnx.to_flat_state(nnx.state(module)):
         name = path[-1]
@@ -255,8 +254,8 @@ def pallas_adapter(module, x, weights, indices, interpret=True, **tiles):
         module.gate_up_proj_blocks[...], module.gate_up_proj_scales[...], module.gate_up_proj_bias[...].astype(dt),
         module.down_proj_blocks[...], module.down_proj_scales[...], module.down_proj_bias[...].astype(dt),
     )
-    return kernels.moe_pallas_mxfp4(x, weights, indices, packed, module.activation, _precision(dt), interpret=interpret,
-                                    **tiles)
+    return moe.moe_packed_kernel(x, weights, indices, packed, module.activation, matmul_precision(dt),
+                                 interpret=interpret, **tiles)
 
 
 @pytest.mark.parametrize("tokens,experts,top_k", [(13, 4, 2), (5, 8, 3)])
@@ -283,56 +282,17 @@ def test_moe_pallas_matches_packed_experts_xla_path(tokens, experts, top_k):
 # ----------------------------------------------------------------------------------- selection, lowering
 
 
-@pytest.fixture
-def no_kernel_env(monkeypatch):
-    monkeypatch.delenv("HMOE_KERNELS", raising=False)
-    monkeypatch.delenv("HMOE_PALLAS", raising=False)
-    return monkeypatch
-
-
-def test_selection_follows_the_backend(no_kernel_env):
-    monkeypatch = no_kernel_env
+def test_auto_picks_the_kernels_on_a_gpu_and_xla_elsewhere():
     assert kernels.available() == (jax.default_backend() == "gpu")
-    assert kernels.use_pallas() == kernels.available()
-    monkeypatch.setenv("HMOE_PALLAS", "0")
-    assert not kernels.use_pallas()
-    monkeypatch.setenv("HMOE_PALLAS", "1")
-    assert kernels.use_pallas()
-
-
-def test_selection_picks_pallas_on_a_gpu_backend_and_xla_on_cpu(no_kernel_env):
-    """`auto` follows the backend (GPU mocked); then, most specific first: the model's own option, the
-    innermost `kernels.use`, `HMOE_KERNELS`, the legacy `HMOE_PALLAS`."""
-    monkeypatch = no_kernel_env
-    monkeypatch.setattr(kernels, "_backend", lambda: "cpu")
-    assert kernels.select() == "xla" and not kernels.use_pallas()
-    monkeypatch.setattr(kernels, "_backend", lambda: "gpu")
-    assert kernels.available() and kernels.select() == "pallas" and kernels.select("auto") == "pallas"
-
-    assert kernels.select("xla") == "xla" and kernels.select("interpret") == "interpret"
-    monkeypatch.setenv("HMOE_PALLAS", "0")
-    assert kernels.select() == "xla"
-    monkeypatch.setenv("HMOE_KERNELS", "interpret")  # wins over HMOE_PALLAS
-    assert kernels.select() == "interpret"
-    with kernels.use("pallas"):
-        assert kernels.select() == "pallas"
-        with kernels.use("xla"):
-            assert kernels.select() == "xla" and kernels.select("interpret") == "interpret"
-        with kernels.use(None):
-            assert kernels.select() == "pallas"
-    assert kernels.select() == "interpret"
-    monkeypatch.setenv("HMOE_KERNELS", "auto")  # set, it wins over HMOE_PALLAS: the backend decides
-    assert kernels.select() == "pallas"
-
+    assert RunOptions().resolved(platform="gpu").kernels == "pallas"
+    assert RunOptions().resolved(platform="cpu").kernels == "xla"
+    assert RunOptions().resolved(platform="tpu").kernels == "xla"
+    for mode in ("xla", "pallas", "interpret"):  # an explicit choice is kept on every platform
+        assert RunOptions(kernels=mode).resolved(platform="gpu").kernels == mode
+        assert RunOptions(kernels=mode).resolved(platform="cpu").kernels == mode
     for bad in ("triton", "gpu"):
-        with pytest.raises(ValueError, match="kernel mode"):
-            kernels.select(bad)
-        with pytest.raises(ValueError, match="kernel mode"):
-            with kernels.use(bad):
-                pass
-    monkeypatch.setenv("HMOE_KERNELS", "fast")
-    with pytest.raises(ValueError, match="HMOE_KERNELS"):
-        kernels.select()
+        with pytest.raises(ValueError, match="RunOptions.kernels"):
+            RunOptions(kernels=bad)
 
 
 def test_both_kernels_lower_to_verified_triton_ir_for_cuda(monkeypatch):
@@ -410,7 +370,7 @@ MODEL_CONFIG = dict(
 
 @pytest.fixture(scope="module")
 def mxfp4_checkpoint(tmp_path_factory):
-    from hmoe_jax import synthetic
+    from hmoe_jax.checkpoint import synthetic
 
     return synthetic.write_hf_checkpoint(tmp_path_factory.mktemp("kernels_mxfp4"),
                                          synthetic.tiny_config(**MODEL_CONFIG), seed=21, experts="mxfp4")
@@ -420,7 +380,7 @@ def mxfp4_checkpoint(tmp_path_factory):
 def packed_model(mxfp4_checkpoint):
     import hmoe_jax
 
-    model = hmoe_jax.from_pretrained(mxfp4_checkpoint, keep_mxfp4=True)
+    model = hmoe_jax.from_pretrained(mxfp4_checkpoint)  # MXFP4 experts stay packed by default
     assert isinstance(model.layers[0].mlp.experts, PackedExperts)
     assert [layer.self_attn.sliding_window for layer in model.layers] == [4, None]
     return model
@@ -455,18 +415,16 @@ def assert_forward_equal(out, ref, where):
         assert err <= FP32_REL, f"hidden_states[{i}]: {err:.3g}"
 
 
-def test_model_forward_through_the_kernels_equals_xla(packed_model, monkeypatch, no_kernel_env):
+def test_model_forward_through_the_kernels_equals_xla(packed_model, monkeypatch):
     """A packed-MXFP4 model from an MXFP4 checkpoint, jitted (`model(...)`), a left-padded batch: the
     forward with both kernels (interpret mode) equals the XLA path, sliding and full layers alike. The
     kernel choice is part of the compiled program's key: the second call traces the kernels anew."""
-    from hmoe_jax.kernels import ops
-
     ids, mask = left_padded(0, 3, 11, MODEL_CONFIG["vocab_size"], [11, 7, 2])
-    attention_calls = count_calls(monkeypatch, ops, "attention")
-    moe_calls = count_calls(monkeypatch, ops, "packed_moe")
+    attention_calls = count_calls(monkeypatch, kernel_dispatch, "attention")
+    moe_calls = count_calls(monkeypatch, kernel_dispatch, "packed_moe")
     ref = packed_model(ids, mask, output_hidden_states=True)
     assert attention_calls == moe_calls == []  # CPU default: XLA
-    with kernels.use("interpret"):
+    with packed_model.using(kernels="interpret"):
         out = packed_model(ids, mask, output_hidden_states=True)
     assert len(attention_calls) == len(moe_calls) == 2
     assert_forward_equal(out, ref, mask == 1)
@@ -474,9 +432,10 @@ def test_model_forward_through_the_kernels_equals_xla(packed_model, monkeypatch,
     assert np.isfinite(np.asarray(out.logits)).all()
 
 
-def test_model_kernel_option_overrides_context(mxfp4_checkpoint, no_kernel_env):
-    """`from_pretrained(kernels=...)` fixes the path for that model whatever `kernels.use` says; a
-    mocked GPU makes `auto` trace the kernels. Checked on the traced program (no execution)."""
+def test_the_kernel_path_is_the_models_own_option(mxfp4_checkpoint, monkeypatch):
+    """`from_pretrained(kernels=...)` fixes the path for that model; "auto" traces the kernels on a
+    (mocked) GPU platform and XLA on CPU; `set_options` switches a loaded model. Checked on the traced
+    program (no execution)."""
     import hmoe_jax
 
     ids, mask = left_padded(1, 2, 8, MODEL_CONFIG["vocab_size"], [8, 5])
@@ -486,21 +445,22 @@ def test_model_kernel_option_overrides_context(mxfp4_checkpoint, no_kernel_env):
         forward = lambda s: nnx.merge(graphdef, s).forward(jnp.asarray(ids), jnp.asarray(mask)).logits  # noqa: E731
         return str(jax.make_jaxpr(forward)(state)).count("pallas_call")
 
-    xla_model = hmoe_jax.from_pretrained(mxfp4_checkpoint, keep_mxfp4=True, kernels="xla")
-    forced = hmoe_jax.from_pretrained(mxfp4_checkpoint, keep_mxfp4=True, kernels="interpret")
-    auto = hmoe_jax.from_pretrained(mxfp4_checkpoint, keep_mxfp4=True)
-    with kernels.use("interpret"):
-        assert pallas_calls(xla_model) == 0
-    with kernels.use("xla"):
-        assert pallas_calls(forced) > 0
-    assert pallas_calls(auto) == 0  # CPU
-    no_kernel_env.setattr(kernels, "_backend", lambda: "gpu")
-    assert pallas_calls(auto) > 0 and pallas_calls(xla_model) == 0
-    with pytest.raises(ValueError, match="kernel mode"):
-        hmoe_jax.from_pretrained(mxfp4_checkpoint, keep_mxfp4=True, kernels="cuda")
+    xla_model = hmoe_jax.from_pretrained(mxfp4_checkpoint, experts="packed", kernels="xla")
+    forced = hmoe_jax.from_pretrained(mxfp4_checkpoint, experts="packed", kernels="interpret")
+    auto_on_cpu = hmoe_jax.from_pretrained(mxfp4_checkpoint, experts="packed")
+    assert pallas_calls(xla_model) == 0 and pallas_calls(forced) > 0
+    assert pallas_calls(auto_on_cpu) == 0
+    monkeypatch.setattr(run_options, "default_platform", lambda: "gpu")
+    auto_on_gpu = hmoe_jax.from_pretrained(mxfp4_checkpoint, experts="packed")
+    assert auto_on_gpu.options.kernels == "pallas" and pallas_calls(auto_on_gpu) > 0
+    assert pallas_calls(xla_model) == 0
+    auto_on_gpu.set_options(kernels="xla")
+    assert pallas_calls(auto_on_gpu) == 0
+    with pytest.raises(ValueError, match="RunOptions.kernels"):
+        hmoe_jax.from_pretrained(mxfp4_checkpoint, kernels="cuda")
 
 
-def test_model_forward_through_the_kernels_on_an_8_device_mesh(mxfp4_checkpoint, packed_model, no_kernel_env):
+def test_model_forward_through_the_kernels_on_an_8_device_mesh(mxfp4_checkpoint, packed_model):
     """Sharded (data 2 x expert 2 x tensor 2) and under `jax.set_mesh`, the kernels run per shard
     (`shard_map`: batch and heads for attention; tokens, experts and the intermediate width for the
     MoE, partial sums reduced) and equal the single-device XLA forward."""
@@ -508,11 +468,11 @@ def test_model_forward_through_the_kernels_on_an_8_device_mesh(mxfp4_checkpoint,
 
     assert len(jax.devices()) == 8, "conftest sets --xla_force_host_platform_device_count=8"
     mesh = hmoe_jax.make_mesh(data=2, expert=2, tensor=2)
-    sharded = hmoe_jax.from_pretrained(mxfp4_checkpoint, keep_mxfp4=True, mesh=mesh, kernels="interpret")
+    sharded = hmoe_jax.from_pretrained(mxfp4_checkpoint, experts="packed", mesh=mesh, kernels="interpret")
     experts = sharded.layers[0].mlp.experts
     assert experts.gate_up_proj_blocks[...].sharding.spec[:2] == ("expert", "tensor")
     ids, mask = left_padded(2, 4, 9, MODEL_CONFIG["vocab_size"], [9, 3, 6, 9])
-    batch = hmoe_jax.sharding.batch_sharding(mesh)
+    batch = hmoe_jax.runtime.sharding.batch_sharding(mesh)
     with jax.set_mesh(mesh):
         out = sharded(jax.device_put(jnp.asarray(ids), batch), jax.device_put(jnp.asarray(mask), batch),
                       output_hidden_states=True)
@@ -521,19 +481,19 @@ def test_model_forward_through_the_kernels_on_an_8_device_mesh(mxfp4_checkpoint,
     assert_forward_equal(out, ref, mask == 1)
 
 
-def test_generate_with_the_kernels_equals_xla(packed_model, no_kernel_env):
+def test_generate_with_the_kernels_equals_xla(packed_model):
     """Prefill through both kernels, decode steps through the MoE kernel (attention over the cache stays
     XLA): the same greedy tokens after left-padded prompts, the window wrapping."""
-    from hmoe_jax.generate import generate
+    from hmoe_jax.model.generate import generate
 
     ids, mask = left_padded(3, 2, 6, MODEL_CONFIG["vocab_size"], [6, 3])
     ref = np.asarray(generate(packed_model, ids, mask, max_new_tokens=5))
-    with kernels.use("interpret"):
+    with packed_model.using(kernels="interpret"):
         out = np.asarray(generate(packed_model, ids, mask, max_new_tokens=5))
     np.testing.assert_array_equal(out, ref)
 
 
-def test_packed_experts_skip_out_of_range_slots_like_xla(no_kernel_env):
+def test_packed_experts_skip_out_of_range_slots_like_xla():
     """The hybrid layer hands the experts index E (a deterministic slot) with weight 0: the kernel path
     skips it as the XLA backends do."""
     cfg = moe_config(hidden=64, intermediate=64, experts=4, top_k=3)
@@ -545,17 +505,17 @@ def test_packed_experts_skip_out_of_range_slots_like_xla(no_kernel_env):
     deterministic = jnp.asarray(rng.random((9, 3)) < 0.3)
     weights, indices = jnp.where(deterministic, 0.0, weights), jnp.where(deterministic, 4, indices)
     ref = jax.jit(lambda *args: module(*args))(x, weights, indices)
-    module.kernels = "interpret"
+    module.options = module.options.replace(kernels="interpret")
     out = jax.jit(lambda *args: module(*args))(x, weights, indices)
     assert rel_err(out, ref) <= FP32_REL
 
 
-def test_gradients_through_the_kernels_equal_xla(packed_model, no_kernel_env):
-    """The kernels run forward, the XLA path's VJP backward (`kernels.ops.with_reference_vjp`): gradients
+def test_gradients_through_the_kernels_equal_xla(packed_model):
+    """The kernels run forward, the XLA path's VJP backward (`kernel_dispatch.with_reference_vjp`): gradients
     of a loss through one sliding-window block (attention, router, packed MoE) with respect to its input
     and every float parameter (projections, sinks, biases, router) equal the XLA path's."""
-    from hmoe_jax.model import default_position_ids
-    from hmoe_jax.rope import rope_tables
+    from hmoe_jax.model.rope import rope_tables
+    from hmoe_jax.model.transformer import default_position_ids
 
     layer = packed_model.layers[0]
     assert layer.self_attn.sliding_window == 4
@@ -566,19 +526,20 @@ def test_gradients_through_the_kernels_equal_xla(packed_model, no_kernel_env):
     x = jnp.asarray(rng.standard_normal((b, t, h)), jnp.float32)
     probe = jnp.asarray(rng.standard_normal((b, t, h)), jnp.float32) * mask[..., None]
     cos, sin = rope_tables(default_position_ids(mask), packed_model.config, jnp.float32)
-    _, sliding = attention_masks(mask, 4)
+    full, sliding = attention_masks(mask, 4)
+    ctx = BlockContext(cos, sin, mask, full, sliding)
     is_float = lambda path, v: isinstance(v, nnx.Param) and jnp.issubdtype(v.dtype, jnp.floating)  # noqa: E731
-    graphdef, floats, rest = nnx.split(layer, is_float, ...)
 
-    @functools.partial(jax.jit, static_argnums=2)
-    def grads(floats, x, mode):
+    @functools.partial(jax.jit, static_argnums=0)
+    def grads(graphdef, floats, rest, x):
         def loss(floats, x):
-            with kernels.use(mode):
-                y, _ = nnx.merge(graphdef, floats, rest)(x, cos, sin, sliding, mask, key_mask=mask)
+            y, _, _ = nnx.merge(graphdef, floats, rest)(x, ctx)
             return jnp.sum(y * probe)
         return jax.grad(loss, argnums=(0, 1))(floats, x)
 
-    ref, out = grads(floats, x, "xla"), grads(floats, x, "interpret")
+    ref = grads(*nnx.split(layer, is_float, ...), x)
+    with packed_model.using(kernels="interpret"):
+        out = grads(*nnx.split(layer, is_float, ...), x)
     ref_leaves, out_leaves = jax.tree.leaves(ref), jax.tree.leaves(out)
     assert len(ref_leaves) == len(out_leaves) > 10
     for a, r in zip(out_leaves, ref_leaves):
@@ -586,20 +547,17 @@ def test_gradients_through_the_kernels_equal_xla(packed_model, no_kernel_env):
         assert rel_err(a, r) <= FP32_REL
 
 
-def test_the_wired_model_lowers_to_triton_for_cuda(monkeypatch, no_kernel_env):
+def test_the_wired_model_lowers_to_triton_for_cuda(monkeypatch):
     """The model with the kernels selected (as on a GPU: compiled, not interpreted) lowers for CUDA on
     this host: each layer's attention and both MoE matmuls are Triton calls inside the forward."""
     pytest.importorskip("jax._src.pallas.triton.lowering")
     import hmoe_jax
-    from hmoe_jax.config import GptOssConfig
-    from hmoe_jax.kernels import ops
-
     cfg = GptOssConfig(**{k: v for k, v in MODEL_CONFIG.items() if k != "num_hidden_layers"}, num_hidden_layers=2,
                        layer_types=("sliding_attention", "full_attention"))
-    model = nnx.eval_shape(lambda: hmoe_jax.GptOssForCausalLM(cfg, packed_experts=True, kernels="pallas",
-                                                               rngs=nnx.Rngs(0)))
+    options = RunOptions(experts="packed", kernels="pallas", execution="program")
+    model = nnx.eval_shape(lambda: hmoe_jax.GptOssForCausalLM(cfg, options, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
-    monkeypatch.setattr(ops, "interpret_flag", lambda mode: False)
+    monkeypatch.setattr(kernel_dispatch, "interpret_flag", lambda mode: False)
     ids = jax.ShapeDtypeStruct((2, 40), jnp.int32)
     forward = lambda s, ids, mask: nnx.merge(graphdef, s).forward(ids, mask).logits  # noqa: E731
     text = jax.jit(forward).trace(state, ids, ids).lower(lowering_platforms=("cuda",)).as_text()

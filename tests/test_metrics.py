@@ -5,8 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from hmoe_jax import baselines, metrics
-from hmoe_jax.data import generate_scenarios
+from hmoe_jax.data import scoring as metrics
+from hmoe_jax.data.scenarios import generate_scenarios
+from hmoe_jax.evaluation import baselines
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +52,9 @@ def test_constant_predictor_is_scored_like_any_method(scenarios):
 
 def test_parser_reads_labelled_values_within_sanity_ranges():
     text = "First the DSCR is 1.42x. LTV: 65.5%. Cap rate of 7.25%. Debt yield = 11.3%."
-    assert baselines.parse_metrics(text) == {"dscr": 1.42, "ltv": 65.5, "cap_rate": 7.25, "debt_yield": 11.3}
+    assert metrics.parse_metrics(text) == {"dscr": 1.42, "ltv": 65.5, "cap_rate": 7.25, "debt_yield": 11.3}
     # Out of range values are dropped; the last in-range mention wins (chains of thought end with it).
-    parsed = baselines.parse_metrics("DSCR: 12.0 ... so DSCR: 1.10 and finally DSCR: 1.25")
+    parsed = metrics.parse_metrics("DSCR: 12.0 ... so DSCR: 1.10 and finally DSCR: 1.25")
     assert parsed["dscr"] == 1.25
     assert math.isnan(parsed["ltv"])
 

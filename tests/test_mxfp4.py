@@ -7,15 +7,13 @@ Oracle facts pinned here (transformers 5.23 ``convert_moe_packed_tensors``): it 
 +-0, never NaN. Our decoders return ``[E, out, in]``; tests transpose before comparing.
 """
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
 
-import jax
-import jax.numpy as jnp
-
-from hmoe_jax import mxfp4
-from hmoe_jax.mxfp4 import FP4_VALUES, dequantize_mxfp4, dequantize_mxfp4_np, quantize_mxfp4_np
+from hmoe_jax.model import mxfp4
+from hmoe_jax.model.mxfp4 import FP4_VALUES, dequantize_mxfp4, dequantize_mxfp4_np, quantize_mxfp4_np
 
 DTYPES = [np.float32, ml_dtypes.bfloat16]
 _UINT = {2: np.uint16, 4: np.uint32}

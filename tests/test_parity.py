@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import hmoe_jax
-from hmoe_jax import parity, synthetic
-from hmoe_jax.convert import convert_checkpoint
 from eval.parity_cli import main as parity_main
+from hmoe_jax.checkpoint import synthetic
+from hmoe_jax.checkpoint.convert import convert_checkpoint
+from hmoe_jax.evaluation import parity
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +44,12 @@ def test_parity_passes_on_an_hf_mxfp4_checkpoint_and_writes_readable_reports(hf_
 def test_streaming_result_equals_the_whole_model_result(hf_dir):
     ids, mask = prompts()
     report = parity.check_parity(hf_dir, ids, mask)
-    whole_ours = hmoe_jax.from_pretrained(hf_dir)(ids, attention_mask=mask, position_ids=np.clip(np.cumsum(mask, -1) - 1, 0, None))
+    positions = np.clip(np.cumsum(mask, -1) - 1, 0, None)
+    whole_ours = hmoe_jax.from_pretrained(hf_dir)(ids, attention_mask=mask, position_ids=positions)
     ref = synthetic.load_torch_reference(hf_dir)
     with torch.no_grad():
         whole_ref = ref(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                        position_ids=torch.from_numpy(np.clip(np.cumsum(mask, -1) - 1, 0, None))).logits.double().numpy()
+                        position_ids=torch.from_numpy(positions)).logits.double().numpy()
     real = mask.astype(bool)
     ours = np.asarray(whole_ours.logits, np.float64)[real]
     # Streaming feeds the same computations layer by layer: the same logits error to float32 noise.
@@ -107,9 +109,13 @@ def test_vocabulary_chunks_and_rows_equal_the_whole_tensor(hf_dir, tmp_path):
 
     converted = tmp_path / "converted"
     convert_checkpoint(hf_dir, converted)
-    cfg = parity._config_for(hf_dir)
-    head = parity.nnx.eval_shape(lambda: parity._Head(cfg, jnp.float32, parity.nnx.Rngs(0)))
-    embed = parity._embed_abstract(cfg, jnp.float32)
+    from flax import nnx
+
+    from hmoe_jax.model.transformer import EmbeddingAndHead
+
+    cfg = parity.config_of(hf_dir)
+    head = embed = nnx.eval_shape(lambda: EmbeddingAndHead(cfg, parity._storage_options("float32", False),
+                                                           rngs=nnx.Rngs(0)))
     for path in (hf_dir, converted):
         source = parity.WeightSource(path, cfg, jnp.float32)
         whole_head = source.params("", head)["lm_head"]
@@ -124,7 +130,7 @@ def test_vocabulary_chunks_and_rows_equal_the_whole_tensor(hf_dir, tmp_path):
 def test_chunked_logits_equal_one_chunk(hf_dir, monkeypatch):
     ids, mask = prompts(seed=2)
     whole = parity.check_parity(hf_dir, ids, mask, layers=(2, 3))
-    monkeypatch.setattr(parity, "LOGITS_CHUNK", 11)
+    monkeypatch.setattr(parity, "UNEMBED_CHUNK", 11)
     chunked = parity.check_parity(hf_dir, ids, mask, layers=(2, 3))
     assert chunked.top1 == whole.top1
     # float32 noise of a differently blocked matmul, the same size either way

@@ -18,9 +18,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorstore as ts
+from scenario_inputs import write_scenario_checkpoint
 
-from hmoe_jax import data, from_pretrained, make_mesh, precompute, synthetic
-from hmoe_jax.router_negatives import NEGATIVE_PROMPTS
+from hmoe_jax import formulas, from_pretrained, make_mesh
+from hmoe_jax.checkpoint import synthetic
+from hmoe_jax.checkpoint.location import checkpoint_fingerprint
+from hmoe_jax.checkpoint.tokenizer import load_tokenizer
+from hmoe_jax.data import features
+from hmoe_jax.data.features import StoreError, router_negative_prompts, scenario_prompts
+from hmoe_jax.data.negatives import NEGATIVE_PROMPTS
+from hmoe_jax.data.prompts import bucket_length, left_pad, length_sorted_batches, tokenize
+from hmoe_jax.runtime.options import RunOptions
+from hmoe_jax.training.precompute import pooled_features, precompute_features
 from train.precompute_cli import main as precompute_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,20 +42,21 @@ N_PROMPTS = 48
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return synthetic.write_scenario_checkpoint(tmp_path_factory.mktemp("precompute"), n_train=N_PROMPTS,
+    return write_scenario_checkpoint(tmp_path_factory.mktemp("precompute"), n_train=N_PROMPTS,
                                                extra_texts=tuple(NEGATIVE_PROMPTS))
 
 
 @pytest.fixture(scope="module")
 def store(checkpoint):
     """An uninterrupted run, in this process."""
-    return precompute.precompute_features(
-        checkpoint / "ckpt", precompute.scenario_prompts(checkpoint / "data" / "train.json"), LAYERS,
+    return precompute_features(
+        checkpoint / "ckpt", scenario_prompts(checkpoint / "data" / "train.json"), LAYERS,
         checkpoint / "store", mesh=make_mesh(), batch_size=BATCH)
 
 
 def read_array(path):
-    return np.asarray(ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}).result().read().result())
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
+    return np.asarray(ts.open(spec).result().read().result())
 
 
 def rel_err(ours, ref):
@@ -58,33 +68,34 @@ def test_features_from_padded_batches_equal_each_prompt_alone(checkpoint, store)
     (computed left-padded in a batch of 8, sharded over 8 devices) equal a forward of that prompt
     alone, unpadded, within 1e-5 relative."""
     model = from_pretrained(checkpoint / "ckpt")
-    tokens = precompute.tokenize(precompute.load_tokenizer(checkpoint / "ckpt"),
-                                 precompute.scenario_prompts(checkpoint / "data" / "train.json").prompts, 128)
+    tokens = tokenize(load_tokenizer(checkpoint / "ckpt"),
+                                 scenario_prompts(checkpoint / "data" / "train.json").prompts, 128)
     # The most padded prompt of every other batch (each alone is one compile, so not all of them).
     padding = {}
-    for rows in precompute.plan_batches(store.metadata["token_counts"], BATCH)[::2]:
-        length = precompute.bucket_length(max(tokens[r].size for r in rows), store.metadata["bucket"])
+    for rows in length_sorted_batches(store.metadata["token_counts"], BATCH)[::2]:
+        length = bucket_length(max(tokens[r].size for r in rows), store.metadata["bucket"])
         row = min(rows, key=lambda r: tokens[r].size)
         padding[int(row)] = length - tokens[row].size
     assert max(padding.values()) >= 16, "the test needs heavily padded prompts"
     stored = {pooling: read_array(store.path / f"{pooling}.zarr") for pooling in ("mean", "last")}
     for row in padding:
         ids = tokens[row][None]
-        alone = dict(zip(("mean", "last"), precompute.pooled_features(model, ids, np.ones_like(ids), LAYERS)))
+        alone = dict(zip(("mean", "last"), pooled_features(model, ids, np.ones_like(ids), LAYERS)))
         for pooling in ("mean", "last"):
             err = rel_err(stored[pooling][row], alone[pooling][0])
-            assert err < PADDING_REL, f"prompt {row} ({padding[row]} pads) {pooling}: padded vs alone differ by {err:.3g}"
+            assert err < PADDING_REL, (f"prompt {row} ({padding[row]} pads) {pooling}: padded vs alone differ by "
+                                       f"{err:.3g}")
 
 
 def test_store_records_ids_targets_model_and_layers(checkpoint, store):
     scenarios = json.loads((checkpoint / "data" / "train.json").read_text())
-    meta = json.loads((store.path / precompute.METADATA_FILE).read_text())
+    meta = json.loads((store.path / features.METADATA_FILE).read_text())
     assert meta["complete"] and meta["layers"] == LAYERS
     assert meta["scenario_ids"] == [s["id"] for s in scenarios]
-    assert meta["model_fingerprint"] == precompute.checkpoint_fingerprint(checkpoint / "ckpt")
+    assert meta["model_fingerprint"] == checkpoint_fingerprint(checkpoint / "ckpt")
     for i, s in enumerate(scenarios):
         markers = {m["expert"]: m for m in s["computation_markers"]}
-        for expert, args in data.EXPERT_ARGS.items():
+        for expert, args in ((e.name, e.arg_names) for e in formulas.registered_experts()):
             marker = markers.get(expert)
             assert meta["targets"][expert]["output"][i] == (marker["output"] if marker else None)
             for arg in args:
@@ -105,22 +116,23 @@ def test_killed_run_resumes_to_the_same_store(checkpoint, store, tmp_path):
     done = 0
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
-        if (out / precompute.DONE_ARRAY / "zarr.json").exists():
-            done = int(read_array(out / precompute.DONE_ARRAY).sum())
+        if (out / features.DONE_ARRAY / "zarr.json").exists():
+            done = int(read_array(out / features.DONE_ARRAY).sum())
             if done:
                 break
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert 0 < done < N_PROMPTS, f"the kill should land part-way (done={done})"
-    assert not json.loads((out / precompute.METADATA_FILE).read_text())["complete"]
+    assert not json.loads((out / features.METADATA_FILE).read_text())["complete"]
 
     finished = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr
-    for name in ("mean.zarr", "last.zarr", precompute.DONE_ARRAY):
+    for name in ("mean.zarr", "last.zarr", features.DONE_ARRAY):
         np.testing.assert_array_equal(read_array(out / name), read_array(store.path / name))
-    resumed, uninterrupted = (json.loads((p / precompute.METADATA_FILE).read_text()) for p in (out, store.path))
-    assert {k: v for k, v in resumed.items() if k != "source"} == {k: v for k, v in uninterrupted.items() if k != "source"}
+    resumed, uninterrupted = (json.loads((p / features.METADATA_FILE).read_text()) for p in (out, store.path))
+    without_source = [{k: v for k, v in meta.items() if k != "source"} for meta in (resumed, uninterrupted)]
+    assert without_source[0] == without_source[1]
 
 
 def test_progress_counts_prompts_and_tokens(checkpoint, store, tmp_path):
@@ -133,11 +145,11 @@ def test_progress_counts_prompts_and_tokens(checkpoint, store, tmp_path):
         def advance(self, prompts, tokens):
             events.append(("advance", prompts, tokens))
 
-    negatives = precompute.router_negative_prompts()
+    negatives = router_negative_prompts()
     few = dataclasses.replace(negatives, ids=negatives.ids[:20], prompts=negatives.prompts[:20])
-    precompute.precompute_features(checkpoint / "ckpt", few, [2], tmp_path / "neg", mesh=make_mesh(), batch_size=BATCH,
+    precompute_features(checkpoint / "ckpt", few, [2], tmp_path / "neg", mesh=make_mesh(), batch_size=BATCH,
                                    progress=Record())
-    meta = json.loads((tmp_path / "neg" / precompute.METADATA_FILE).read_text())
+    meta = json.loads((tmp_path / "neg" / features.METADATA_FILE).read_text())
     total_tokens = sum(meta["token_counts"])
     assert events[0] == ("start", 20, total_tokens, 0, 0)
     assert sum(e[1] for e in events[1:]) == 20
@@ -152,13 +164,13 @@ def snapshot(directory):
 def test_a_different_job_into_an_existing_store_is_refused_untouched(checkpoint, store, tmp_path):
     before = snapshot(store.path)
     mesh = make_mesh()
-    prompts = precompute.scenario_prompts(checkpoint / "data" / "train.json")
-    with pytest.raises(precompute.StoreError, match="layers"):
-        precompute.precompute_features(checkpoint / "ckpt", prompts, [1], store.path, mesh=mesh, batch_size=BATCH)
+    prompts = scenario_prompts(checkpoint / "data" / "train.json")
+    with pytest.raises(StoreError, match="layers"):
+        precompute_features(checkpoint / "ckpt", prompts, [1], store.path, mesh=mesh, batch_size=BATCH)
     other = synthetic.write_hf_checkpoint(tmp_path / "other", synthetic.tiny_config(), seed=7)
     (other / "tokenizer.json").write_bytes((checkpoint / "ckpt" / "tokenizer.json").read_bytes())
-    with pytest.raises(precompute.StoreError, match="model_fingerprint"):
-        precompute.precompute_features(other, prompts, LAYERS, store.path, mesh=mesh, batch_size=BATCH)
+    with pytest.raises(StoreError, match="model_fingerprint"):
+        precompute_features(other, prompts, LAYERS, store.path, mesh=mesh, batch_size=BATCH)
     assert snapshot(store.path) == before
 
 
@@ -176,10 +188,10 @@ def test_data_file_off_schema_is_refused_before_any_store_exists(checkpoint, tmp
 
 def test_batches_group_similar_lengths_and_pad_to_buckets():
     counts = [5, 40, 7, 33, 6, 90]
-    batches = precompute.plan_batches(counts, 2)
+    batches = length_sorted_batches(counts, 2)
     assert [list(b) for b in batches] == [[0, 4], [2, 3], [1, 5]]
-    assert [precompute.bucket_length(n, 32) for n in (1, 32, 33, 90)] == [32, 32, 64, 96]
-    ids, mask = precompute.left_padded_batch([np.array([7, 8]), np.array([9])], 4, 3, pad_id=0)
+    assert [bucket_length(n, 32) for n in (1, 32, 33, 90)] == [32, 32, 64, 96]
+    ids, mask = left_pad([np.array([7, 8]), np.array([9])], 4, 3, pad_id=0)
     np.testing.assert_array_equal(ids, [[0, 0, 7, 8], [0, 0, 0, 9], [0, 0, 7, 8]])
     np.testing.assert_array_equal(mask, [[0, 0, 1, 1], [0, 0, 0, 1], [0, 0, 1, 1]])
 
@@ -187,8 +199,8 @@ def test_batches_group_similar_lengths_and_pad_to_buckets():
 def test_tokenizer_beside_the_checkpoint_reads_as_transformers_reads_it(checkpoint):
     from transformers import AutoTokenizer
 
-    prompts = precompute.scenario_prompts(checkpoint / "data" / "train.json").prompts[:5]
-    ours = precompute.tokenize(precompute.load_tokenizer(checkpoint / "ckpt"), prompts, 128)
+    prompts = scenario_prompts(checkpoint / "data" / "train.json").prompts[:5]
+    ours = tokenize(load_tokenizer(checkpoint / "ckpt"), prompts, 128)
     theirs = AutoTokenizer.from_pretrained(checkpoint / "ckpt")(prompts)["input_ids"]
     assert [list(t) for t in ours] == theirs
 
@@ -197,19 +209,19 @@ def test_packed_experts_bf16_storage_and_layerwise_give_the_same_features(tmp_pa
     """The 20b path (MXFP4 kept packed, bf16 storage, fp32 compute, only the needed layers loaded),
     with the blocks jitted as one program or one by one, stores the features of the plain fp32 path,
     on a bf16 MXFP4 checkpoint like gpt-oss's."""
-    root = synthetic.write_scenario_checkpoint(tmp_path_factory.mktemp("packed"), n_train=16,
+    root = write_scenario_checkpoint(tmp_path_factory.mktemp("packed"), n_train=16,
                                                config=synthetic.tiny_config(num_hidden_layers=3),
                                                experts="mxfp4", dtype="bfloat16", seed=4)
-    prompts = precompute.scenario_prompts(root / "data" / "train.json")
+    prompts = scenario_prompts(root / "data" / "train.json")
     # Layer 3 is the last: its state is final-normed, which the layerwise path must do too.
-    plain = precompute.precompute_features(root / "ckpt", prompts, [1, 3], root / "plain", mesh=make_mesh(),
-                                           batch_size=BATCH)
-    packed = precompute.precompute_features(root / "ckpt", prompts, [1, 3], root / "packed", mesh=make_mesh(),
-                                            batch_size=BATCH, keep_mxfp4=True, param_dtype="bfloat16")
-    layerwise = precompute.precompute_features(root / "ckpt", prompts, [1, 3], root / "layerwise",
-                                               mesh=make_mesh(), batch_size=BATCH, keep_mxfp4=True,
-                                               param_dtype="bfloat16", layerwise=True)
-    for pooling in precompute.POOLINGS:
+    plain = precompute_features(root / "ckpt", prompts, [1, 3], root / "plain", mesh=make_mesh(), batch_size=BATCH,
+                                options=RunOptions(experts="dense", param_dtype="float32"))
+    packed = precompute_features(root / "ckpt", prompts, [1, 3], root / "packed", mesh=make_mesh(),
+                                 batch_size=BATCH, options=RunOptions(experts="packed", param_dtype="bfloat16"))
+    layerwise = precompute_features(root / "ckpt", prompts, [1, 3], root / "layerwise", mesh=make_mesh(),
+                                    batch_size=BATCH, options=RunOptions(experts="packed", param_dtype="bfloat16",
+                                                                         execution="layerwise"))
+    for pooling in features.POOLINGS:
         a = read_array(root / "plain" / f"{pooling}.zarr")
         for other in ("packed", "layerwise"):
             assert rel_err(read_array(root / other / f"{pooling}.zarr"), a) < 1e-6, (other, pooling)

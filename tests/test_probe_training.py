@@ -18,9 +18,13 @@ import jax
 import numpy as np
 import pytest
 
-from hmoe_jax import data, make_mesh, precompute, probe_training
-from hmoe_jax.probe import decode, encode, probe_apply
-from hmoe_jax.probe_training import Protocol, Task, build_ensemble, split_task
+from hmoe_jax import formulas, make_mesh
+from hmoe_jax.data import features as precompute
+from hmoe_jax.data import scenarios as data
+from hmoe_jax.hybrid import artifacts
+from hmoe_jax.hybrid.probe import decode, encode, probe_apply
+from hmoe_jax.training import probes as probe_training
+from hmoe_jax.training.probes import Protocol, Task, build_ensemble, split_task
 from train.probes_cli import main as probes_main
 from train.router_cli import main as router_main
 
@@ -169,7 +173,7 @@ def test_loaded_probes_reproduce_the_reported_test_scores(finished_run):
     """The orbax checkpoint holds, per task, each fold's selected probe (fold-stacked): applied to
     that fold's held-out scenarios they give exactly the R^2 of the table."""
     store, run = finished_run
-    probes = probe_training.load_probes(run)
+    probes = artifacts.load_probes(run)
     assert set(probes) == {("ltv", "loan"), ("ltv", "value"), ("ltv", "output")}
     results = json.loads((run / probe_training.RESULTS_FILE).read_text())
     features = store.features(LAYER)
@@ -187,23 +191,24 @@ def test_loaded_probes_reproduce_the_reported_test_scores(finished_run):
 def test_extraction_probes_load_into_the_hybrid_layer(finished_run):
     """The hybrid layer's extraction MLPs, loaded with a run's probes, compute the paper's inference:
     the median over fold probes of the decoded outputs."""
-    import jax.numpy as jnp
     from flax import nnx
 
-    from hmoe_jax import GptOssConfig, hybrid, synthetic
-    from hmoe_jax.model import MoE
+    from hmoe_jax import GptOssConfig, hybrid
+    from hmoe_jax.checkpoint import synthetic
+    from hmoe_jax.model.layers import MoE
+    from hmoe_jax.runtime.options import RunOptions
 
     store, run = finished_run
-    moe = MoE(GptOssConfig.from_dict(synthetic.tiny_config()), dtype=jnp.float32, param_dtype=jnp.float32,
-              backend="auto", rngs=nnx.Rngs(0))
+    options = RunOptions(dtype="float32", param_dtype="float32").resolved()
+    moe = MoE(GptOssConfig.from_dict(synthetic.tiny_config()), options, rngs=nnx.Rngs(0))
     layer = hybrid.HybridMoE(moe, hybrid.HybridConfig(layers=(LAYER,), experts=("ltv",), ensemble_size=2),
                              rngs=nnx.Rngs(0))
-    for expert, probes in probe_training.extraction_probes(run).items():
+    for expert, probes in artifacts.extraction_probes(run).items():
         layer.load_probes(expert, probes)
     features = store.features(LAYER)[:6]
     arguments = np.asarray(layer.compute_experts(features)[0])
-    probes = probe_training.load_probes(run)
-    for i, arg in enumerate(data.EXPERT_ARGS["ltv"]):
+    probes = artifacts.load_probes(run)
+    for i, arg in enumerate(formulas.get_expert("ltv").arg_names):
         outputs = jax.vmap(probe_apply, (0, None))(probes[("ltv", arg)], features)[..., 0]
         assert rel_err(arguments[:, i], np.median(np.asarray(decode(outputs)), axis=0)) < 1e-5
 
@@ -232,7 +237,7 @@ def test_killed_run_resumes_to_the_same_result(finished_run, tmp_path):
     assert "resuming" in resumed.stderr
     ours, theirs = (json.loads((p / probe_training.RESULTS_FILE).read_text()) for p in (out, reference))
     assert ours["tasks"] == theirs["tasks"] and ours["train_loss"] == theirs["train_loss"]
-    a, b = probe_training.load_probes(out), probe_training.load_probes(reference)
+    a, b = artifacts.load_probes(out), artifacts.load_probes(reference)
     for key in a:
         for name in a[key]:
             np.testing.assert_array_equal(np.asarray(a[key][name]), np.asarray(b[key][name]))
@@ -280,4 +285,4 @@ def test_router_classifier_separates_cre_prompts_from_negatives(tmp_path):
     assert results["metric"] == "balanced_accuracy"
     assert results["tasks"]["router/cre_prompt"]["honest"]["mean"] > 0.9
     assert "balanced accuracy" in (run / "accuracy.md").read_text()
-    assert set(probe_training.load_probes(run)) == {probe_training.ROUTER_TASK}
+    assert set(artifacts.load_probes(run)) == {probe_training.ROUTER_TASK}

@@ -25,6 +25,10 @@ def main(argv):
     if not argv or argv[0] not in STAGES:
         print(__doc__.strip(), file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if argv[0] != "data":
+        from hmoe_jax.runtime.host import configure_host_memory
+
+        configure_host_memory()  # before JAX starts its backend
     return importlib.import_module(STAGES[argv[0]]).main(argv[1:])
 
 

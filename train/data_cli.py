@@ -7,13 +7,14 @@ so `--seed 42` writes train from seed 42 and eval from seed 43.
 import argparse
 from pathlib import Path
 
-from hmoe_jax import data
+from hmoe_jax.data import scenarios as data
 
 
 def _parser():
     parser = argparse.ArgumentParser(
         prog="python -m train data",
         description="Generate the synthetic CRE underwriting data sets.",
+        epilog="example: python -m train data --out data",
     )
     parser.add_argument(
         "--out", type=Path, required=True, help="directory for train.json and eval.json"

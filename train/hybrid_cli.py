@@ -15,11 +15,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
+from hmoe_jax.runtime import arguments
 
 
 def _parser():
-    p = argparse.ArgumentParser(prog="python -m train hybrid", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m train hybrid", description=__doc__.split("\n\n")[0],
+                                epilog="example: python -m train hybrid --model ckpt --probes probes "
+                                       "--data data/train.json --out hybrid")
     p.add_argument("--model", type=Path, required=True,
                    help="checkpoint directory (HF or converted), with tokenizer.json")
     p.add_argument("--probes", type=Path, required=True, help="a run directory of `python -m train probes`")
@@ -42,68 +44,28 @@ def _parser():
     p.add_argument("--bucket", type=int, default=32, help="sequence lengths are padded to a multiple of this")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")
+    arguments.add_model_options(p)
     return p
 
 
 def main(argv):
     args = _parser().parse_args(argv)
-    from hmoe_jax import data, hybrid_training
-    from hmoe_jax.checkpoint import CheckpointError
-    from hmoe_jax.config import ConfigError
-    from hmoe_jax.precompute import StoreError, checkpoint_fingerprint, load_tokenizer
-    from hmoe_jax.probe_training import ProbeTrainingError
+    from hmoe_jax.checkpoint.location import CheckpointError
+    from hmoe_jax.data.features import StoreError
+    from hmoe_jax.hybrid.artifacts import ArtifactError
+    from hmoe_jax.model.config import ConfigError
+    from hmoe_jax.training import hybrid
 
     try:
-        settings = hybrid_training.Settings(
+        settings = hybrid.Settings(
             epochs=args.epochs, learning_rate=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
             router_weight=args.router_weight, bucket=args.bucket, seed=args.seed,
             checkpoint_every=args.checkpoint_every)
-        for name in ("n_eval", "n_generate", "n_train"):
-            value = getattr(args, name)
-            if value is not None and value < (0 if name == "n_generate" else 1):
-                raise hybrid_training.HybridTrainingError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        if not args.data.is_file():
-            raise FileNotFoundError(f"{args.data}: no such data file")
-        eval_path = args.eval if args.eval is not None else args.data.parent / data.EVAL_FILE
-        if not eval_path.is_file():
-            raise FileNotFoundError(f"{eval_path}: no held-out data file (pass --eval)")
-        if not (args.probes / "probes.json").is_file():
-            raise FileNotFoundError(
-                f"{args.probes}: no trained probes (probes.json missing; run `python -m train probes`)")
-        train = data.load_scenarios(args.data)[:args.n_train]
-        held_out = data.load_scenarios(eval_path)[:args.n_eval]
-        if not train:
-            raise hybrid_training.HybridTrainingError(f"{args.data}: no scenarios")
-        if not held_out:
-            raise hybrid_training.HybridTrainingError(f"{eval_path}: no scenarios")
-        tokenizer = load_tokenizer(args.model)
-
-        from hmoe_jax import evaluation
-        from hmoe_jax.router_negatives import NEGATIVE_PROMPTS
-
-        model, layer = evaluation.build_hybrid_model(args.model, args.probes)
-        identity = {"model": str(args.model.resolve()), "model_fingerprint": checkpoint_fingerprint(args.model),
-                    "probes": str(args.probes.resolve()), "data": str(args.data.resolve()),
-                    "data_sha256": hybrid_training.file_sha256(args.data), "n_train_limit": args.n_train,
-                    "eval": str(eval_path.resolve()), "eval_sha256": hybrid_training.file_sha256(eval_path),
-                    "n_eval": args.n_eval}
-        bar = tqdm(unit="step", desc="hybrid training")
-
-        def on_step(done, total, aux):
-            bar.total = total
-            if "loss" in aux:
-                bar.set_postfix(loss=f"{float(aux['loss']):.4f}", answer=f"{float(aux['answer_loss']):.4f}")
-            bar.update(done - bar.n)
-
-        try:
-            result = hybrid_training.train_run(args.out, model, tokenizer, train, held_out, NEGATIVE_PROMPTS, settings,
-                                               identity, n_generate=args.n_generate, on_step=on_step,
-                                               log=lambda msg: bar.write(msg, file=sys.stderr))
-        finally:
-            bar.close()
-    except (hybrid_training.HybridTrainingError, ProbeTrainingError, StoreError, CheckpointError, ConfigError,
-            FileNotFoundError, ValueError) as err:
+        inputs = hybrid.Inputs(args.model, args.probes, args.data, args.eval, n_train=args.n_train,
+                               n_eval=args.n_eval, n_generate=args.n_generate)
+        result = hybrid.run_from_files(inputs, args.out, settings, options=arguments.options_from_args(args))
+    except (ArtifactError, StoreError, CheckpointError, ConfigError, FileNotFoundError, ValueError) as err:
         print(f"train hybrid: error: {err}", file=sys.stderr)
         return 1
-    print((args.out / hybrid_training.REPORT_FILE).read_text())
+    print((args.out / hybrid.REPORT_FILE).read_text())
     return 0 if result else 1

@@ -14,14 +14,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
-
-from hmoe_jax import distributed
-from hmoe_jax.loading import add_memory_arguments, memory_options
+from hmoe_jax.runtime import arguments, distributed
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="python -m train precompute", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m train precompute", description=__doc__.split("\n\n")[0],
+        epilog="example: python -m train precompute --model ckpt --data data/train.json --layer 12 --out store")
     parser.add_argument("--model", type=Path, required=True, help="checkpoint directory (with tokenizer.json)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", type=Path, help="data set file (train.json or eval.json)")
@@ -33,61 +32,38 @@ def _parser():
     parser.add_argument("--batch-size", type=int, default=None,
                         help="prompts per forward (default 8 per data device)")
     parser.add_argument("--bucket", type=int, default=32, help="padded lengths are multiples of this (default 32)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="model compute dtype; features are always stored as float32")
-    add_memory_arguments(parser)
-    parser.add_argument("--mesh-expert", type=int, default=1, help="devices on the expert axis (default 1)")
-    parser.add_argument("--mesh-tensor", type=int, default=1, help="devices on the tensor axis (default 1)")
-    distributed.add_arguments(parser)
+    arguments.add_model_options(parser)
+    arguments.add_mesh_arguments(parser)
+    arguments.add_distributed_arguments(parser)
     return parser
-
-
-class _Bars:
-    """Two tqdm bars, prompts and real tokens, starting from what an earlier run already stored."""
-
-    def start(self, total_prompts, total_tokens, done_prompts, done_tokens):
-        self.prompts = tqdm(total=total_prompts, initial=done_prompts, unit="prompt", desc="prompts", position=0)
-        self.tokens = tqdm(total=total_tokens, initial=done_tokens, unit="tok", unit_scale=True, desc="tokens",
-                           position=1)
-
-    def advance(self, prompts, tokens):
-        self.prompts.update(prompts)
-        self.tokens.update(tokens)
-
-    def close(self):
-        for bar in (getattr(self, "prompts", None), getattr(self, "tokens", None)):
-            if bar is not None:
-                bar.close()
 
 
 def main(argv):
     args = _parser().parse_args(argv)
     # The model modules load only now, after argument errors had their chance to stop the run cheaply;
     # the multi-host runtime starts before anything touches a device.
-    from hmoe_jax import make_mesh, precompute
-    from hmoe_jax.checkpoint import CheckpointError
-    from hmoe_jax.config import ConfigError
+    from hmoe_jax.checkpoint.location import CheckpointError
+    from hmoe_jax.data.features import StoreError, router_negative_prompts, scenario_prompts
+    from hmoe_jax.model.config import ConfigError
+    from hmoe_jax.runtime.sharding import make_mesh
+    from hmoe_jax.training.precompute import ProgressBars, precompute_features
 
-    bars = _Bars()
+    bars = ProgressBars()
     try:
         info = distributed.initialize(args)
-        prompt_set = (precompute.router_negative_prompts() if args.router_negatives
-                      else precompute.scenario_prompts(args.data))
+        prompt_set = router_negative_prompts() if args.router_negatives else scenario_prompts(args.data)
         mesh = make_mesh(data=-1, expert=args.mesh_expert, tensor=args.mesh_tensor)
-        batch_size = args.batch_size or 8 * mesh.shape["data"]
-        store = precompute.precompute_features(
-            args.model, prompt_set, args.layer, args.out, mesh=mesh, batch_size=batch_size, bucket=args.bucket,
-            dtype=args.dtype, progress=bars if info.is_coordinator else None,
-            layerwise=args.layerwise, **memory_options(args),
-        )
+        store = precompute_features(
+            args.model, prompt_set, args.layer, args.out, mesh=mesh,
+            batch_size=args.batch_size or 8 * mesh.shape["data"], bucket=args.bucket,
+            options=arguments.options_from_args(args), progress=bars if info.is_coordinator else None)
         distributed.sync("train.precompute.done")
-    except (precompute.StoreError, ConfigError, CheckpointError, ValueError, FileNotFoundError) as err:
-        bars.close()
+    except (StoreError, ConfigError, CheckpointError, ValueError, FileNotFoundError) as err:
         print(f"train precompute: error: {err}", file=sys.stderr)
         return 1
-    bars.close()
-    if not info.is_coordinator:
-        return 0
-    n = len(store.scenario_ids)
-    print(f"{args.out}: features of {n} prompts at layers {store.layers} (model {store.metadata['model_fingerprint']})")
+    finally:
+        bars.close()
+    if info.is_coordinator:
+        print(f"{args.out}: features of {len(store.scenario_ids)} prompts at layers {store.layers} "
+              f"(model {store.metadata['model_fingerprint']})")
     return 0

@@ -3,7 +3,7 @@
     python -m train probes --store STORE --out RUN [--layer 12] [--epochs 300 --folds 5 --seeds 3]
 
 Writes RUN/r2.md (the score table), RUN/results.json, RUN/curves.png and the trained probes
-(RUN/probes, an orbax checkpoint read by `hmoe_jax.probe_training.load_probes`). Checkpoints go to
+(RUN/probes, an orbax checkpoint read by `hmoe_jax.hybrid.artifacts.load_probes`). Checkpoints go to
 RUN/checkpoints: after an interruption, the same command resumes and ends with the same result.
 
 Multi-host: start the same command on every host with --coordinator-address, --num-processes and
@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
+from hmoe_jax.runtime import arguments
 
 
 def add_protocol_options(parser):
@@ -34,71 +34,24 @@ def add_protocol_options(parser):
                         help="checkpoint the store must come from (refused otherwise)")
     parser.add_argument("--mesh-tensor", type=int, default=1,
                         help="devices splitting each member's minibatch; the rest split the ensemble (default 1)")
-    from hmoe_jax import distributed
-
-    distributed.add_arguments(parser)
+    arguments.add_distributed_arguments(parser)
 
 
-def store_layer(store, layer):
-    from hmoe_jax.precompute import StoreError
+def store_choice(args):
+    from hmoe_jax.training.probes import StoreChoice
 
-    if layer is None:
-        if len(store.layers) != 1:
-            raise StoreError(f"{store.path} holds layers {store.layers}: choose one with --layer")
-        return store.layers[0]
-    if layer not in store.layers:
-        raise StoreError(f"{store.path} holds layers {store.layers}, not layer {layer}")
-    return layer
+    return StoreChoice(layer=args.layer, pooling=args.pooling, expect_model=args.expect_model,
+                       mesh_tensor=args.mesh_tensor, checkpoint_every=args.checkpoint_every)
 
 
-def check_expected_model(store, checkpoint):
-    from hmoe_jax.precompute import StoreError, checkpoint_fingerprint
-
-    if checkpoint is not None and checkpoint_fingerprint(checkpoint) != store.metadata["model_fingerprint"]:
-        raise StoreError(f"{store.path} holds features of model {store.metadata['model_path']} "
-                         f"({store.metadata['model_fingerprint']}), not of {checkpoint}")
-
-
-def store_identity(store, layer, pooling):
-    return {"store": str(store.path.resolve()), "model_path": store.metadata["model_path"],
-            "model_fingerprint": store.metadata["model_fingerprint"], "source_sha256": store.metadata["source_sha256"],
-            "layer": layer, "pooling": pooling}
-
-
-def train_and_report(args, features, scenario_ids, tasks, protocol, identity, table_name):
-    """Train (or resume), then write the table and the curves; returns the results dict."""
-    from hmoe_jax import distributed, make_mesh, probe_report, probe_training
-
-    mesh = make_mesh(data=-1, tensor=args.mesh_tensor)
-    coordinator = distributed.is_coordinator()
-    bar = tqdm(total=protocol.epochs, unit="epoch", desc="ensemble", disable=not coordinator)
-
-    calls = []
-
-    def on_epochs(done, total):
-        # The first report comes before any training: epochs done then were done by an earlier run.
-        if not calls and done > 0 and coordinator:
-            bar.write(f"resuming {args.out} from its epoch-{done} checkpoint", file=sys.stderr)
-        calls.append(done)
-        bar.update(done - bar.n)
-
-    try:
-        run = probe_training.train_run(args.out, features, scenario_ids, tasks, protocol, identity, mesh,
-                                       checkpoint_every=args.checkpoint_every, on_epochs=on_epochs)
-    finally:
-        bar.close()
-    if coordinator:
-        table = probe_report.score_table(run.results)
-        (args.out / table_name).write_text(table)
-        probe_report.plot_curves(run.results, args.out / "curves.png")
-        print(table)
-    # Every file is written before any process returns.
-    distributed.sync("train.probes.reported")
-    return run.results
+def protocol_settings(args) -> dict:
+    return {"folds": args.folds, "seeds": args.seeds, "epochs": args.epochs,
+            "validation_fraction": args.validation_fraction}
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="python -m train probes", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m train probes", description=__doc__.split("\n\n")[0],
+                                     epilog="example: python -m train probes --store store --out probes --epochs 20")
     parser.add_argument("--store", type=Path, required=True, help="feature store of a data set (train precompute)")
     parser.add_argument("--out", type=Path, required=True, help="run directory")
     add_protocol_options(parser)
@@ -110,22 +63,17 @@ def _parser():
 
 def main(argv):
     args = _parser().parse_args(argv)
-    from hmoe_jax import distributed, probe_training
-    from hmoe_jax.precompute import FeatureStore, StoreError
+    from hmoe_jax.data.features import StoreError
+    from hmoe_jax.runtime import distributed
+    from hmoe_jax.training import probes
 
     try:
         distributed.initialize(args)
-        store = FeatureStore.open(args.store)
-        check_expected_model(store, args.expect_model)
-        layer = store_layer(store, args.layer)
-        features = store.features(layer, args.pooling)
-        experts = tuple(args.experts) if args.experts else probe_training.ACTIVE_EXPERTS
-        tasks = probe_training.probe_tasks(store, experts, direct=not args.no_direct)
-        protocol = probe_training.Protocol(folds=args.folds, seeds=args.seeds, epochs=args.epochs,
-                                           validation_fraction=args.validation_fraction)
-        train_and_report(args, features, store.scenario_ids, tasks, protocol,
-                         store_identity(store, layer, args.pooling), "r2.md")
-    except (StoreError, probe_training.ProbeTrainingError, distributed.DistributedError, FileNotFoundError) as err:
+        run = probes.train_probes_on_store(args.store, args.out, probes.Protocol(**protocol_settings(args)),
+                                           store_choice(args), experts=args.experts, direct=not args.no_direct)
+    except (StoreError, probes.ProbeTrainingError, distributed.DistributedError, FileNotFoundError) as err:
         print(f"train probes: error: {err}", file=sys.stderr)
         return 1
-    return 0
+    if distributed.is_coordinator():
+        print((args.out / "r2.md").read_text())
+    return 0 if run else 1

@@ -12,11 +12,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from train.probes_cli import add_protocol_options, check_expected_model, store_identity, store_layer, train_and_report
+from train.probes_cli import add_protocol_options, protocol_settings, store_choice
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="python -m train router", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m train router", description=__doc__.split("\n\n")[0],
+                                     epilog="example: python -m train router --store store --negatives neg_store "
+                                            "--out router")
     parser.add_argument("--store", type=Path, required=True, help="feature store of a data set (positives)")
     parser.add_argument("--negatives", type=Path, required=True, help="feature store of the router negatives")
     parser.add_argument("--out", type=Path, required=True, help="run directory")
@@ -26,21 +28,17 @@ def _parser():
 
 def main(argv):
     args = _parser().parse_args(argv)
-    from hmoe_jax import distributed, probe_training
-    from hmoe_jax.precompute import FeatureStore, StoreError
+    from hmoe_jax.data.features import StoreError
+    from hmoe_jax.runtime import distributed
+    from hmoe_jax.training import probes
 
     try:
         distributed.initialize(args)
-        positives, negatives = FeatureStore.open(args.store), FeatureStore.open(args.negatives)
-        check_expected_model(positives, args.expect_model)
-        layer = store_layer(positives, args.layer)
-        features, ids, task = probe_training.router_task(positives, negatives, layer, args.pooling)
-        protocol = probe_training.router_protocol(folds=args.folds, seeds=args.seeds, epochs=args.epochs,
-                                                  validation_fraction=args.validation_fraction)
-        identity = store_identity(positives, layer, args.pooling)
-        identity["negatives"] = str(negatives.path.resolve())
-        train_and_report(args, features, ids, [task], protocol, identity, "accuracy.md")
-    except (StoreError, probe_training.ProbeTrainingError, distributed.DistributedError, FileNotFoundError) as err:
+        run = probes.train_router_on_stores(args.store, args.negatives, args.out,
+                                            probes.router_protocol(**protocol_settings(args)), store_choice(args))
+    except (StoreError, probes.ProbeTrainingError, distributed.DistributedError, FileNotFoundError) as err:
         print(f"train router: error: {err}", file=sys.stderr)
         return 1
-    return 0
+    if distributed.is_coordinator():
+        print((args.out / "accuracy.md").read_text())
+    return 0 if run else 1

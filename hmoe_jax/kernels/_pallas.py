@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from jax.experimental.pallas import triton as pl_triton
+
+from ..runtime.options import matmul_precision
 
 
 def resolve_interpret(interpret: bool | None) -> bool:
@@ -13,11 +14,8 @@ def resolve_interpret(interpret: bool | None) -> bool:
 
 
 def default_precision(dtype, precision) -> jax.lax.Precision:
-    # The model's rule (`model._precision`): fp32 runs are parity checks (IEEE fp32 dots, no TF32 on
-    # GPU); bf16 runs take the tensor-core default.
-    if precision is not None:
-        return precision
-    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+    """`precision`, or the model's rule for `dtype` (`runtime.options.matmul_precision`)."""
+    return precision if precision is not None else matmul_precision(dtype)
 
 
 def triton_params(num_warps: int = 4, num_stages: int = 2) -> pl_triton.CompilerParams:

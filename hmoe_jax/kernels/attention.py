@@ -1,12 +1,12 @@
 """Flash-style attention with gpt-oss's learned sinks, sliding window and grouped-query heads.
 
-Computes what `model.Attention.attend` computes, for the masks `model.attention_masks` builds:
+Computes what `hmoe_jax.model.layers.Attention.attend` computes, for the masks `attention_masks` builds:
 
     s_qk = scale * q.k                                  for allowed keys (causal, unpadded, in the window)
     out_q = sum_k exp(s_qk) v_k / (exp(sink_h) + sum_k exp(s_qk))
 
 Each program owns one (query head, query block, batch row) and streams the key blocks its queries can
-see through an online softmax: running row max `m`, running sum `l = sum exp(s - m)`, and the fp32
+see through an online softmax: running row max `m`, running sum `row_sum = l = sum exp(s - m)`, and the fp32
 accumulator `acc = sum exp(s - m) v`. Without a sink the output would be `acc / l` with log-sum-exp
 `lse = m + log l`; the sink is one extra softmax column, so folding it in at the end is
 
@@ -48,7 +48,7 @@ def _attention_kernel(q_ref, k_ref, v_ref, key_mask_ref, sinks_ref, out_ref, *,
     lo = 0 if window is None else jnp.maximum(q_start - window + 1, 0) // block_k
 
     def visit_key_block(j, carry):
-        m, l, acc = carry
+        m, row_sum, acc = carry
         k_start = j * block_k
         k = k_ref[pl.ds(k_start, block_k), :]
         v = v_ref[pl.ds(k_start, block_k), :]
@@ -63,22 +63,22 @@ def _attention_kernel(q_ref, k_ref, v_ref, key_mask_ref, sinks_ref, out_ref, *,
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         correction = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[:, None])
-        l = l * correction + jnp.sum(p, axis=1)
+        row_sum = row_sum * correction + jnp.sum(p, axis=1)
         pv = jax.lax.dot(p.astype(v.dtype), v, precision=precision, preferred_element_type=jnp.float32)
-        return m_new, l, acc * correction[:, None] + pv
+        return m_new, row_sum, acc * correction[:, None] + pv
 
     carry = (
         jnp.full((block_q,), _MASKED, jnp.float32),
         jnp.zeros((block_q,), jnp.float32),
         jnp.zeros(q_ref.shape, jnp.float32),
     )
-    m, l, acc = jax.lax.fori_loop(lo, hi, visit_key_block, carry)
+    m, row_sum, acc = jax.lax.fori_loop(lo, hi, visit_key_block, carry)
 
     # out * sigmoid(lse - sink), both terms shifted by max(m, sink) so neither exp can overflow.
     sink = sinks_ref[head]
     shift = jnp.maximum(m, sink)
     keys = jnp.exp(m - shift)
-    weight = keys / (l * keys + jnp.exp(sink - shift))
+    weight = keys / (row_sum * keys + jnp.exp(sink - shift))
     out_ref[...] = (acc * weight[:, None]).astype(out_ref.dtype)
 
 

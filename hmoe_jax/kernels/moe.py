@@ -4,12 +4,12 @@ The experts stay as the checkpoint stores them (uint8 blocks [E, out, in/32, 16]
 [E, out, in/32], a quarter of bf16's bytes); each program decodes the weight tile it multiplies, so
 the decoded experts never exist in HBM.
 
-Rows arrive sorted by expert (`moe._sort_by_expert`) with per-expert group sizes. A row tile must
-belong to one expert, so each expert's rows are first laid out at a multiple of `tile_m` (the vLLM /
-megablox "aligned blocks" idea): at most `M // tile_m + E` tiles, a static bound, with a tile->expert
+Rows arrive sorted by expert (`hmoe_jax.model.moe.sort_by_expert`) with per-expert group sizes. A row
+tile must belong to one expert, so each expert's rows are first laid out at a multiple of `tile_m` (the
+vLLM / megablox "aligned blocks" idea): at most `M // tile_m + E` tiles, a static bound, with a tile->expert
 table the kernel reads. Tiles past the used ones run no K steps and write zeros.
 
-The decode is bit-exact with `mxfp4.dequantize_mxfp4`, but arithmetic instead of a table lookup,
+The decode is bit-exact with `hmoe_jax.model.mxfp4.dequantize_mxfp4`, but arithmetic instead of a table lookup,
 because a Triton kernel has no gather: the fp32 bit pattern of `E2M1(code) * 2**(scale - 127)` is
 assembled from the code's exponent/mantissa bits and the scale byte (see `e2m1_bits`).
 """
@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from .. import moe
 from ._pallas import check_power_of_two, default_precision, resolve_interpret, triton_params
 
 _GROUP = 32  # elements per MXFP4 scale
@@ -32,7 +31,7 @@ _DOT_ROWS_BY_OUT_IN = (((1,), (1,)), ((), ()))  # [tm, K] x [tn, K] -> [tm, tn]:
 
 
 class PackedExpertWeights(NamedTuple):
-    """The experts in the checkpoint's MXFP4 layout (`model.PackedExperts`); biases in compute dtype."""
+    """The experts in the checkpoint's MXFP4 layout (`hmoe_jax.model.layers.PackedExperts`); biases in compute dtype."""
 
     gate_up_blocks: jax.Array  # [E, 2I, H/32, 16] uint8, gate/up interleaved along 2I
     gate_up_scales: jax.Array  # [E, 2I, H/32] uint8
@@ -181,28 +180,25 @@ def grouped_matmul_mxfp4(
 
 
 @functools.partial(jax.jit, static_argnames=("act", "precision", "tile_m", "tile_n", "interpret"))
-def moe_pallas_mxfp4(x, weights, indices, w: PackedExpertWeights, act: moe.SwiGLU, precision=None, *,
+def expert_ffn_mxfp4(rows, group_sizes, w: PackedExpertWeights, act, precision=None, *,
                      tile_m: int = 64, tile_n: int = 64, interpret: bool | None = None) -> jax.Array:
-    """The `moe` backends' computation over packed experts: x [N, H], routing weights and indices
-    [N, k] -> [N, H] in x's dtype.
+    """Each expert's FFN on its rows: rows [M, H] sorted by expert (`group_sizes` [E] rows each) ->
+    `down(act(gate_up(row)))` [M, H] in the rows' dtype, both projections reading MXFP4 tiles.
 
-    Same contract as `moe.moe_ragged` with `ExpertWeightsOutIn` decoded from `w`, and the same pair
-    order and combine, so fp32 results agree to summation order. The rows are laid out in expert tiles once and
-    both projections run on that layout.
+    What `hmoe_jax.model.moe.moe_ragged` computes per token-expert pair with the experts decoded from `w` (`act`:
+    the model's SwiGLU); rows past `sum(group_sizes)` give zeros. The rows are laid out in expert
+    tiles once and both projections run on that layout.
     """
-    num_experts = w.gate_up_blocks.shape[0]
-    precision = default_precision(x.dtype, precision)
+    precision = default_precision(rows.dtype, precision)
     interpret = resolve_interpret(interpret)
     tiles = dict(tile_m=tile_m, tile_n=tile_n, max_groups_per_step=4, precision=precision, interpret=interpret)
-
-    s = moe._sort_by_expert(weights, indices, num_experts)
-    layout = _tile_layout(s.group_sizes, s.token.shape[0], tile_m)
-    rows = jnp.zeros((layout.padded_rows, x.shape[1]), x.dtype).at[layout.dest].set(x[s.token], mode="drop")
+    layout = _tile_layout(group_sizes, rows.shape[0], tile_m)
+    padded = jnp.zeros((layout.padded_rows, rows.shape[1]), rows.dtype).at[layout.dest].set(rows, mode="drop")
     # Expert of every padded row, for the biases; unused tiles borrow expert 0 (their rows are dropped).
     row_expert = jnp.repeat(jnp.maximum(layout.tile_expert, 0), tile_m, total_repeat_length=layout.padded_rows)
 
-    gate_up = _grouped_matmul_tiles(rows, layout.tile_expert, w.gate_up_blocks, w.gate_up_scales, **tiles)
-    gate_up = gate_up.astype(x.dtype) + w.gate_up_bias[row_expert].astype(x.dtype)
+    gate_up = _grouped_matmul_tiles(padded, layout.tile_expert, w.gate_up_blocks, w.gate_up_scales, **tiles)
+    gate_up = gate_up.astype(rows.dtype) + w.gate_up_bias[row_expert].astype(rows.dtype)
     y = _grouped_matmul_tiles(act(gate_up), layout.tile_expert, w.down_blocks, w.down_scales, **tiles)
-    y = y.astype(x.dtype) + w.down_bias[row_expert].astype(x.dtype)
-    return moe._combine(x, s, y[layout.dest])
+    y = y.astype(rows.dtype) + w.down_bias[row_expert].astype(rows.dtype)
+    return y.at[layout.dest].get(mode="fill", fill_value=0)

@@ -1,0 +1,289 @@
+"""The feature store: hidden-state features of the frozen model, computed once, kept for probe training.
+
+A feature store is a directory:
+
+    metadata.json   what the rows are (scenario ids, targets, token counts), which model and layers
+                    produced them, and how they were batched
+    mean.zarr       float32 [prompts, layers, hidden]: hidden_states[layer] averaged over real tokens
+    last.zarr       float32 [prompts, layers, hidden]: hidden_states[layer] at the last real token
+    done.zarr       uint8 [prompts]: 1 once a prompt's features are written
+
+`training.precompute` fills it; probe training reads it. Row chunks (`ROWS_PER_CHUNK`) are the unit of
+writing: in a multi-process run, chunk c belongs to process c mod N (`FeatureStore.owned_rows`), so no
+two processes ever write one file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import tensorstore as ts
+
+from ..checkpoint.location import checkpoint_fingerprint
+from ..formulas import registered_experts
+from ..runtime.files import user_path, write_json_atomically
+from . import scenarios as data
+from .negatives import NEGATIVE_PROMPTS
+
+FORMAT = "hmoe-jax-features"
+FORMAT_VERSION = 1
+POOLINGS = ("mean", "last")
+METADATA_FILE = "metadata.json"
+DONE_ARRAY = "done.zarr"
+# Rows per stored chunk: one chunk is ~0.7 MB of gpt-oss-20b features per layer.
+ROWS_PER_CHUNK = 64
+# Metadata fields that identify what a store holds; a resumed run must agree on all of them.
+IDENTITY_FIELDS = ("format", "version", "kind", "source_sha256", "model_fingerprint", "layers", "poolings",
+                   "hidden_size", "dtype", "batch_size", "bucket", "scenario_ids", "token_counts")
+
+
+class StoreError(ValueError):
+    """A feature store that cannot be used as asked; nothing has been written when it is raised."""
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """What a store's rows are: ids, raw prompts, regression targets (None for router negatives) and
+    where they came from (`kind` "scenarios" or "router_negatives")."""
+
+    kind: str
+    ids: list[str]
+    prompts: list[str]
+    targets: dict[str, dict[str, list[float | None]]] | None
+    source: str
+    source_sha256: str
+
+
+def scenario_targets(scenarios: Sequence[dict[str, Any]]) -> dict[str, dict[str, list[float | None]]]:
+    """{expert: {argument or "output": one value per scenario}} read from the computation markers;
+    None where a scenario has no marker for the expert (its probes never see that scenario)."""
+    targets: dict[str, dict[str, list[float | None]]] = {
+        e.name: {name: [] for name in (*e.arg_names, "output")} for e in registered_experts()
+    }
+    for scenario in scenarios:
+        markers = {m["expert"]: m for m in scenario["computation_markers"]}
+        for expert, columns in targets.items():
+            marker = markers.get(expert)
+            for name, column in columns.items():
+                if marker is None:
+                    column.append(None)
+                else:
+                    column.append(marker["output"] if name == "output" else marker["inputs"][name])
+    return targets
+
+
+def scenario_prompts(path: str | Path) -> PromptSet:
+    """The prompts of a data set file (checked against the schema by `data.load_scenarios`)."""
+    path = user_path(path)
+    scenarios = data.load_scenarios(path)
+    if not scenarios:
+        raise StoreError(f"{path}: the data set holds no scenarios")
+    ids = [s["id"] for s in scenarios]
+    if len(set(ids)) != len(ids):
+        raise StoreError(f"{path}: scenario ids are not unique")
+    return PromptSet(
+        kind="scenarios",
+        ids=ids,
+        prompts=[s["input_prompt"] for s in scenarios],
+        targets=scenario_targets(scenarios),
+        source=str(path),
+        source_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+    )
+
+
+def router_negative_prompts() -> PromptSet:
+    """The router classifier's negatives: the library's fixed list of non-computational questions."""
+    text = "\n".join(NEGATIVE_PROMPTS)
+    return PromptSet(
+        kind="router_negatives",
+        ids=[f"neg_{i:04d}" for i in range(len(NEGATIVE_PROMPTS))],
+        prompts=list(NEGATIVE_PROMPTS),
+        targets=None,
+        source="hmoe_jax.data.negatives",
+        source_sha256=hashlib.sha256(text.encode()).hexdigest(),
+    )
+
+
+class FeatureStore:
+    """A feature store on disk: its metadata and its arrays, opened with tensorstore."""
+
+    def __init__(self, path: str | Path, metadata: dict[str, Any]):
+        self.path = user_path(path)
+        self.metadata = metadata
+
+    @classmethod
+    def open(cls, path: str | Path) -> "FeatureStore":
+        """Open an existing store, checking its metadata against this format."""
+        path = user_path(path)
+        meta_path = path / METADATA_FILE
+        if not meta_path.is_file():
+            raise StoreError(f"{path}: not a feature store (no {METADATA_FILE})")
+        try:
+            metadata = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as err:
+            raise StoreError(f"{meta_path}: not valid JSON ({err})") from None
+        _check_metadata(metadata, meta_path)
+        return cls(path, metadata)
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.metadata["layers"])
+
+    @property
+    def scenario_ids(self) -> list[str]:
+        return list(self.metadata["scenario_ids"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.metadata["complete"])
+
+    def _array(self, name: str, create_shape: tuple[int, ...] | None = None, dtype: str = "float32"):
+        kvstore = {"driver": "file", "path": str((self.path / name).resolve())}
+        spec: dict[str, Any] = {"driver": "zarr3", "kvstore": kvstore}
+        if create_shape is None:
+            return ts.open(spec, open=True).result()
+        chunk = [min(ROWS_PER_CHUNK, create_shape[0]), *([1] if len(create_shape) == 3 else []), *create_shape[2:]]
+        spec["metadata"] = {
+            "shape": list(create_shape),
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk}},
+            "data_type": dtype,
+        }
+        return ts.open(spec, open=True, create=True).result()
+
+    def features(self, layer: int, pooling: str = "mean") -> np.ndarray:
+        """float32 [prompts, hidden] of one layer and pooling; the store must be complete."""
+        if not self.complete:
+            raise StoreError(f"{self.path}: the store is incomplete; rerun `train precompute` to finish it")
+        if layer not in self.layers:
+            raise StoreError(f"{self.path}: holds layers {self.layers}, not layer {layer}")
+        if pooling not in self.metadata["poolings"]:
+            raise StoreError(f"{self.path}: pooling {pooling!r} not in {self.metadata['poolings']}")
+        array = self._array(f"{pooling}.zarr")
+        return np.asarray(array[:, self.layers.index(layer), :].read().result(), np.float32)
+
+    def done_rows(self) -> np.ndarray:
+        return np.asarray(self._array(DONE_ARRAY).read().result(), bool)
+
+    @property
+    def chunk_rows(self) -> int:
+        """Rows per stored chunk, as the arrays on disk are chunked (the same for every array)."""
+        if not hasattr(self, "_chunk_rows"):
+            self._chunk_rows = int(self._array(DONE_ARRAY).chunk_layout.read_chunk.shape[0])
+        return self._chunk_rows
+
+    def owned_rows(self, rows: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
+        """Which of `rows` a process writes: those of the chunks c with c mod process_count == process_index."""
+        return (np.asarray(rows) // self.chunk_rows) % process_count == process_index
+
+    def write_batch(self, rows: np.ndarray, mean: np.ndarray, last: np.ndarray) -> None:
+        """Features first, then the done flags: a kill in between leaves the rows to be redone."""
+        if len(rows) == 0:
+            return
+        writes = [self._array("mean.zarr")[rows].write(mean), self._array("last.zarr")[rows].write(last)]
+        for w in writes:
+            w.result()
+        self._array(DONE_ARRAY)[rows].write(np.ones(len(rows), np.uint8)).result()
+
+    def create_arrays(self) -> None:
+        meta = self.metadata
+        n, n_layers, hidden = len(meta["scenario_ids"]), len(meta["layers"]), meta["hidden_size"]
+        for pooling in self.metadata["poolings"]:
+            self._array(f"{pooling}.zarr", (n, n_layers, hidden))
+        self._array(DONE_ARRAY, (n,), dtype="uint8")
+
+    def write_metadata(self) -> None:
+        write_json_atomically(self.path / METADATA_FILE, self.metadata)
+
+    def mark_complete(self) -> None:
+        self.metadata["complete"] = True
+        self.write_metadata()
+
+
+def _check_metadata(metadata: Any, where: Path) -> None:
+    required = {"format": str, "version": int, "kind": str, "model_fingerprint": str, "model_path": str,
+                "layers": list, "poolings": list, "hidden_size": int, "scenario_ids": list, "token_counts": list,
+                "complete": bool}
+    if not isinstance(metadata, dict):
+        raise StoreError(f"{where}: expected a JSON object")
+    if metadata.get("format") != FORMAT:
+        raise StoreError(f"{where}: format {metadata.get('format')!r} is not {FORMAT!r}")
+    if metadata.get("version") != FORMAT_VERSION:
+        raise StoreError(f"{where}: format version {metadata.get('version')!r}, this code reads {FORMAT_VERSION}")
+    for key, kind in required.items():
+        if not isinstance(metadata.get(key), kind):
+            raise StoreError(f"{where}: key {key!r} missing or not a {kind.__name__}")
+    if len(metadata["token_counts"]) != len(metadata["scenario_ids"]):
+        raise StoreError(f"{where}: {len(metadata['token_counts'])} token counts for "
+                         f"{len(metadata['scenario_ids'])} prompts")
+    targets = metadata.get("targets")
+    if metadata["kind"] == "scenarios":
+        if not isinstance(targets, dict):
+            raise StoreError(f"{where}: a scenario store needs 'targets'")
+        for expert, columns in targets.items():
+            for name, column in columns.items():
+                if not isinstance(column, list) or len(column) != len(metadata["scenario_ids"]):
+                    raise StoreError(f"{where}: targets[{expert!r}][{name!r}] must hold one value per prompt")
+
+
+def store_metadata(prompt_set: PromptSet, checkpoint: Path, layers: Sequence[int], hidden_size: int,
+                   token_counts: Sequence[int], *, dtype: str, batch_size: int, bucket: int,
+                   fingerprint: str | None = None) -> dict[str, Any]:
+    """The metadata of a new, still empty store (`fingerprint` defaults to the checkpoint's)."""
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "kind": prompt_set.kind,
+        "source": prompt_set.source,
+        "source_sha256": prompt_set.source_sha256,
+        "model_path": str(user_path(checkpoint).resolve()),
+        "model_fingerprint": fingerprint if fingerprint is not None else checkpoint_fingerprint(checkpoint),
+        "layers": list(layers),
+        "poolings": list(POOLINGS),
+        "hidden_size": hidden_size,
+        "dtype": dtype,
+        "batch_size": batch_size,
+        "bucket": bucket,
+        "scenario_ids": prompt_set.ids,
+        "token_counts": list(token_counts),
+        "targets": prompt_set.targets,
+        "complete": False,
+    }
+
+
+def create_store(out: str | Path, metadata: dict[str, Any]) -> FeatureStore:
+    """A new store at `out` (which must not hold anything yet), metadata first, then empty arrays."""
+    out = user_path(out)
+    if out.exists() and any(out.iterdir()):
+        raise StoreError(f"{out} exists, is not empty and is not a feature store; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    store = FeatureStore(out, metadata)
+    # Metadata first: a directory holding arrays but no metadata would be refused on rerun.
+    store.write_metadata()
+    store.create_arrays()
+    return store
+
+
+def open_for_writing(out: Path, metadata: dict[str, Any]) -> FeatureStore:
+    """The store at `out` for a job with `metadata`: created, or reopened when it holds this very job
+    (finished or not); StoreError for a store of another job."""
+    if (out / METADATA_FILE).is_file():
+        store = FeatureStore.open(out)
+        mismatched = [key for key in IDENTITY_FIELDS if store.metadata.get(key) != metadata.get(key)]
+        if mismatched:
+            details = "; ".join(f"{key}: store has {_short(store.metadata.get(key))}, asked {_short(metadata.get(key))}"
+                                for key in mismatched)
+            raise StoreError(f"{out} holds features of another job ({details}); choose another --out")
+        # A run killed between writing the metadata and creating the arrays left none behind.
+        store.create_arrays()
+        return store
+    return create_store(out, metadata)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."

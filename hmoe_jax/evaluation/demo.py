@@ -1,0 +1,157 @@
+"""The whole Hybrid MoE pipeline in one call (`python -m eval demo`).
+
+Without a model it builds a small random gpt-oss checkpoint in the real HF format (MXFP4 experts, a BPE
+tokenizer trained on the data set's prompts), so everything runs offline in minutes on a CPU; with a
+model it runs on that checkpoint (e.g. the real gpt-oss-20b, layer 12). Each stage is the library call
+its own command makes:
+
+    checkpoint -> convert (MXFP4 kept packed) -> data -> precompute (train, eval) -> probes
+    -> hybrid model -> eval hybrid -> report [-> end-to-end hybrid training]
+
+Every stage writes under `out` and is skipped when its output is already complete, so an interrupted
+demo resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from ..checkpoint import synthetic
+from ..checkpoint.convert import convert_checkpoint
+from ..checkpoint.location import locate_checkpoint
+from ..data import scenarios as data
+from ..data.features import scenario_prompts
+from ..runtime.files import user_path
+from ..runtime.options import RunOptions
+from ..runtime.sharding import make_mesh
+from ..training import hybrid as hybrid_training
+from ..training.precompute import ProgressBars, precompute_features
+from ..training.probes import Protocol, StoreChoice, train_probes_on_store
+from .hybrid import evaluate_and_write
+
+# Small enough to run the full protocol (5 folds x 3 seeds) in minutes on 2 cores, real enough to use
+# every code path: GQA, sliding and full layers, YaRN, MXFP4 experts (widths divisible by 32).
+DEMO_MODEL = synthetic.tiny_config(
+    vocab_size=384, hidden_size=128, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=32, num_local_experts=8, num_experts_per_tok=2, sliding_window=16,
+)
+DEMO_LAYER = 2  # of 4: the scaled-down analogue of the paper's layer 12 of 24
+DEMO_EPOCHS = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSettings:
+    """`model` None: the embedded random demo model. `layer` and `epochs` None: the demo model's
+    (DEMO_LAYER, DEMO_EPOCHS) or, for a given model, the paper's (12, 300)."""
+
+    model: str | Path | None = None
+    layer: int | None = None
+    epochs: int | None = None
+    n_train: int = 3000
+    n_eval: int = 500
+    seed: int = 0
+    hybrid_training: bool = False
+    options: RunOptions | None = None
+
+
+class _Stages:
+    def __init__(self, log: Callable[[str], None]):
+        self.log = log
+
+    def __call__(self, name: str, done: bool, fn: Callable[[], object]) -> None:
+        if done:
+            self.log(f"[skip] {name}: already complete")
+            return
+        self.log(f"[run ] {name}")
+        start = time.perf_counter()
+        fn()
+        self.log(f"[done] {name} in {time.perf_counter() - start:.0f} s")
+
+
+def _store_complete(store: Path) -> bool:
+    meta = store / "metadata.json"
+    return meta.is_file() and json.loads(meta.read_text()).get("complete", False)
+
+
+def run_demo(out: str | Path, settings: DemoSettings, log: Callable[[str], None] = print) -> str:
+    """Run (or finish) every stage under `out`; returns the reports, as markdown."""
+    out = user_path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stage = _Stages(log)
+    demo = settings.model is None
+    layer = settings.layer if settings.layer is not None else (DEMO_LAYER if demo else 12)
+    epochs = settings.epochs if settings.epochs is not None else (DEMO_EPOCHS if demo else 300)
+
+    data_dir = out / "data"
+    train_json, eval_json = data_dir / data.TRAIN_FILE, data_dir / data.EVAL_FILE
+    stage("data: python -m train data", train_json.is_file() and eval_json.is_file(),
+          lambda: data.write_dataset(data_dir, n_train=settings.n_train, n_eval=settings.n_eval))
+    model = _checkpoint(out, settings, train_json, stage)
+
+    stores = {split: out / f"features_{split}" for split in ("train", "eval")}
+    mesh = make_mesh()
+    for split, path in (("train", train_json), ("eval", eval_json)):
+        stage(f"precompute {split}: python -m train precompute --layer {layer}", _store_complete(stores[split]),
+              lambda s=split, p=path: _precompute(model, p, layer, stores[s], mesh, settings.options))
+
+    run = out / "probes"
+    stage(f"probes: python -m train probes (5 folds x 3 seeds, {epochs} epochs)", (run / "probes.json").is_file(),
+          lambda: train_probes_on_store(stores["train"], run, Protocol(epochs=epochs), StoreChoice(layer=layer)))
+
+    results = out / "results"
+    stage("evaluate: python -m eval hybrid", (results / "summary.json").is_file(),
+          lambda: evaluate_and_write(model, run, eval_json, results, train_path=train_json, overwrite=True,
+                                     options=settings.options))
+
+    trained = out / "hybrid_training"
+    if settings.hybrid_training:
+        inputs = hybrid_training.Inputs(model, run, train_json, eval_json, n_train=240, n_eval=64, n_generate=0)
+        stage("hybrid training: python -m train hybrid (router rows + projections, end to end)",
+              (trained / "report.md").is_file(),
+              lambda: hybrid_training.run_from_files(inputs, trained, hybrid_training.Settings(bucket=64),
+                                                     options=settings.options))
+    return _reports(out, run, results, trained if settings.hybrid_training else None, demo, epochs)
+
+
+def _checkpoint(out: Path, settings: DemoSettings, train_json: Path, stage: _Stages) -> Path:
+    """The converted checkpoint the stages read (the demo model's built first); a converted `model` is
+    used as it is."""
+    source = user_path(settings.model) if settings.model is not None else out / "checkpoint_hf"
+    if settings.model is None:
+        def build():
+            prompts = [s["input_prompt"] for s in data.load_scenarios(train_json)]
+            synthetic.write_hf_checkpoint(source, DEMO_MODEL, seed=settings.seed, experts="mxfp4")
+            synthetic.write_tokenizer(source, prompts, DEMO_MODEL)
+
+        stage("checkpoint: random gpt-oss in HF format (MXFP4 experts, BPE tokenizer)",
+              (source / "tokenizer.json").is_file(), build)
+    if locate_checkpoint(source).layout == "flax":
+        return source
+    model = out / "checkpoint"
+    stage("convert: python -m convert SRC DST --keep-mxfp4", (model / "config.json").is_file(),
+          lambda: convert_checkpoint(source, model, keep_mxfp4=True, progress=True))
+    return model
+
+
+def _precompute(model: Path, data_file: Path, layer: int, store: Path, mesh, options) -> None:
+    bars = ProgressBars()
+    try:
+        precompute_features(model, scenario_prompts(data_file), [layer], store, mesh=mesh,
+                            batch_size=8 * mesh.shape["data"], options=options, progress=bars)
+    finally:
+        bars.close()
+
+
+def _reports(out: Path, run: Path, results: Path, trained: Path | None, demo: bool, epochs: int) -> str:
+    parts = [(run / "r2.md").read_text()] if (run / "r2.md").is_file() else []
+    parts.append((results / "report.md").read_text())
+    if trained is not None:
+        parts.append((trained / "report.md").read_text())
+    if demo:
+        parts.append(f"The demo model is random: these numbers exercise the pipeline, they are not gpt-oss's. "
+                     f"Probes trained {epochs} epochs (the paper: 300). Outputs under {out}/.")
+    return "\n".join(parts)

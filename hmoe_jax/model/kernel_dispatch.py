@@ -1,0 +1,156 @@
+"""Where the model's layers hand two operations to the Pallas kernels (`hmoe_jax.kernels`): which shapes
+the kernels take, their tiles, device meshes, and gradients.
+
+`layers.Attention.attend` and `layers.PackedExperts` call `attention` and `packed_moe` when the model's
+`RunOptions.kernels` is "pallas" or "interpret" (the mode); each returns None where the kernel does not
+take the shapes, and the caller runs the XLA path instead.
+
+On a mesh (`jax.set_mesh`, the mesh of `hmoe_jax.runtime.sharding`), each kernel runs under `jax.shard_map`
+on the local shards, split as `sharding.LOGICAL_AXIS_RULES` splits the parameters: attention over
+batch (`data`) and heads (`tensor`); the MoE over tokens (`data`), experts (`expert`; each device
+runs the token-expert pairs of its experts, the others get weight 0) and the intermediate width
+(`tensor`, gate/up rows and down columns; the down bias is added on one shard), partial outputs
+summed with `psum`. An axis whose size does not divide the dimension stays unsplit, as for the
+parameters. Without a mesh the kernel runs on whole arrays (a Triton custom call that GSPMD cannot
+split would otherwise be replicated).
+
+The kernels have no derivative of their own. Given a `reference` (the XLA computation of the same
+function), the call is a `jax.custom_vjp`: the kernel runs forward, and the backward pass is the
+reference's VJP at the same inputs (recomputed; the residuals are the inputs only). Training through
+the model (the hybrid layer's end-to-end training) thus takes the same gradients on either path.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from ..kernels import PackedExpertWeights, sink_attention
+from .moe import moe_packed_kernel
+
+_TILE_N = (64, 32, 16)  # output tile widths of the MoE matmul, largest first (Triton: power of two, >= 16)
+
+
+def interpret_flag(mode: str) -> bool | None:
+    """A kernel mode -> the kernels' `interpret=` (None: compiled on GPU, interpreted elsewhere)."""
+    if mode not in ("pallas", "interpret"):
+        raise ValueError(f"not a kernel mode: {mode!r}")
+    return True if mode == "interpret" else None
+
+
+def with_reference_vjp(kernel_fn, reference_fn):
+    """`kernel_fn` forward, `jax.vjp(reference_fn)` backward; both take the same positional arrays."""
+    f = jax.custom_vjp(kernel_fn)
+
+    def fwd(*args):
+        return kernel_fn(*args), args
+
+    def bwd(args, cotangent):
+        return jax.vjp(reference_fn, *args)[1](cotangent)
+
+    f.defvjp(fwd, bwd)
+    return f
+
+
+def _mesh():
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or mesh.size == 1 else mesh
+
+
+def _split(mesh, axis: str, *sizes: int) -> str | None:
+    """`axis` if the mesh has it (size > 1) and it divides every size, else None (unsplit)."""
+    if mesh is None or axis not in mesh.axis_names:
+        return None
+    n = mesh.shape[axis]
+    return axis if n > 1 and all(s % n == 0 for s in sizes) else None
+
+
+def attention_supported(q_shape, k_shape) -> bool:
+    """Self-attention over the same positions (prefill: T == S) with a Triton-sized head dim."""
+    d = q_shape[-1]
+    return q_shape[1] == k_shape[1] and d >= 16 and d & (d - 1) == 0 and q_shape[2] % k_shape[2] == 0
+
+
+def attention(q, k, v, sinks, key_mask, *, window: int | None, scale: float, mode: str, reference=None):
+    """`kernels.sink_attention` for the model: q [B,T,H,D], k/v [B,T,KV,D], key_mask [B,T]; None
+    where unsupported (`attention_supported`). `reference(q, k, v, sinks, key_mask)`: the XLA path,
+    for gradients."""
+    if not attention_supported(q.shape, k.shape):
+        return None
+    kernel = functools.partial(_attention, window=window, scale=scale, mode=mode)
+    if reference is not None:
+        kernel = with_reference_vjp(kernel, reference)
+    return kernel(q, k, v, sinks, key_mask)
+
+
+def _attention(q, k, v, sinks, key_mask, *, window, scale, mode):
+    run = functools.partial(sink_attention, window=window, scale=scale, interpret=interpret_flag(mode))
+
+    def call(q, k, v, sinks, key_mask):
+        return run(q, k, v, sinks, key_mask=key_mask)
+
+    mesh = _mesh()
+    data = _split(mesh, "data", q.shape[0])
+    heads = _split(mesh, "tensor", q.shape[2], k.shape[2])
+    if data is None and heads is None:
+        return call(q, k, v, sinks, key_mask)
+    act = P(data, None, heads, None)
+    return jax.shard_map(call, mesh=mesh, in_specs=(act, act, act, P(heads), P(data, None)), out_specs=act,
+                         check_vma=False)(q, k, v, sinks, key_mask)
+
+
+def _tile_n(*widths: int) -> int | None:
+    return next((t for t in _TILE_N if all(w % t == 0 for w in widths)), None)
+
+
+def packed_moe(x, weights, indices, w: PackedExpertWeights, act, precision, *, mode: str, reference=None):
+    """`moe.moe_packed_kernel` for the model: x [N, H], routing [N, k] -> [N, H]; None where no
+    output tile fits the widths. Pairs routed to an index >= E (the hybrid layer's deterministic
+    slots, weight 0) contribute nothing, as in every `moe` backend. `reference(x, weights, indices,
+    w)`: the XLA path, for gradients."""
+    num_experts, gate_up_rows = w.gate_up_blocks.shape[:2]
+    hidden, down_groups = w.down_blocks.shape[1:3]
+    mesh = _mesh()
+    data = _split(mesh, "data", x.shape[0])
+    experts = _split(mesh, "expert", num_experts)
+    mlp = _split(mesh, "tensor", down_groups)  # I/32 groups per shard, so 2I/shards stays a multiple of 64
+    tile_n = _tile_n(gate_up_rows // (mesh.shape[mlp] if mlp else 1), hidden)
+    if tile_n is None:
+        return None
+    run = functools.partial(moe_packed_kernel, act=act, precision=precision, tile_n=tile_n,
+                            interpret=interpret_flag(mode))
+    if data is None and experts is None and mlp is None:
+        kernel = run
+    else:
+        kernel = functools.partial(_sharded_moe, run=run, mesh=mesh, data=data, experts=experts, mlp=mlp)
+    if reference is not None:
+        kernel = with_reference_vjp(kernel, reference)
+    return kernel(x, weights, indices, w)
+
+
+def _sharded_moe(x, weights, indices, w, *, run, mesh, data, experts, mlp):
+    """`run` per shard under `shard_map`: each device's experts and intermediate slice, partials summed."""
+
+    def local(x, weights, indices, w):
+        if experts is not None:
+            local_experts = w.gate_up_blocks.shape[0]
+            indices = indices - jax.lax.axis_index(experts) * local_experts
+            mine = (indices >= 0) & (indices < local_experts)
+            indices = jnp.where(mine, indices, local_experts)  # out of range: skipped, weight 0
+            weights = jnp.where(mine, weights, 0)
+        if mlp is not None:
+            w = w._replace(down_bias=jnp.where(jax.lax.axis_index(mlp) == 0, w.down_bias, 0))
+        y = run(x, weights, indices, w)
+        partial_axes = tuple(a for a in (experts, mlp) if a is not None)
+        return jax.lax.psum(y, partial_axes) if partial_axes else y
+
+    rows = P(data, None)
+    specs = PackedExpertWeights(
+        gate_up_blocks=P(experts, mlp, None, None), gate_up_scales=P(experts, mlp, None), gate_up_bias=P(experts, mlp),
+        down_blocks=P(experts, None, mlp, None), down_scales=P(experts, None, mlp), down_bias=P(experts, None),
+    )
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, specs), out_specs=rows,
+                         check_vma=False)(x, weights, indices, w)

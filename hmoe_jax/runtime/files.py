@@ -1,0 +1,93 @@
+"""Writing files so that nothing is ever half-written: atomic JSON and text files, directories built
+under a temporary name and renamed into place, and run directories a rerun resumes or refuses.
+
+Every path a user gives may be relative, start with `~` or pass through a symlink: each helper expands
+and resolves it before use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def user_path(path: str | os.PathLike) -> Path:
+    """A path as a user typed it, `~` expanded (relative paths stay relative to the working directory)."""
+    return Path(path).expanduser()
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """`text` to `path`, all or nothing: a temporary file in the same directory, then a rename, so an
+    interrupted run never leaves a truncated file behind."""
+    path = user_path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_json_atomically(path: str | os.PathLike, obj: Any) -> None:
+    """`json.dump(obj, indent=2)` to `path`, all or nothing."""
+    write_text_atomically(path, json.dumps(obj, indent=2))
+
+
+@contextlib.contextmanager
+def atomic_directory(dst: Path, overwrite: bool, src: Path) -> Iterator[Path]:
+    """Yield an empty temporary directory next to `dst`; on success it replaces `dst`, on any
+    exception (Ctrl-C included) it is removed and `dst` is left as it was."""
+    dst, src = user_path(dst), user_path(src)
+    if dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents:
+        raise ValueError(f"{dst}: the destination must neither be nor contain the source {src}")
+    if dst.exists():
+        if not dst.is_dir():
+            raise FileExistsError(f"{dst}: exists and is not a directory")
+        if any(dst.iterdir()) and not overwrite:
+            raise FileExistsError(f"{dst}: exists and is not empty; pass --overwrite to replace it")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.replaced-{uuid.uuid4().hex[:8]}"
+        os.rename(dst, old)
+        os.rename(tmp, dst)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, dst)
+
+
+
+
+def claim_run_dir(run_dir: str | os.PathLike, record: dict[str, Any], *, run_file: str, error: type[Exception],
+                  kind: str) -> None:
+    """Make `run_dir` this run's output directory, or resume it: `run_dir/run_file` must then hold the
+    same `record` (the run's identity). Refuses (raising `error`) another run's directory or a
+    non-empty directory of anything else; writes the record atomically for a new run."""
+    run_dir = user_path(run_dir)
+    existing = run_dir / run_file
+    if existing.is_file():
+        previous = json.loads(existing.read_text())
+        mismatched = [key for key in record if previous.get(key) != record[key]]
+        if mismatched:
+            details = "; ".join(f"{k}: run has {json.dumps(previous.get(k))[:120]}, asked {json.dumps(record[k])[:120]}"
+                                for k in mismatched)
+            raise error(f"{run_dir} holds another {kind} ({details}); choose another --out")
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise error(f"{run_dir} exists, is not empty and holds no {kind}; choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(existing, record)

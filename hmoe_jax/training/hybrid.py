@@ -1,0 +1,813 @@
+"""End-to-end training of the hybrid layer's projection MLPs, output scales and router rows.
+
+The reference never trained its integrated layer (spec: "a jitted, integrated hybrid layer that
+really runs, trained end to end, is new ground"). Here the gpt-oss weights and the extraction probes
+stay frozen; what learns is exactly what the probes cannot give: *when* to call a deterministic
+expert (the new router rows, `RouterRowParam`) and *how its exact result enters the residual stream*
+(the projection MLPs and their output scales, `ProjectionParam`).
+
+Objective, per scenario (`prompt` -> its numeric answers):
+
+    answer text   "DSCR: 1.894\\nLTV: 55.48%\\nCap rate: 7.75%\\nDebt yield: 13.96%" for the metrics
+                  the scenario's markers ask for, in the structured baseline's format (so
+                  `data.scoring.parse_metrics` reads a generated answer back)
+    sequence      tokens(prompt) + tokens("\\n" + answer), left-padded, positions from the mask
+    answer loss   teacher-forced next-token cross-entropy on the answer tokens only (mean per token),
+                  back-propagated through every frozen block after the hybrid layer and lm_head
+    router term   (optional, weight `router_weight`) binary cross-entropy on the margin
+                  z_d = det_logit_d - (k-th largest neural logit) at the prompt's last token, the
+                  token whose formula results are the hybrid's predictions: z_d > 0 means expert d
+                  enters the top-k there. Label 1 for the experts the scenario's markers name, 0 for
+                  the others and for every expert on router-negative prompts (`data.negatives`);
+                  the term is the mean of the positive-prompt and negative-prompt BCEs.
+
+Why the router term matters: at the paper's init (new rows ~ N(0, 0.01^2), bias -2) a deterministic
+expert almost never beats the k-th neural logit, the top-k is discrete, so the answer loss alone
+gives the router rows and the projections a zero gradient. The router term moves the rows until the
+experts are selected; from then on the answer loss trains the projections through the formulas.
+
+Training is one jitted step (functional `nnx.split` / `nnx.merge`, `jax.value_and_grad` w.r.t. the
+trainable state only) with optax AdamW (global-norm clipping, cosine decay), batches bucketed by
+length, a deterministic schedule (seed, epoch) and orbax checkpoints of params + optimizer state, so
+a killed run resumed from its last checkpoint ends with the same parameters as an uninterrupted one.
+A non-finite loss or gradient stops the run naming the step; nothing past the last good checkpoint
+is written.
+
+Run directory (`train_run`): run.json (what it trains on, refused if another run is asked into it),
+checkpoints/, before.json (the untrained hybrid's evaluation), hybrid_params/ + hybrid_params.json
+(`hybrid.artifacts`), loss_curve.json, loss_curve.png, summary.json, report.md.
+`hybrid.artifacts.load_hybrid_params(model, run_dir)` (or `hybrid.inference.build_hybrid_model(...,
+hybrid_params=run_dir)`, `python -m eval hybrid --hybrid-params`) puts the trained values into a hybrid
+model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from tqdm import tqdm
+
+from ..checkpoint.location import checkpoint_fingerprint
+from ..checkpoint.tokenizer import load_tokenizer
+from ..data import scenarios as data
+from ..data import scoring
+from ..data.negatives import NEGATIVE_PROMPTS
+from ..data.prompts import bucket_length, left_pad, pad_token_id, prompt_batches, tokenize
+from ..hybrid.artifacts import TRAINABLE, ArtifactError, hybrid_layer_of, save_hybrid_params
+from ..hybrid.inference import build_hybrid_model, hybrid_predictions
+from ..model.transformer import default_position_ids
+from ..runtime.files import claim_run_dir, user_path, write_json_atomically, write_text_atomically
+
+# The structured baseline's labels (`evaluation.baselines.PROMPT_STYLES["structured"]`), and the data
+# set's rounding.
+ANSWER_FORMATS: Mapping[str, str] = {
+    "dscr": "DSCR: {:.3f}",
+    "ltv": "LTV: {:.2f}%",
+    "cap_rate": "Cap rate: {:.2f}%",
+    "debt_yield": "Debt yield: {:.2f}%",
+}
+
+RUN_FILE = "run.json"
+BEFORE_FILE = "before.json"
+CHECKPOINT_DIR = "checkpoints"
+CURVE_FILE = "loss_curve.json"
+CURVE_PLOT = "loss_curve.png"
+SUMMARY_FILE = "summary.json"
+REPORT_FILE = "report.md"
+
+
+class HybridTrainingError(ArtifactError):
+    """Inputs end-to-end training cannot use, a run directory holding something else, or a
+    non-finite loss; raised before anything (more) is written."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    epochs: int = 1
+    learning_rate: float = 1e-2
+    weight_decay: float = 0.01
+    batch_size: int = 8
+    router_weight: float = 1.0
+    bucket: int = 32
+    seed: int = 0
+    clip_norm: float = 1.0
+    checkpoint_every: int = 50  # steps; every epoch end is checkpointed too
+
+    def __post_init__(self):
+        ints = ("epochs", "batch_size", "bucket", "checkpoint_every")
+        for name in ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise HybridTrainingError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("learning_rate", "clip_norm"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise HybridTrainingError(f"{name} must be finite and > 0, got {value!r}")
+        for name in ("weight_decay", "router_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise HybridTrainingError(f"{name} must be finite and >= 0, got {value!r}")
+
+
+# ------------------------------------------------------------------ examples
+
+
+def answer_metrics(scenario: Mapping[str, Any]) -> list[str]:
+    """The metrics a scenario asks for: those its markers name, in `scoring.METRICS` order."""
+    named = {m["expert"] for m in scenario["computation_markers"]}
+    return [m for m in scoring.METRICS if m in named]
+
+
+def answer_text(scenario: Mapping[str, Any]) -> str:
+    """The scenario's answer, one line per asked metric, as the structured baseline asks for it."""
+    return "\n".join(ANSWER_FORMATS[m].format(scenario["ground_truth"][m]) for m in answer_metrics(scenario))
+
+
+@dataclass
+class Examples:
+    """Tokenised scenarios: prompt and answer ids, and per configured expert a 0/1 router label."""
+
+    ids: list[str]
+    prompts: list[np.ndarray]
+    answers: list[np.ndarray]
+    labels: np.ndarray  # [N, D]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.asarray([len(p) + len(a) for p, a in zip(self.prompts, self.answers)])
+
+
+def _encode(tokenizer, texts: Sequence[str], vocab_size: int, what: str) -> list[np.ndarray]:
+    return tokenize(tokenizer, texts, vocab_size, what=what, error=HybridTrainingError)
+
+
+def encode_scenarios(tokenizer, scenarios: Sequence[Mapping[str, Any]], experts: Sequence[str], vocab_size: int,
+                     where: str = "data") -> Examples:
+    """Scenarios that ask for at least one metric, tokenised (prompt raw, as the probes read it; the
+    answer after a newline)."""
+    kept = [s for s in scenarios if answer_metrics(s)]
+    if not kept:
+        raise HybridTrainingError(f"{where}: no scenario asks for any of {list(scoring.METRICS)}: nothing to train on")
+    prompts = _encode(tokenizer, [s["input_prompt"] for s in kept], vocab_size, f"{where}: prompt")
+    answers = _encode(tokenizer, ["\n" + answer_text(s) for s in kept], vocab_size, f"{where}: answer")
+    labels = np.asarray([[float(e in answer_metrics(s)) for e in experts] for s in kept], np.float32)
+    return Examples([s["id"] for s in kept], prompts, answers, labels)
+
+
+def split_negatives(prompts: Sequence[str], every: int = 5) -> tuple[list[str], list[str]]:
+    """(train, held out): every `every`-th negative prompt is held out."""
+    return ([p for i, p in enumerate(prompts) if i % every], [p for i, p in enumerate(prompts) if not i % every])
+
+
+# ------------------------------------------------------------------ batches
+
+
+def epoch_batches(lengths: np.ndarray, batch_size: int, bucket: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """Row indices of each batch of an epoch: rows grouped by padded length (so a batch pads to its
+    bucket, one compiled program per bucket), shuffled within a bucket and across batches by
+    (seed, epoch) alone. The batch count does not depend on the epoch."""
+    rng = np.random.default_rng([seed, epoch])
+    padded = np.asarray([bucket_length(int(n), bucket) for n in lengths])
+    batches = []
+    for length in np.unique(padded):
+        rows = rng.permutation(np.flatnonzero(padded == length))
+        batches += [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def make_batch(examples: Examples, rows: np.ndarray, batch_size: int, bucket: int,
+               pad_id: int) -> dict[str, np.ndarray]:
+    """Left-padded [prompt | answer] rows. A short batch is filled with copies of its first row at
+    weight 0 (static shapes). `answer` marks the answer tokens, `prompt_last` each prompt's last index."""
+    rows = list(rows)
+    weight = np.asarray([1.0] * len(rows) + [0.0] * (batch_size - len(rows)), np.float32)
+    rows += [rows[0]] * (batch_size - len(rows))
+    length = bucket_length(int(max(examples.lengths[rows])), bucket)
+    ids, mask = left_pad([np.concatenate([examples.prompts[r], examples.answers[r]]) for r in rows], length,
+                         batch_size, pad_id)
+    answer = np.zeros((batch_size, length), np.float32)
+    prompt_last = np.zeros(batch_size, np.int32)
+    for b, r in enumerate(rows):
+        n_answer = len(examples.answers[r])
+        answer[b, length - n_answer:] = 1.0
+        prompt_last[b] = length - n_answer - 1
+    return {"ids": ids, "mask": mask, "answer": answer, "prompt_last": prompt_last,
+            "labels": examples.labels[rows], "weight": weight}
+
+
+def negatives_batch(negatives: list[np.ndarray], step: int, batch_size: int, length: int, seed: int,
+                    pad_id: int) -> dict[str, np.ndarray]:
+    """The step's negative prompts (a seeded cycle through them), left-padded to `length`."""
+    order = np.random.default_rng([seed, 1]).permutation(len(negatives))
+    rows = [order[(step * batch_size + i) % len(negatives)] for i in range(batch_size)]
+    ids, mask = left_pad([negatives[r] for r in rows], length, batch_size, pad_id)
+    return {"ids": ids, "mask": mask}
+
+
+# ------------------------------------------------------------------ the trainer
+
+
+def router_margins(router_logits: jax.Array, num_neural: int, top_k: int) -> jax.Array:
+    """[..., E+D] -> [..., D]: each deterministic logit minus the k-th largest neural logit (> 0: the
+    expert is in the top-k, unless other deterministic experts crowd it out)."""
+    kth = jax.lax.top_k(router_logits[..., :num_neural], top_k)[0][..., -1:]
+    return router_logits[..., num_neural:] - kth
+
+
+@dataclass(frozen=True)
+class _Programs:
+    loss_and_grad: Callable
+    step: Callable
+    evaluate: Callable
+    greedy: Callable
+
+
+def optimizer(settings: Settings) -> optax.GradientTransformation:
+    """AdamW whose learning rate and weight decay live in its state (`inject_hyperparams`): the step
+    sets each step's learning rate, so one compiled program serves every schedule and setting."""
+    return optax.inject_hyperparams(optax.adamw)(learning_rate=settings.learning_rate,
+                                                  weight_decay=settings.weight_decay)
+
+
+def learning_rate(settings: Settings, step: int, total_steps: int) -> float:
+    """Cosine decay from `learning_rate` to a tenth of it over the run, by step number alone."""
+    return float(optax.cosine_decay_schedule(settings.learning_rate, max(total_steps, 1), alpha=0.1)(step))
+
+
+@functools.lru_cache(maxsize=8)
+def _programs(graphdef, layer: int, num_neural: int, top_k: int, use_router: bool) -> _Programs:
+    """The jitted programs of one model structure; cached, so every trainer of the same model (a
+    resumed run, another learning rate, a test) reuses the compiled code. The frozen state, the
+    router weight, the clip norm and the learning rate are arguments."""
+    tx = optimizer(Settings())
+
+    def loss_fn(params, frozen, batch, negatives, router_weight=0.0):
+        model = nnx.merge(graphdef, params, frozen)
+        mask = batch["mask"]
+        out = model.forward(batch["ids"], mask, default_position_ids(mask), output_layer_info=True)
+        f32 = jnp.promote_types(out.logits.dtype, jnp.float32)  # float64 stays float64 (gradient checks)
+        logp = jax.nn.log_softmax(out.logits[:, :-1].astype(f32), axis=-1)
+        targets = batch["ids"][:, 1:]
+        nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+        correct = (jnp.argmax(logp, axis=-1) == targets).astype(f32)
+        w = batch["answer"][:, 1:] * batch["weight"][:, None]
+        count = jnp.sum(w)
+        answer_loss = jnp.sum(nll * w) / jnp.maximum(count, 1.0)
+        logits = out.layer_info[layer]["router_logits"]
+        at = jnp.take_along_axis(logits, batch["prompt_last"][:, None, None], axis=1)[:, 0]
+        z = router_margins(at.astype(f32), num_neural, top_k)
+        pos = optax.sigmoid_binary_cross_entropy(z, batch["labels"]) * batch["weight"][:, None]
+        pos_bce = jnp.sum(pos) / (jnp.maximum(jnp.sum(batch["weight"]), 1.0) * z.shape[-1])
+        aux = {"answer_loss": answer_loss, "answer_nll_sum": jnp.sum(nll * w), "answer_correct": jnp.sum(correct * w),
+               "answer_tokens": count, "router_pos_bce": pos_bce, "selected": z > 0}
+        total = answer_loss
+        if use_router and negatives is not None:
+            nmask = negatives["mask"]
+            nout = model.forward(negatives["ids"], nmask, default_position_ids(nmask), output_layer_info=True,
+                                 stop_after_layer=layer + 1)
+            nz = router_margins(nout.layer_info[layer]["router_logits"][:, -1].astype(f32), num_neural, top_k)
+            neg_bce = jnp.mean(optax.sigmoid_binary_cross_entropy(nz, jnp.zeros_like(nz)))
+            aux["router_loss"] = 0.5 * (pos_bce + neg_bce)
+            total = total + router_weight * aux["router_loss"]
+        aux["loss"] = total
+        return total, aux
+
+    loss_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(params, opt_state, frozen, batch, negatives, router_weight, clip_norm, lr):
+        (loss, aux), grads = loss_and_grad(params, frozen, batch, negatives, router_weight)
+        finite = jnp.isfinite(loss)
+        for g in jax.tree.leaves(grads):
+            finite &= jnp.all(jnp.isfinite(g))
+        norm = optax.tree.norm(grads)
+        scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-30))
+        grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+        opt_state.hyperparams["learning_rate"] = jnp.asarray(lr, opt_state.hyperparams["learning_rate"].dtype)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        aux["grad_norm"] = norm
+        return optax.apply_updates(params, updates), opt_state, aux, finite
+
+    def greedy(params, frozen, ids, mask, prompt_length, new_tokens):
+        model = nnx.merge(graphdef, params, frozen)
+
+        def body(i, carry):
+            ids, mask = carry
+            logits = model.forward(ids, mask, default_position_ids(mask)).logits
+            token = jnp.argmax(logits[:, prompt_length - 1 + i], axis=-1).astype(ids.dtype)
+            ids = jax.lax.dynamic_update_slice_in_dim(ids, token[:, None], prompt_length + i, axis=1)
+            mask = jax.lax.dynamic_update_slice_in_dim(mask, jnp.ones_like(token)[:, None], prompt_length + i, axis=1)
+            return ids, mask
+
+        ids, _ = jax.lax.fori_loop(0, new_tokens, body, (ids, mask))
+        return ids[:, prompt_length:]
+
+    return _Programs(
+        loss_and_grad=jax.jit(loss_and_grad),
+        step=jax.jit(step),
+        evaluate=jax.jit(lambda params, frozen, batch: loss_fn(params, frozen, batch, None)[1]),
+        greedy=jax.jit(greedy, static_argnums=(4, 5)),
+    )
+
+
+class HybridTrainer:
+    """The jitted step and evaluation programs for one hybrid model. `params` (the trainable state)
+    and `opt_state` are explicit; the model's frozen state is split off once and never written."""
+
+    def __init__(self, model, settings: Settings, total_steps: int):
+        self.settings = settings
+        self.layer = hybrid_layer_of(model)
+        hybrid = model.layers[self.layer].mlp
+        self.experts = hybrid.expert_names
+        self.pad_id = pad_token_id(model.config)
+        # The `grouped` CPU MoE backend loops with data-dependent bounds, which reverse mode cannot
+        # differentiate: the program trains with `dense` (CPU) or `ragged` experts, and one whole
+        # program (a gradient runs through every block); the caller's model keeps its own options.
+        own = model.options
+        if own.moe_backend in ("auto", "grouped"):
+            model.set_options(moe_backend="dense" if jax.default_backend() == "cpu" else "ragged")
+        try:
+            self.graphdef, self.initial_params, self.frozen = nnx.split(model, TRAINABLE, ...)
+        finally:
+            model.set_options(own)
+        self.total_steps = total_steps
+        self.programs = _programs(self.graphdef, self.layer, hybrid.num_neural, hybrid.top_k,
+                                  settings.router_weight > 0)
+        self.tx = optimizer(settings)
+
+    def loss_and_grad(self, params, batch, negatives):
+        """((loss, aux), grads w.r.t. the trainable params): the training objective, jitted."""
+        return self.programs.loss_and_grad(params, self.frozen, batch, negatives, self.settings.router_weight)
+
+    def init_state(self) -> dict[str, Any]:
+        params = jax.tree.map(jnp.array, self.initial_params)  # a copy: the model's own arrays stay as they are
+        # Strongly typed and committed to the device, as a step returns them and a checkpoint restores
+        # them: jit's cache key includes both, so every step runs the first step's compilation.
+        strong = lambda a: jnp.array(a, dtype=jnp.asarray(a).dtype)  # noqa: E731
+        state = {"params": params, "opt_state": jax.tree.map(strong, self.tx.init(params))}
+        # This process's own device (jax.devices()[0] is process 0's in a multi-process run).
+        return jax.device_put(state, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+
+    def step(self, state, batch, negatives, step: int):
+        """Update number `step` (0-based); returns (new state, aux dict, finite flag)."""
+        s = self.settings
+        params, opt_state, aux, finite = self.programs.step(
+            state["params"], state["opt_state"], self.frozen, batch, negatives, s.router_weight, s.clip_norm,
+            learning_rate(s, step, self.total_steps))
+        return {"params": params, "opt_state": opt_state}, aux, bool(finite)
+
+    def model(self, params):
+        """A model object holding `params` (for evaluation code that takes a model)."""
+        return nnx.merge(self.graphdef, params, self.frozen)
+
+    def answer_loss(self, params, examples: Examples) -> dict[str, float]:
+        """Held-out answer-token cross-entropy (mean per token) and teacher-forced top-1 accuracy."""
+        nll = correct = count = 0.0
+        s = self.settings
+        order = np.argsort(examples.lengths, kind="stable")
+        for i in range(0, len(order), s.batch_size):
+            batch = make_batch(examples, order[i:i + s.batch_size], s.batch_size, s.bucket, self.pad_id)
+            aux = self.programs.evaluate(params, self.frozen, batch)
+            nll += float(aux["answer_nll_sum"])
+            correct += float(aux["answer_correct"])
+            count += float(aux["answer_tokens"])
+        return {"answer_loss": nll / max(count, 1.0), "answer_token_accuracy": correct / max(count, 1.0),
+                "answer_tokens": int(count)}
+
+    def generate_answers(self, params, examples: Examples, tokenizer, new_tokens: int) -> list[str]:
+        """Greedy continuations of each prompt, with full forwards (causal-mean extraction over the
+        whole prefix, as in training; no KV cache)."""
+        s = self.settings
+        texts = []
+        for batch in prompt_batches(examples.prompts, s.batch_size, s.bucket, self.pad_id):
+            p_len = batch.input_ids.shape[1]
+            room = np.zeros((s.batch_size, new_tokens), np.int32)  # where the new tokens are written
+            ids = np.concatenate([batch.input_ids, room + self.pad_id], axis=1)
+            mask = np.concatenate([batch.attention_mask, room], axis=1)
+            out = np.asarray(self.programs.greedy(params, self.frozen, ids, mask, p_len, new_tokens))
+            texts += [tokenizer.decode(out[b].tolist()) for b in range(len(batch.rows))]
+        return texts
+
+
+# ------------------------------------------------------------------ evaluation before / after
+
+
+def evaluate_params(trainer: HybridTrainer, params, tokenizer, examples: Examples,
+                    scenarios: Sequence[Mapping[str, Any]], negative_prompts: Sequence[str], *,
+                    n_generate: int = 0, new_tokens: int = 64, full: bool = True) -> dict[str, Any]:
+    """What the hybrid model with `params` achieves on held-out data (`full=False`: the answer loss only).
+
+    - answer_loss / answer_token_accuracy: teacher-forced, on the answer tokens;
+    - routing at each prompt's last token (`hybrid.inference.hybrid_predictions`): per expert, the share
+      of CRE prompts that ask for it routed to it, of those that do not, and of held-out negatives;
+    - formula: the exact-formula predictions scored within 20% (they read the frozen probes, so
+      training cannot change them: reported to show it does not);
+    - generated: greedy answers of the first `n_generate` scenarios, parsed as the generation
+      baselines are (`data.scoring.parse_metrics`), scored within 20% (honest protocol) and parse rate.
+    """
+    by_id = {s["id"]: s for s in scenarios}
+    kept = [by_id[i] for i in examples.ids]
+    out: dict[str, Any] = trainer.answer_loss(params, examples)
+    if not full:
+        return out
+    model = trainer.model(params)
+    predict = functools.partial(hybrid_predictions, model, trainer.layer, tokenizer,
+                                batch_size=trainer.settings.batch_size)
+    pred = predict([s["input_prompt"] for s in kept])
+    routing = {}
+    for d, expert in enumerate(trainer.experts):
+        sel, lab = np.asarray(pred["selected"][expert], bool), examples.labels[:, d] > 0.5
+        routing[expert] = {"asked": float(sel[lab].mean()) if lab.any() else math.nan,
+                           "not_asked": float(sel[~lab].mean()) if (~lab).any() else math.nan}
+    if negative_prompts:
+        neg = predict(list(negative_prompts))["selected"]
+        for expert in trainer.experts:
+            routing[expert]["negatives"] = float(np.asarray(neg[expert]).mean())
+    out["routing"] = routing
+    formula = {m: pred["results"][m] for m in scoring.METRICS if m in pred["results"]}
+    out["formula_within_20"] = {p: {m: v["within_20"] for m, v in scoring.score(kept, formula, p).items()}
+                                for p in scoring.PROTOCOLS}
+    out["_formula_results"] = {m: np.asarray(v).tolist() for m, v in formula.items()}
+    if n_generate > 0:
+        out["generated"] = _generated_answers(trainer, params, tokenizer, examples, kept, n_generate, new_tokens)
+    return out
+
+
+def _generated_answers(trainer, params, tokenizer, examples: Examples, kept, n_generate: int,
+                       new_tokens: int) -> dict[str, Any]:
+    n = min(n_generate, len(examples))
+    sub = Examples(examples.ids[:n], examples.prompts[:n], examples.answers[:n], examples.labels[:n])
+    texts = trainer.generate_answers(params, sub, tokenizer, new_tokens)
+    parsed = [scoring.parse_metrics(t) for t in texts]
+    preds = {m: np.asarray([p[m] for p in parsed]) for m in scoring.METRICS}
+    scores = scoring.score(kept[:n], preds, "honest")
+    asked = {m: [m in answer_metrics(s) for s in kept[:n]] for m in scoring.METRICS}
+    return {
+        "n": n,
+        "within_20_honest": {m: v["within_20"] for m, v in scores.items()},
+        "parsed_rate": {m: float(np.mean([not math.isnan(p[m]) for p, a in zip(parsed, asked[m]) if a]))
+                        if any(asked[m]) else math.nan for m in scoring.METRICS},
+        "examples": [{"id": examples.ids[i], "target": answer_text(kept[i]), "generated": texts[i]}
+                     for i in range(min(3, n))],
+    }
+
+
+# ------------------------------------------------------------------ the run directory
+
+
+def _leaves(tree) -> dict[str, Any]:
+    return {f"leaf_{i:05d}": leaf for i, leaf in enumerate(jax.tree.leaves(tree))}
+
+
+def _from_leaves(template, flat: Mapping[str, Any]):
+    treedef = jax.tree.structure(template)
+    return jax.tree.unflatten(treedef, [flat[f"leaf_{i:05d}"] for i in range(treedef.num_leaves)])
+
+
+def _placed_like(tree):
+    """Shapes, dtypes and shardings of `tree`'s arrays: a checkpoint restores into the same placement."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(user_path(path).read_bytes()).hexdigest()
+
+
+@dataclass
+class RunOutput:
+    summary: dict[str, Any]
+    params: Any
+
+
+@dataclass
+class _Data:
+    """A run's tokenised inputs."""
+
+    train: Examples
+    held_out: Examples
+    negatives: list[np.ndarray]  # training negatives, tokenised
+    held_out_negatives: list[str]
+    negatives_length: int
+
+
+def _prepare_data(model, tokenizer, train_scenarios, eval_scenarios, negative_prompts, settings: Settings) -> _Data:
+    experts, vocab = model.layers[hybrid_layer_of(model)].mlp.expert_names, model.config.vocab_size
+    train = encode_scenarios(tokenizer, train_scenarios, experts, vocab, "training data")
+    held_out = encode_scenarios(tokenizer, eval_scenarios, experts, vocab, "held-out data")
+    neg_train, neg_eval = split_negatives(list(negative_prompts))
+    use_router = settings.router_weight > 0
+    if use_router and not neg_train:
+        raise HybridTrainingError("the router term needs negative prompts; pass some or set router_weight 0")
+    neg_tokens = _encode(tokenizer, neg_train, vocab, "negative prompt") if use_router else []
+    neg_length = bucket_length(max(len(t) for t in neg_tokens), settings.bucket) if neg_tokens else 0
+    return _Data(train, held_out, neg_tokens, neg_eval, neg_length)
+
+
+class _Checkpoints:
+    """The trainer state and the progress record, saved together; a killed run resumes from the last."""
+
+    def __init__(self, run_dir: Path):
+        self.manager = ocp.CheckpointManager((run_dir / CHECKPOINT_DIR).resolve(),
+                                             options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+
+    def restore(self, state, fresh_progress) -> tuple[int, Any, dict[str, Any]]:
+        latest = self.manager.latest_step()
+        if latest is None:
+            return 0, state, fresh_progress
+        restored = self.manager.restore(latest, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_placed_like(_leaves(state))), progress=ocp.args.JsonRestore()))
+        return latest, _from_leaves(state, restored["state"]), restored["progress"]
+
+    def save(self, step: int, state, progress) -> None:
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_leaves(state)),
+                                                        progress=ocp.args.JsonSave(progress)))
+
+    def last_saved(self) -> int | None:
+        self.manager.wait_until_finished()
+        return self.manager.latest_step()
+
+
+def train_run(
+    run_dir: str | Path,
+    model,
+    tokenizer,
+    train_scenarios: Sequence[Mapping[str, Any]],
+    eval_scenarios: Sequence[Mapping[str, Any]],
+    negative_prompts: Sequence[str],
+    settings: Settings,
+    identity: Mapping[str, Any],
+    *,
+    n_generate: int = 32,
+    full_evaluation: bool = True,
+    on_step: Callable[[int, int, dict], None] | None = None,
+    log: Callable[[str], None] = lambda msg: None,
+) -> RunOutput:
+    """Train `model`'s hybrid router rows and projections end to end (resuming from
+    `run_dir/checkpoints`), evaluate before and after, write the run's outputs; see the module doc.
+    `on_step(done, total, aux)` is called after every step (`done` = steps finished);
+    `full_evaluation=False` evaluates the held-out answer loss only (no routing, formula or generation)."""
+    run_dir = user_path(run_dir)
+    layer = hybrid_layer_of(model)
+    experts = model.layers[layer].mlp.expert_names
+    inputs = _prepare_data(model, tokenizer, train_scenarios, eval_scenarios, negative_prompts, settings)
+    batches_per_epoch = len(epoch_batches(inputs.train.lengths, settings.batch_size, settings.bucket, settings.seed, 0))
+    total = settings.epochs * batches_per_epoch
+    record = json.loads(json.dumps({"identity": dict(identity), "settings": dataclasses.asdict(settings),
+                                    "layer": layer, "experts": list(experts), "n_train": len(inputs.train),
+                                    "n_held_out": len(inputs.held_out), "n_generate": n_generate,
+                                    "full_evaluation": full_evaluation}))
+    claim_run_dir(run_dir, record, run_file=RUN_FILE, error=HybridTrainingError, kind="hybrid training run")
+
+    trainer = HybridTrainer(model, settings, total)
+    new_tokens = int(max(len(a) for a in inputs.held_out.answers)) + 4
+    evaluate = functools.partial(evaluate_params, trainer, tokenizer=tokenizer, examples=inputs.held_out,
+                                 scenarios=eval_scenarios, negative_prompts=inputs.held_out_negatives,
+                                 n_generate=n_generate, new_tokens=new_tokens, full=full_evaluation)
+    before = _evaluate_once(run_dir / BEFORE_FILE, lambda: evaluate(trainer.initial_params), log)
+    state, progress = _train(trainer, inputs, settings, total, batches_per_epoch, run_dir, before, on_step, log)
+    log("evaluating the trained hybrid model")
+    after = evaluate(state["params"])
+    save_hybrid_params(run_dir, state["params"], layer, experts, identity)
+    summary = _write_outputs(run_dir, record, progress, before, after, state["params"], total, batches_per_epoch,
+                             full_evaluation)
+    return RunOutput(summary, state["params"])
+
+
+def _evaluate_once(path: Path, evaluate: Callable[[], dict], log) -> dict[str, Any]:
+    """The untrained model's evaluation, computed once per run directory (a resumed run reads it)."""
+    if not path.is_file():
+        log("evaluating the untrained hybrid model")
+        write_json_atomically(path, evaluate())
+    return json.loads(path.read_text())
+
+
+def _train(trainer: HybridTrainer, inputs: _Data, settings: Settings, total: int, batches_per_epoch: int,
+           run_dir: Path, before: Mapping[str, Any], on_step, log) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every step from the last checkpoint on; returns the final trainer state and the progress record."""
+    checkpoints = _Checkpoints(run_dir)
+    fresh = {"step": [], "loss": [], "answer_loss": [], "router_loss": [],
+             "held_out": [{"epoch": 0, "step": 0, "answer_loss": before["answer_loss"]}]}
+    step, state, progress = checkpoints.restore(trainer.init_state(), fresh)
+    if step:
+        log(f"resuming {run_dir} from its step-{step} checkpoint")
+    if on_step is not None:
+        on_step(step, total, {})
+    plan: dict[int, list[np.ndarray]] = {}
+    while step < total:
+        epoch, index = divmod(step, batches_per_epoch)
+        if epoch not in plan:
+            plan = {epoch: epoch_batches(inputs.train.lengths, settings.batch_size, settings.bucket, settings.seed,
+                                         epoch)}
+        batch = make_batch(inputs.train, plan[epoch][index], settings.batch_size, settings.bucket, trainer.pad_id)
+        negatives = (negatives_batch(inputs.negatives, step, settings.batch_size, inputs.negatives_length,
+                                     settings.seed, trainer.pad_id) if settings.router_weight > 0 else None)
+        new_state, aux, finite = trainer.step(state, batch, negatives, step)
+        if not finite:
+            kept = checkpoints.last_saved()
+            raise HybridTrainingError(
+                f"non-finite loss or gradient at step {step + 1} of {total} (epoch {epoch + 1}): loss "
+                f"{float(aux['loss'])}; stopped without writing it (last good checkpoint: "
+                f"{'none' if kept is None else f'step {kept}'}); try a lower --lr")
+        state, step = new_state, step + 1
+        progress["step"].append(step)
+        for key in ("loss", "answer_loss", "router_loss"):
+            progress[key].append(float(aux[key]) if key in aux else None)
+        epoch_end = step % batches_per_epoch == 0
+        if epoch_end:
+            held = trainer.answer_loss(state["params"], inputs.held_out)
+            progress["held_out"].append({"epoch": step // batches_per_epoch, "step": step, **held})
+        if epoch_end or step % settings.checkpoint_every == 0:
+            checkpoints.save(step, state, progress)
+        if on_step is not None:
+            on_step(step, total, aux)
+    checkpoints.last_saved()
+    return state, progress
+
+
+def _write_outputs(run_dir: Path, record, progress, before, after, params, total: int, batches_per_epoch: int,
+                   full_evaluation: bool) -> dict[str, Any]:
+    """loss_curve.json and .png, summary.json and report.md."""
+    curve = {k: progress[k] for k in ("step", "loss", "answer_loss", "router_loss", "held_out")}
+    write_json_atomically(run_dir / CURVE_FILE, curve)
+    plot_curve(curve, run_dir / CURVE_PLOT)
+    strip = lambda d: {k: v for k, v in d.items() if not k.startswith("_")}  # noqa: E731
+    summary = {**record, "steps": total, "batches_per_epoch": batches_per_epoch,
+               "trainable_parameters": int(sum(x.size for x in jax.tree.leaves(params))),
+               "before": strip(before), "after": strip(after),
+               "held_out_curve": progress["held_out"],
+               "formula_predictions_unchanged": (_same_results(before["_formula_results"], after["_formula_results"])
+                                                 if full_evaluation else None)}
+    write_json_atomically(run_dir / SUMMARY_FILE, summary)
+    write_text_atomically(run_dir / REPORT_FILE, report_markdown(summary))
+    return summary
+
+
+def _same_results(a: Mapping[str, list], b: Mapping[str, list]) -> bool:
+    return set(a) == set(b) and all(
+        np.array_equal(np.asarray(a[k], np.float64), np.asarray(b[k], np.float64), equal_nan=True) for k in a)
+
+
+# ------------------------------------------------------------------ report
+
+
+def plot_curve(curve: Mapping[str, Any], path: Path) -> None:
+    from matplotlib.figure import Figure  # no pyplot: no process-wide backend is chosen
+
+    fig = Figure(figsize=(6.5, 3.6))
+    ax = fig.subplots()
+    steps = np.asarray(curve["step"])
+    for key, label in (("loss", "total (train)"), ("answer_loss", "answer tokens (train)"),
+                       ("router_loss", "router BCE (train)")):
+        values = np.asarray([np.nan if v is None else v for v in curve[key]], np.float64)
+        if steps.size and np.isfinite(values).any():
+            ax.plot(steps, values, lw=0.8, label=label)
+    held = curve["held_out"]
+    ax.plot([h["step"] for h in held], [h["answer_loss"] for h in held], "o-", color="black",
+            label="answer tokens (held out)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.set_title("end-to-end hybrid training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _pct(x) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def _num(x, fmt="{:.1f}") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
+
+
+def report_markdown(summary: Mapping[str, Any]) -> str:
+    b, a, s = summary["before"], summary["after"], summary["settings"]
+    lines = [
+        "# End-to-end hybrid training", "",
+        f"Model `{summary['identity'].get('model')}`, probes `{summary['identity'].get('probes')}`, hybrid layer "
+        f"{summary['layer']}, experts {', '.join(summary['experts'])}. Trained: router rows and projection MLPs + "
+        f"output scales ({summary['trainable_parameters']:,} parameters); frozen: gpt-oss and the extraction probes. "
+        f"{summary['n_train']} training scenarios, {s['epochs']} epoch(s), {summary['steps']} steps of batch "
+        f"{s['batch_size']}, AdamW lr {s['learning_rate']} (cosine), router weight {s['router_weight']}. Held out: "
+        f"{summary['n_held_out']} scenarios.", "",
+        "| held-out measure | before | after |", "|---|---:|---:|",
+        f"| answer-token cross-entropy (nats/token) | {b['answer_loss']:.4f} | {a['answer_loss']:.4f} |",
+        f"| answer-token top-1 accuracy (teacher forced) | {_pct(b['answer_token_accuracy'])} | "
+        f"{_pct(a['answer_token_accuracy'])} |",
+    ]
+    for expert in summary["experts"] if "routing" in a else ():
+        rb, ra = b["routing"][expert], a["routing"][expert]
+        lines.append(f"| routed to {expert} at the last prompt token: prompts asking for it / not / negatives | "
+                     f"{_pct(rb['asked'])} / {_pct(rb['not_asked'])} / {_pct(rb.get('negatives'))} | "
+                     f"{_pct(ra['asked'])} / {_pct(ra['not_asked'])} / {_pct(ra.get('negatives'))} |")
+    for m in scoring.METRICS if "formula_within_20" in a else ():
+        fb, fa = b["formula_within_20"]["honest"].get(m), a["formula_within_20"]["honest"].get(m)
+        if fb is not None:
+            lines.append(f"| {m}: exact-formula prediction within 20% (honest) | {_num(fb)} | {_num(fa)} |")
+    if "generated" in a:
+        gb, ga = b["generated"], a["generated"]
+        for m in scoring.METRICS:
+            lines.append(f"| {m}: generated answer within 20% (honest, first {ga['n']}) / parsed | "
+                         f"{_num(gb['within_20_honest'].get(m))} / {_pct(gb['parsed_rate'][m])} | "
+                         f"{_num(ga['within_20_honest'].get(m))} / {_pct(ga['parsed_rate'][m])} |")
+    lines.append("")
+    if summary["formula_predictions_unchanged"] is not None:
+        lines += ["The exact-formula predictions read the frozen probes, so training leaves them "
+                  + ("unchanged (checked: identical)." if summary["formula_predictions_unchanged"] else
+                     "CHANGED, which should not happen: check the run."), ""]
+    if "generated" in a:
+        lines += ["Greedy answers (first held-out scenarios):", ""]
+        for before_ex, after_ex in zip(b["generated"]["examples"], a["generated"]["examples"]):
+            lines += [f"- `{after_ex['id']}` target `{after_ex['target']!r}`",
+                      f"  - before: `{before_ex['generated'][:120]!r}`",
+                      f"  - after: `{after_ex['generated'][:120]!r}`"]
+        lines.append("")
+    held = summary.get("held_out_curve")
+    if held:
+        lines.append("Held-out answer loss per epoch: " + ", ".join(f"{h['answer_loss']:.4f}" for h in held))
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ from files (what `train hybrid` runs)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Where `train hybrid` reads from: the checkpoint, the probe run, the training and held-out
+    scenarios (`eval_path` None: eval.json beside the training data) and how many of each it uses."""
+
+    model: str | Path
+    probes: str | Path
+    data: str | Path
+    eval_path: str | Path | None = None
+    n_train: int | None = None
+    n_eval: int = 200
+    n_generate: int = 32
+
+
+def run_from_files(inputs: Inputs, out: str | Path, settings: Settings, *, options=None,
+                   log: Callable[[str], None] = lambda msg: None) -> RunOutput:
+    """Build the hybrid model from the probe run (`hybrid.inference.build_hybrid_model`), then
+    `train_run` into `out` with a progress bar over steps; everything the run reads is checked first."""
+    train, held_out, paths = _read_inputs(inputs)
+    tokenizer = load_tokenizer(inputs.model)
+    model, _ = build_hybrid_model(inputs.model, inputs.probes, options=options)
+    identity = {"model": str(paths["model"].resolve()), "model_fingerprint": checkpoint_fingerprint(paths["model"]),
+                "probes": str(paths["probes"].resolve()), "data": str(paths["data"].resolve()),
+                "data_sha256": file_sha256(paths["data"]), "n_train_limit": inputs.n_train,
+                "eval": str(paths["eval"].resolve()), "eval_sha256": file_sha256(paths["eval"]),
+                "n_eval": inputs.n_eval}
+    bar = tqdm(unit="step", desc="hybrid training")
+
+    def on_step(done, total, aux):
+        bar.total = total
+        if "loss" in aux:
+            bar.set_postfix(loss=f"{float(aux['loss']):.4f}", answer=f"{float(aux['answer_loss']):.4f}")
+        bar.update(done - bar.n)
+
+    try:
+        return train_run(out, model, tokenizer, train, held_out, NEGATIVE_PROMPTS, settings, identity,
+                         n_generate=inputs.n_generate, on_step=on_step,
+                         log=lambda msg: (bar.write(msg, file=sys.stderr), log(msg)))
+    finally:
+        bar.close()
+
+
+def _read_inputs(inputs: Inputs) -> tuple[list, list, dict[str, Path]]:
+    for name in ("n_eval", "n_generate", "n_train"):
+        value = getattr(inputs, name)
+        if value is not None and value < (0 if name == "n_generate" else 1):
+            raise HybridTrainingError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    paths = {"model": user_path(inputs.model), "probes": user_path(inputs.probes), "data": user_path(inputs.data)}
+    if not paths["data"].is_file():
+        raise FileNotFoundError(f"{paths['data']}: no such data file")
+    paths["eval"] = (user_path(inputs.eval_path) if inputs.eval_path is not None
+                     else paths["data"].parent / data.EVAL_FILE)
+    if not paths["eval"].is_file():
+        raise FileNotFoundError(f"{paths['eval']}: no held-out data file (pass --eval)")
+    if not (paths["probes"] / "probes.json").is_file():
+        raise FileNotFoundError(f"{paths['probes']}: no trained probes (probes.json missing; run "
+                                "`python -m train probes`)")
+    train = data.load_scenarios(paths["data"])[:inputs.n_train]
+    held_out = data.load_scenarios(paths["eval"])[:inputs.n_eval]
+    for scenarios, path in ((train, paths["data"]), (held_out, paths["eval"])):
+        if not scenarios:
+            raise HybridTrainingError(f"{path}: no scenarios")
+    return train, held_out, paths

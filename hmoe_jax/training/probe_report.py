@@ -1,0 +1,85 @@
+"""What a probe run reports: the score table (markdown) and the training curves (PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# The paper's R^2 (log space, mean over folds, optimistic selection), for comparison in the table.
+PAPER_R2 = {
+    "dscr/noi": "0.885 +- 0.183", "dscr/ads": "0.980", "cap_rate/noi": "0.975", "cap_rate/price": "0.982",
+    "ltv/loan": "0.982", "ltv/value": "0.983", "debt_yield/loan": "0.983", "debt_yield/noi": "0.977",
+    "dscr/output": "0.46 to 0.56", "cap_rate/output": "0.46 to 0.56", "debt_yield/output": "0.46 to 0.56",
+    "ltv/output": "-0.50",
+}
+
+_METRIC_LABELS = {"r2_signlog": "R^2 (sign-log space)", "balanced_accuracy": "balanced accuracy"}
+
+
+def _mean_std(entry: dict[str, Any]) -> str:
+    return f"{entry['mean']:.3f} +- {entry['std']:.3f}"
+
+
+def score_table(results: dict[str, Any]) -> str:
+    """Markdown: one row per task, honest and optimistic scores as mean +- std over folds."""
+    metric = _METRIC_LABELS[results["metric"]]
+    protocol = results["protocol"]
+    tasks = results["tasks"]
+    folds = len(next(iter(tasks.values()))["folds"])
+    lines = [
+        f"{metric} on held-out folds, mean +- std over {folds} folds; {protocol['seeds']} seeds, "
+        f"{protocol['epochs']} epochs.",
+        "",
+        "- honest: the seed is chosen on a validation split of each fold's training scenarios;",
+        "- optimistic (the reference's protocol): the seed that scores best on the reported fold itself.",
+        "",
+    ]
+    with_paper = results["metric"] == "r2_signlog"
+    header = "| task | scenarios | honest | optimistic |" + (" paper (optimistic) |" if with_paper else "")
+    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    for name, entry in tasks.items():
+        row = f"| {name} | {entry['scenarios']} | {_mean_std(entry['honest'])} | {_mean_std(entry['optimistic'])} |"
+        if with_paper:
+            row += f" {PAPER_R2.get(name, '')} |"
+        lines.append(row)
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(results: dict[str, Any], path: str | Path) -> None:
+    """Two panels: training loss per epoch and validation score at each checkpoint, averaged over
+    each task's folds and seeds."""
+    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no process-wide backend is chosen
+
+    names = list(results["tasks"])
+    members = results["members"]
+    train_loss = np.asarray(results["train_loss"], np.float64)
+    curve = results["validation_curve"]
+    epochs = [point["epoch"] for point in curve]
+    validation = np.asarray([point["validation"] for point in curve], np.float64)  # [checkpoints, members]
+
+    regression = results["metric"] == "r2_signlog"
+    if regression:
+        # An untrained probe's R^2 is hugely negative; clipping keeps the useful range readable.
+        validation = np.maximum(validation, -1.0)
+
+    fig = Figure(figsize=(13, 5))
+    ax_loss, ax_val = fig.subplots(1, 2)
+    colors = matplotlib.colormaps["tab20"]
+    for t, name in enumerate(names):
+        idx = [i for i, m in enumerate(members) if m["task"] == t]
+        color = colors(t % 20)
+        ax_loss.plot(np.arange(1, train_loss.shape[1] + 1), np.nanmean(train_loss[idx], axis=0), color=color)
+        ax_val.plot(epochs, np.mean(validation[:, idx], axis=1), marker="o", color=color, label=name)
+    loss_name = "Huber loss" if results["protocol"]["loss"] == "huber" else "binary cross-entropy"
+    ax_loss.set(xlabel="epoch", ylabel=f"training {loss_name}", yscale="log", title="training loss")
+    metric = _METRIC_LABELS[results["metric"]]
+    ax_val.set(xlabel="epoch", ylabel=f"validation {metric}" + (" (clipped at -1)" if regression else ""),
+               title=f"validation {metric}")
+    if regression:
+        ax_val.set_ylim(-1.05, 1.0)
+    ax_val.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
