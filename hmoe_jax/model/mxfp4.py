@@ -62,7 +62,6 @@ _GROUP_BYTES = _GROUP // 2
 # plus ~20 MB of index temporaries.
 _NP_CHUNK_ELEMS = 1 << 22
 
-_UINT_OF_WIDTH = {2: np.uint16, 4: np.uint32}
 _SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16))
 
 
