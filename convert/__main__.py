@@ -20,8 +20,9 @@ def _parser():
         description="Convert a gpt-oss checkpoint into a Flax (orbax) checkpoint, or export one back to HF.",
         epilog="example: python -m convert gpt-oss-20b gpt-oss-20b-flax --keep-mxfp4",
     )
-    parser.add_argument("src", type=Path, help="HF checkpoint dir, OpenAI original/ dir (or its parent), probe .pt; "
-                                               "with --to hf: a converted Flax checkpoint")
+    parser.add_argument("src", help="HF checkpoint dir or hub id (openai/gpt-oss-20b), OpenAI original/ dir (or its "
+                                    "parent), probe .pt; with --to hf: a converted Flax checkpoint")
+    parser.add_argument("--revision", default=None, help="with a hub id as SRC: the branch, tag or commit")
     parser.add_argument("dst", type=Path, help="output directory (written atomically)")
     parser.add_argument("--to", choices=("flax", "hf"), default="flax", help="output format (default %(default)s)")
     parser.add_argument("--keep-mxfp4", action="store_true",
@@ -45,10 +46,11 @@ def main(argv=None) -> int:
         parser.error("--keep-mxfp4 applies to --to flax; use --mxfp4 for MXFP4 experts in an HF export")
     if args.to == "flax" and args.mxfp4:
         parser.error("--mxfp4 applies to --to hf; use --keep-mxfp4 to keep experts packed in a Flax checkpoint")
-    from hmoe_jax.checkpoint.location import locate_checkpoint
+    from hmoe_jax.checkpoint.location import locate_checkpoint, resolve_checkpoint
     from hmoe_jax.hybrid.artifacts import convert_probe
 
     try:
+        args.src = resolve_checkpoint(args.src, args.revision)
         if args.to == "hf":
             summary = convert.export_hf(args.src, args.dst, mxfp4=args.mxfp4, dtype=args.dtype,
                                         overwrite=args.overwrite, progress=True)

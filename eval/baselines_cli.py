@@ -24,7 +24,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="example: python -m eval baselines --model ckpt --data data/eval.json "
                                        "--out baselines --n 20")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="checkpoint directory with tokenizer.json, or hub id")
     p.add_argument("--data", required=True, help="eval.json")
     p.add_argument("--out", required=True)
     p.add_argument("--styles", nargs="+", default=list(PROMPT_STYLES), choices=list(PROMPT_STYLES))
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from hmoe_jax.checkpoint.loading import from_pretrained
-    from hmoe_jax.checkpoint.location import CheckpointError
+    from hmoe_jax.checkpoint.location import CheckpointError, resolve_checkpoint
     from hmoe_jax.checkpoint.tokenizer import load_tokenizer
     from hmoe_jax.data.scenarios import load_scenarios
     from hmoe_jax.evaluation.baselines import run_baselines, write_results
@@ -52,9 +52,10 @@ def main(argv=None) -> int:
         info = distributed.initialize(args)
         if out.exists() and any(out.iterdir()) and not args.overwrite:
             raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+        checkpoint = resolve_checkpoint(args.model, args.revision)
         scenarios = load_scenarios(args.data)[: args.n]
         mesh = make_mesh(data=-1, expert=args.mesh_expert, tensor=args.mesh_tensor)
-        model = from_pretrained(args.model, arguments.options_from_args(args), mesh=mesh)
+        model = from_pretrained(checkpoint, arguments.options_from_args(args), mesh=mesh)
         bars = []
 
         def progress(style):
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
             return bars[-1].update
 
         try:
-            results, generations = run_baselines(model, load_tokenizer(args.model), scenarios, args.styles,
+            results, generations = run_baselines(model, load_tokenizer(checkpoint), scenarios, args.styles,
                                                  new_tokens=args.new_tokens, mesh=mesh, progress=progress,
                                                  batch_size=arguments.batch_size_for(args.batch_size, mesh))
         finally:

@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="example: python -m eval demo --out demo_out --n-train 600 --n-eval 100")
-    p.add_argument("--model", type=Path, help="a gpt-oss checkpoint directory (HF, original/ or converted); "
+    p.add_argument("--model", help="a gpt-oss checkpoint directory (HF, original/ or converted) or hub id; "
                                               "default: build a small random one")
     p.add_argument("--out", type=Path, default=Path("demo_out"))
     p.add_argument("--layer", type=int,
@@ -43,9 +43,15 @@ def main(argv=None) -> int:
                         "on the demo model)")
     arguments.add_model_options(p)
     args = p.parse_args(argv)
+    from hmoe_jax.checkpoint.location import resolve_checkpoint
     from hmoe_jax.evaluation.demo import DemoSettings, run_demo
 
-    settings = DemoSettings(model=args.model, layer=args.layer, epochs=args.epochs, n_train=args.n_train,
+    try:
+        model = None if args.model is None else resolve_checkpoint(args.model, args.revision)
+    except (OSError, ValueError) as e:
+        print(f"eval demo: error: {e}", file=sys.stderr)
+        return 1
+    settings = DemoSettings(model=model, layer=args.layer, epochs=args.epochs, n_train=args.n_train,
                             n_eval=args.n_eval, seed=args.seed, hybrid_training=args.hybrid_training,
                             options=arguments.options_from_args(args))
     try:

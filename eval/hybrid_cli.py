@@ -22,7 +22,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="example: python -m eval hybrid --model ckpt --probes probes "
                                        "--data data/eval.json --out results")
-    p.add_argument("--model", required=True, help="checkpoint directory (HF or converted), with tokenizer.json")
+    p.add_argument("--model", required=True,
+                   help="checkpoint directory (HF or converted), with tokenizer.json, or hub id (openai/gpt-oss-20b)")
     p.add_argument("--probes", required=True, help="a run directory of `python -m train probes`")
     p.add_argument("--data", required=True, help="eval.json")
     p.add_argument("--train", help="train.json for the constant-predictor baseline (default: regenerated, seed 42)")
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
     arguments.add_mesh_arguments(p)
     arguments.add_distributed_arguments(p)
     args = p.parse_args(argv)
-    from hmoe_jax.checkpoint.location import CheckpointError
+    from hmoe_jax.checkpoint.location import CheckpointError, resolve_checkpoint
     from hmoe_jax.evaluation.hybrid import evaluate_and_write
     from hmoe_jax.hybrid.artifacts import ArtifactError
     from hmoe_jax.model.config import ConfigError
@@ -45,7 +46,8 @@ def main(argv=None) -> int:
     try:
         info = distributed.initialize(args)
         mesh = make_mesh(data=-1, expert=args.mesh_expert, tensor=args.mesh_tensor)
-        evaluate_and_write(args.model, args.probes, args.data, args.out, train_path=args.train,
+        checkpoint = resolve_checkpoint(args.model, args.revision)
+        evaluate_and_write(checkpoint, args.probes, args.data, args.out, train_path=args.train,
                            batch_size=arguments.batch_size_for(args.batch_size, mesh),
                            hybrid_params=args.hybrid_params, mesh=mesh, options=arguments.options_from_args(args),
                            overwrite=args.overwrite)

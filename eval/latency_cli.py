@@ -18,7 +18,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval latency", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="example: python -m eval latency --model ckpt --n-prompts 3 --new-tokens 32")
-    p.add_argument("--model", required=True, help="checkpoint directory with tokenizer.json (HF for the torch side)")
+    p.add_argument("--model", required=True,
+                   help="checkpoint directory with tokenizer.json (HF for the torch side), or hub id")
     p.add_argument("--probes", help="probe run for the hybrid layer (default: untrained extraction, same cost)")
     p.add_argument("--layer", type=int, help="hybrid layer when no --probes (default: middle layer)")
     p.add_argument("--n-prompts", type=int, default=20)
@@ -27,13 +28,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="latency_out")
     arguments.add_model_options(p)
     args = p.parse_args(argv)
-    from hmoe_jax.checkpoint.location import CheckpointError
+    from hmoe_jax.checkpoint.location import CheckpointError, resolve_checkpoint
     from hmoe_jax.evaluation import latency
     from hmoe_jax.hybrid.artifacts import ArtifactError
     from hmoe_jax.model.config import ConfigError
 
     try:
-        res = latency.measure_latency(args.model, probes=args.probes, layer=args.layer, n_prompts=args.n_prompts,
+        checkpoint = resolve_checkpoint(args.model, args.revision)
+        res = latency.measure_latency(checkpoint, probes=args.probes, layer=args.layer, n_prompts=args.n_prompts,
                                       new_tokens=args.new_tokens, torch_reference=not args.no_torch,
                                       options=arguments.options_from_args(args))
     except (FileNotFoundError, ArtifactError, CheckpointError, ConfigError, ValueError) as e:

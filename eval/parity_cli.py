@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from hmoe_jax.checkpoint.location import CheckpointError
+from hmoe_jax.checkpoint.location import CheckpointError, resolve_checkpoint
 from hmoe_jax.evaluation import parity
 from hmoe_jax.model.config import ConfigError
 
@@ -30,7 +30,9 @@ def _prompts(args) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval parity", description=__doc__,
                                 epilog="example: python -m eval parity --model hf_ckpt --layers 0:2 --out parity_out")
-    p.add_argument("--model", required=True, help="HF checkpoint dir, or a converted checkpoint (then give --source)")
+    p.add_argument("--model", required=True,
+                   help="HF checkpoint dir or hub id, or a converted checkpoint (then give --source)")
+    p.add_argument("--revision", help="with a hub id as --model: the branch, tag or commit (default main)")
     p.add_argument("--source", help="the HF checkpoint a converted --model was made from (the reference runs on it)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompts", help="JSON list of strings, or a text file with one prompt per line")
@@ -60,14 +62,15 @@ def main(argv=None) -> int:
             p.error(f"--layers must look like A:B, got {args.layers!r}")
         layers = (a, b)
     try:
-        config = parity.config_of(args.model)
-        ids, mask = parity.prompt_inputs(_prompts(args), [args.model] + ([args.source] if args.source else []),
+        model = resolve_checkpoint(args.model, args.revision)
+        config = parity.config_of(model)
+        ids, mask = parity.prompt_inputs(_prompts(args), [model] + ([args.source] if args.source else []),
                                          config.vocab_size, args.seed,
                                          warn=lambda msg: print(msg, file=sys.stderr))
         from tqdm import tqdm
 
         bar = tqdm(total=(layers[1] - layers[0]) if layers else config.num_hidden_layers, unit="layer")
-        report = parity.check_parity(args.model, ids, mask, source=args.source, dtype=args.dtype, layers=layers,
+        report = parity.check_parity(model, ids, mask, source=args.source, dtype=args.dtype, layers=layers,
                                      bounds=bounds, progress=lambda msg: bar.update(1) if msg else None)
         bar.close()
     except (FileNotFoundError, CheckpointError, ConfigError, ValueError) as e:

@@ -22,8 +22,8 @@ def _parser():
     p = argparse.ArgumentParser(prog="python -m train hybrid", description=__doc__.split("\n\n")[0],
                                 epilog="example: python -m train hybrid --model ckpt --probes probes "
                                        "--data data/train.json --out hybrid")
-    p.add_argument("--model", type=Path, required=True,
-                   help="checkpoint directory (HF or converted), with tokenizer.json")
+    p.add_argument("--model", required=True,
+                   help="checkpoint directory (HF or converted), with tokenizer.json, or hub id (openai/gpt-oss-20b)")
     p.add_argument("--probes", type=Path, required=True, help="a run directory of `python -m train probes`")
     p.add_argument("--data", type=Path, required=True, help="training scenarios (train.json)")
     p.add_argument("--eval", type=Path, default=None,
@@ -50,7 +50,7 @@ def _parser():
 
 def main(argv):
     args = _parser().parse_args(argv)
-    from hmoe_jax.checkpoint.location import CheckpointError
+    from hmoe_jax.checkpoint.location import CheckpointError, resolve_checkpoint
     from hmoe_jax.data.features import StoreError
     from hmoe_jax.hybrid.artifacts import ArtifactError
     from hmoe_jax.model.config import ConfigError
@@ -61,8 +61,9 @@ def main(argv):
             epochs=args.epochs, learning_rate=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
             router_weight=args.router_weight, bucket=args.bucket, seed=args.seed,
             checkpoint_every=args.checkpoint_every)
-        inputs = hybrid.Inputs(args.model, args.probes, args.data, args.eval, n_train=args.n_train,
-                               n_eval=args.n_eval, n_generate=args.n_generate)
+        checkpoint = resolve_checkpoint(args.model, args.revision)
+        inputs = hybrid.Inputs(checkpoint, args.probes, args.data, args.eval, n_train=args.n_train, n_eval=args.n_eval,
+                               n_generate=args.n_generate)
         result = hybrid.run_from_files(inputs, args.out, settings, options=arguments.options_from_args(args))
     except (ArtifactError, StoreError, CheckpointError, ConfigError, FileNotFoundError, ValueError) as err:
         print(f"train hybrid: error: {err}", file=sys.stderr)

@@ -21,7 +21,8 @@ def _parser():
     parser = argparse.ArgumentParser(
         prog="python -m train precompute", description=__doc__.split("\n\n")[0],
         epilog="example: python -m train precompute --model ckpt --data data/train.json --layer 12 --out store")
-    parser.add_argument("--model", type=Path, required=True, help="checkpoint directory (with tokenizer.json)")
+    parser.add_argument("--model", required=True,
+                        help="checkpoint directory (with tokenizer.json) or hub id (openai/gpt-oss-20b)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", type=Path, help="data set file (train.json or eval.json)")
     source.add_argument("--router-negatives", action="store_true",
@@ -42,7 +43,7 @@ def main(argv):
     args = _parser().parse_args(argv)
     # The model modules load only now, after argument errors had their chance to stop the run cheaply;
     # the multi-host runtime starts before anything touches a device.
-    from hmoe_jax.checkpoint.location import CheckpointError
+    from hmoe_jax.checkpoint.location import CheckpointError, resolve_checkpoint
     from hmoe_jax.data.features import StoreError, router_negative_prompts, scenario_prompts
     from hmoe_jax.model.config import ConfigError
     from hmoe_jax.runtime.sharding import make_mesh
@@ -51,10 +52,11 @@ def main(argv):
     bars = ProgressBars()
     try:
         info = distributed.initialize(args)
+        model = resolve_checkpoint(args.model, args.revision)
         prompt_set = router_negative_prompts() if args.router_negatives else scenario_prompts(args.data)
         mesh = make_mesh(data=-1, expert=args.mesh_expert, tensor=args.mesh_tensor)
         store = precompute_features(
-            args.model, prompt_set, args.layer, args.out, mesh=mesh,
+            model, prompt_set, args.layer, args.out, mesh=mesh,
             batch_size=args.batch_size or 8 * mesh.shape["data"], bucket=args.bucket,
             options=arguments.options_from_args(args), progress=bars if info.is_coordinator else None)
         distributed.sync("train.precompute.done")

@@ -38,7 +38,7 @@ from .layouts import (
     read_params,
     safetensors_files,
 )
-from .location import CheckpointError, locate_checkpoint
+from .location import CheckpointError, locate_checkpoint, resolve_checkpoint
 
 
 def path_key(path: tuple) -> str:
@@ -113,12 +113,14 @@ def from_pretrained(
     *,
     mesh: Mesh | None = None,
     num_layers: int | None = None,
+    revision: str | None = None,
     progress: Callable[[str, int], None] | None = None,
     **option_overrides,
 ) -> GptOssForCausalLM:
-    """Load a gpt-oss checkpoint directory as a Flax NNX model: HF layout (MXFP4 or bf16 experts),
-    OpenAI `original/` layout, or a checkpoint converted by `python -m convert` (see
-    `location.locate_checkpoint` for how the layout is recognised).
+    """Load a gpt-oss checkpoint as a Flax NNX model: a directory in the HF layout (MXFP4 or bf16 experts),
+    OpenAI's `original/` layout, or one converted by `python -m convert` (see `location.locate_checkpoint`
+    for how the layout is recognised), or a Hugging Face hub id ("openai/gpt-oss-20b", at `revision`)
+    resolved through the hub's cache (`location.resolve_checkpoint`).
 
     `options` (or any of its fields as keywords: `dtype=`, `param_dtype=`, `experts=`, `moe_backend=`,
     `kernels=`, `execution=`) are the run-time choices; each "auto" follows the checkpoint and the
@@ -129,7 +131,7 @@ def from_pretrained(
     residual after block L-1 and there are no logits. The whole checkpoint is still validated.
     """
     requested = (options or RunOptions()).replace(**option_overrides)
-    location = locate_checkpoint(path)
+    location = locate_checkpoint(resolve_checkpoint(path, revision))
     if location.layout == "probe":
         raise CheckpointError(f"{location.path}: a probe state dict, not a model: convert it and use "
                               "hmoe_jax.hybrid.artifacts.load_probe")

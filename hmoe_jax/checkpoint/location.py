@@ -1,10 +1,20 @@
-"""Finding a checkpoint and naming it: which layout a path holds, and a fingerprint of its content."""
+"""Finding a checkpoint and naming it: a local path or a Hugging Face hub id, which layout it holds, and a
+fingerprint of its content.
+
+A checkpoint is named by a path (relative, `~`, through a symlink) or, as in `transformers`, by a hub id
+("openai/gpt-oss-20b", or "openai/gpt-oss-20b/original" for OpenAI's own layout). A hub id resolves
+through `huggingface_hub`'s cache (`snapshot_download`), honouring `HF_HOME`, `HF_HUB_CACHE`,
+`HF_HUB_OFFLINE=1` and a revision; a repository of which only `original/*` was downloaded is read from
+`original/`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import os
+import re
 from pathlib import Path
 
 # `config.json` key and value that mark a checkpoint written by `python -m convert` (`flax_format`).
@@ -27,6 +37,53 @@ class CheckpointLocation:
     path: Path
 
 
+# A hub id: ORG/NAME, optionally followed by a subfolder (ORG/NAME/original).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w./-]+)?$")
+# What a download of a gpt-oss repository takes by default: the HF layout, not `original/` or `metal/`.
+_SUBFOLDERS = ["original/*", "metal/*"]
+
+
+def hub_cache_dir() -> Path:
+    """The cache `huggingface_hub` uses, read from the environment now (it reads it once, on import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_checkpoint(name: str | os.PathLike, revision: str | None = None) -> Path:
+    """The local path of a checkpoint named by a path or a hub id (see the module doc). A path that
+    exists is used as it is; a hub id comes from the cache, downloaded first unless `HF_HUB_OFFLINE=1`."""
+    path = Path(name).expanduser()
+    if path.exists() or not _HUB_ID.match(str(name)) or str(name).startswith(("./", "../", "~")):
+        if revision is not None and not path.exists():
+            raise FileNotFoundError(f"checkpoint path does not exist: {path} (a revision applies to hub ids)")
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    org, repo, *sub = str(name).split("/")
+    repo_id, subfolder = f"{org}/{repo}", "/".join(sub)
+    patterns = dict(allow_patterns=[f"{subfolder}/*"]) if subfolder else dict(ignore_patterns=_SUBFOLDERS)
+    cache = hub_cache_dir()
+    try:
+        snapshot = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=_offline(),
+                                          **patterns))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
+        mode = "HF_HUB_OFFLINE=1" if _offline() else "the hub could not be reached or refused it"
+        raise CheckpointError(
+            f"{name}: neither a local path nor a hub repository in the cache {cache} "
+            f"({mode}; revision {revision or 'main'}): {type(e).__name__}: {e}") from None
+    return snapshot / subfolder if subfolder else snapshot
+
+
 def _is_metal(path: Path) -> bool:
     return path.name == "metal" or (path / "model.bin").is_file()
 
@@ -37,7 +94,7 @@ def locate_checkpoint(path: str | Path) -> CheckpointLocation:
     with an `original/` subdirectory (a download of only `original/*`) is read from `original/`: point
     at `original/` itself to pick it over the HF files of a full gpt-oss repository. `metal/`
     checkpoints are refused: their MXFP4 scales carry an extra offset."""
-    path = Path(path).expanduser()
+    path = resolve_checkpoint(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path does not exist: {path}")
     if path.is_file():
@@ -76,7 +133,7 @@ def checkpoint_fingerprint(path: str | Path) -> str:
     """A short hash naming a checkpoint's content: config.json, tokenizer.json, and for every
     safetensors file its header (tensor names, shapes, offsets) and first and last MiB. Cheap on a
     13 GB checkpoint, and it changes when the weights, the architecture or the tokenizer do."""
-    path = Path(path).expanduser()
+    path = resolve_checkpoint(path)
     digest = hashlib.sha256()
     for name in ("config.json", "tokenizer.json"):
         file = path / name

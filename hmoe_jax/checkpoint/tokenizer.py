@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .location import CheckpointError, locate_checkpoint
+from .location import CheckpointError, locate_checkpoint, resolve_checkpoint
 
 
 def tokenizer_file(path: str | Path) -> Path:
     """The `tokenizer.json` of a checkpoint: in its directory, or beside an `original/` folder (where a
     gpt-oss repository keeps it)."""
+    path = resolve_checkpoint(path)
     location = locate_checkpoint(path)
-    folders = [Path(path).expanduser(), location.path]
+    folders = [path, location.path]
     if location.layout == "original":
         folders.append(location.path.parent)
     for folder in folders:

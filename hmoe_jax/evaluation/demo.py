@@ -22,7 +22,7 @@ from typing import Callable
 
 from ..checkpoint import synthetic
 from ..checkpoint.convert import convert_checkpoint
-from ..checkpoint.location import locate_checkpoint
+from ..checkpoint.location import locate_checkpoint, resolve_checkpoint
 from ..data import scenarios as data
 from ..data.features import scenario_prompts
 from ..runtime.files import user_path
@@ -120,7 +120,7 @@ def run_demo(out: str | Path, settings: DemoSettings, log: Callable[[str], None]
 def _checkpoint(out: Path, settings: DemoSettings, train_json: Path, stage: _Stages) -> Path:
     """The converted checkpoint the stages read (the demo model's built first); a converted `model` is
     used as it is."""
-    source = user_path(settings.model) if settings.model is not None else out / "checkpoint_hf"
+    source = resolve_checkpoint(settings.model) if settings.model is not None else out / "checkpoint_hf"
     if settings.model is None:
         def build():
             prompts = [s["input_prompt"] for s in data.load_scenarios(train_json)]

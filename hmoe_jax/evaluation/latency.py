@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from ..checkpoint.loading import from_pretrained
-from ..checkpoint.location import CheckpointError, locate_checkpoint
+from ..checkpoint.location import CheckpointError, locate_checkpoint, resolve_checkpoint
 from ..checkpoint.tokenizer import load_tokenizer
 from ..data import scenarios as data
 from ..data.prompts import bucket_length, pad_token_id, prompt_batches, tokenize
@@ -72,7 +72,7 @@ def measure_latency(checkpoint: str | Path, *, probes: str | Path | None = None,
                     n_prompts: int = 20, new_tokens: int = 256, torch_reference: bool = True,
                     options: RunOptions | None = None) -> dict[str, Any]:
     """Every timing (seconds per prompt) and the prompts' setup; see the module doc."""
-    checkpoint = user_path(checkpoint)
+    checkpoint = resolve_checkpoint(checkpoint)
     prompts = [s["input_prompt"] for s in data.generate_scenarios(n_prompts, data.eval_seed(42), data.EVAL_ID_OFFSET)]
     tokenizer = load_tokenizer(checkpoint)
     model = from_pretrained(checkpoint, options)

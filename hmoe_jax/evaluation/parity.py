@@ -30,7 +30,7 @@ from flax import nnx
 from ..checkpoint.flax_format import open_flax_checkpoint
 from ..checkpoint.layouts import SafetensorsReader, hf_rules, read_params, safetensors_files
 from ..checkpoint.loading import fill_model, path_key
-from ..checkpoint.location import CheckpointError, locate_checkpoint
+from ..checkpoint.location import CheckpointError, locate_checkpoint, resolve_checkpoint
 from ..checkpoint.tokenizer import load_tokenizer
 from ..model.config import GptOssConfig, load_config
 from ..model.layers import BlockContext, RMSNorm, attention_masks
@@ -341,7 +341,7 @@ def check_parity(
     """Compare layers [a, b) (all by default) of `model` (HF dir or converted checkpoint) with
     transformers on `source` (default: `model` itself, which must then be an HF dir)."""
     bounds = bounds or DEFAULT_BOUNDS[dtype]
-    model, source = user_path(model), user_path(source) if source is not None else None
+    model, source = resolve_checkpoint(model), resolve_checkpoint(source) if source is not None else None
     ours = WeightSource(model, config_of(model), jnp.dtype(dtype))
     config = ours.config
     start, stop = layers or (0, config.num_hidden_layers)

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from ..checkpoint.loading import from_pretrained
+from ..checkpoint.location import locate_checkpoint, resolve_checkpoint
 from ..data.prompts import pad_token_id, prompt_batches, tokenize
 from ..formulas import default_expert_names
 from ..model.config import load_config
@@ -35,8 +36,9 @@ def build_hybrid_model(checkpoint: str | Path, run_dir: str | Path, *, options: 
     """The checkpoint's model with its probe layer made hybrid from the probe run `run_dir`
     (`make_hybrid_from_run`). Returns (model, layer). `through_hybrid_layer`: load only the blocks up
     to the hybrid layer (no head): all that reading the hybrid layer's outputs needs."""
+    checkpoint = resolve_checkpoint(checkpoint)
     layer = int(probe_run_identity(run_dir)["layer"])
-    n_layers = load_config(checkpoint).num_hidden_layers
+    n_layers = load_config(locate_checkpoint(checkpoint).path).num_hidden_layers
     if not 0 <= layer < n_layers:
         raise ArtifactError(f"{run_dir}: probes read layer {layer}, outside the model's 0..{n_layers - 1}")
     model = from_pretrained(checkpoint, options, mesh=mesh, num_layers=layer + 1 if through_hybrid_layer else None)

@@ -1,6 +1,7 @@
 """The command-line flags the pipeline's commands share, and the run-time objects they become.
 
-- Model options: `--dtype`, `--param-dtype`, `--experts`, `--moe-backend`, `--kernels`, `--execution`
+- Model options: `--revision` (of a hub id as `--model`), `--dtype`, `--param-dtype`, `--experts`,
+  `--moe-backend`, `--kernels`, `--execution`
   (each defaulting to "auto", which follows the checkpoint and the platform: `RunOptions`), and the
   older `--keep-mxfp4` and `--layerwise`, kept as overrides. `options_from_args` gives the
   `RunOptions`.
@@ -38,6 +39,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="one jitted program, or each block a program of its own (auto: layerwise for a "
                             "model of 4 GiB or more on a CPU host)")
     group.add_argument("--layerwise", action="store_true", help="the same as --execution layerwise")
+    add_revision_argument(group)
+
+
+def add_revision_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--revision", default=None,
+                        help="with a hub id as --model (openai/gpt-oss-20b): the branch, tag or commit (default main)")
 
 
 def options_from_args(args: argparse.Namespace) -> RunOptions:

@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ..checkpoint.loading import from_pretrained, planned_options
+from ..checkpoint.location import resolve_checkpoint
 from ..checkpoint.tokenizer import load_tokenizer
 from ..data.features import FeatureStore, PromptSet, StoreError, open_for_writing, store_metadata
 from ..data.prompts import length_sorted_batches, pad_token_id, prompt_batches, tokenize
@@ -86,7 +87,7 @@ def precompute_features(
     is checked before anything is written: an existing `out` must be an unfinished or finished run of
     exactly this job (same model, layers, prompts and batching), else StoreError.
     """
-    checkpoint, out = user_path(checkpoint), user_path(out)
+    checkpoint, out = resolve_checkpoint(checkpoint), user_path(out)
     config = load_config(checkpoint)
     layers = _check_request(config, layers, mesh, batch_size)
     tokens = tokenize(load_tokenizer(checkpoint), prompt_set.prompts, config.vocab_size, error=StoreError)
