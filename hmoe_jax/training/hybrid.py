@@ -61,7 +61,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm import tqdm
 
-from ..checkpoint.location import checkpoint_fingerprint
+from ..checkpoint.location import checkpoint_fingerprint, resolve_checkpoint
 from ..checkpoint.tokenizer import load_tokenizer
 from ..data import scenarios as data
 from ..data import scoring
@@ -69,8 +69,8 @@ from ..data.negatives import NEGATIVE_PROMPTS
 from ..data.prompts import bucket_length, left_pad, pad_token_id, prompt_batches, tokenize
 from ..hybrid.artifacts import TRAINABLE, ArtifactError, hybrid_layer_of, save_hybrid_params
 from ..hybrid.inference import build_hybrid_model, hybrid_predictions
-from ..model.transformer import default_position_ids
 from ..runtime.files import claim_run_dir, user_path, write_json_atomically, write_text_atomically
+from .objective import Objective, differentiable_backend
 
 # The structured baseline's labels (`evaluation.baselines.PROMPT_STYLES["structured"]`), and the data
 # set's rounding.
@@ -224,24 +224,10 @@ def negatives_batch(negatives: list[np.ndarray], step: int, batch_size: int, len
 # ------------------------------------------------------------------ the trainer
 
 
-def router_margins(router_logits: jax.Array, num_neural: int, top_k: int) -> jax.Array:
-    """[..., E+D] -> [..., D]: each deterministic logit minus the k-th largest neural logit (> 0: the
-    expert is in the top-k, unless other deterministic experts crowd it out)."""
-    kth = jax.lax.top_k(router_logits[..., :num_neural], top_k)[0][..., -1:]
-    return router_logits[..., num_neural:] - kth
-
-
-@dataclass(frozen=True)
-class _Programs:
-    loss_and_grad: Callable
-    step: Callable
-    evaluate: Callable
-    greedy: Callable
-
-
 def optimizer(settings: Settings) -> optax.GradientTransformation:
     """AdamW whose learning rate and weight decay live in its state (`inject_hyperparams`): the step
-    sets each step's learning rate, so one compiled program serves every schedule and setting."""
+    sets each step's learning rate, so one compiled update (`objective.UPDATE`) serves every schedule
+    and setting."""
     return optax.inject_hyperparams(optax.adamw)(learning_rate=settings.learning_rate,
                                                   weight_decay=settings.weight_decay)
 
@@ -249,81 +235,6 @@ def optimizer(settings: Settings) -> optax.GradientTransformation:
 def learning_rate(settings: Settings, step: int, total_steps: int) -> float:
     """Cosine decay from `learning_rate` to a tenth of it over the run, by step number alone."""
     return float(optax.cosine_decay_schedule(settings.learning_rate, max(total_steps, 1), alpha=0.1)(step))
-
-
-@functools.lru_cache(maxsize=8)
-def _programs(graphdef, layer: int, num_neural: int, top_k: int, use_router: bool) -> _Programs:
-    """The jitted programs of one model structure; cached, so every trainer of the same model (a
-    resumed run, another learning rate, a test) reuses the compiled code. The frozen state, the
-    router weight, the clip norm and the learning rate are arguments."""
-    tx = optimizer(Settings())
-
-    def loss_fn(params, frozen, batch, negatives, router_weight=0.0):
-        model = nnx.merge(graphdef, params, frozen)
-        mask = batch["mask"]
-        out = model.forward(batch["ids"], mask, default_position_ids(mask), output_layer_info=True)
-        f32 = jnp.promote_types(out.logits.dtype, jnp.float32)  # float64 stays float64 (gradient checks)
-        logp = jax.nn.log_softmax(out.logits[:, :-1].astype(f32), axis=-1)
-        targets = batch["ids"][:, 1:]
-        nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-        correct = (jnp.argmax(logp, axis=-1) == targets).astype(f32)
-        w = batch["answer"][:, 1:] * batch["weight"][:, None]
-        count = jnp.sum(w)
-        answer_loss = jnp.sum(nll * w) / jnp.maximum(count, 1.0)
-        logits = out.layer_info[layer]["router_logits"]
-        at = jnp.take_along_axis(logits, batch["prompt_last"][:, None, None], axis=1)[:, 0]
-        z = router_margins(at.astype(f32), num_neural, top_k)
-        pos = optax.sigmoid_binary_cross_entropy(z, batch["labels"]) * batch["weight"][:, None]
-        pos_bce = jnp.sum(pos) / (jnp.maximum(jnp.sum(batch["weight"]), 1.0) * z.shape[-1])
-        aux = {"answer_loss": answer_loss, "answer_nll_sum": jnp.sum(nll * w), "answer_correct": jnp.sum(correct * w),
-               "answer_tokens": count, "router_pos_bce": pos_bce, "selected": z > 0}
-        total = answer_loss
-        if use_router and negatives is not None:
-            nmask = negatives["mask"]
-            nout = model.forward(negatives["ids"], nmask, default_position_ids(nmask), output_layer_info=True,
-                                 stop_after_layer=layer + 1)
-            nz = router_margins(nout.layer_info[layer]["router_logits"][:, -1].astype(f32), num_neural, top_k)
-            neg_bce = jnp.mean(optax.sigmoid_binary_cross_entropy(nz, jnp.zeros_like(nz)))
-            aux["router_loss"] = 0.5 * (pos_bce + neg_bce)
-            total = total + router_weight * aux["router_loss"]
-        aux["loss"] = total
-        return total, aux
-
-    loss_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
-
-    def step(params, opt_state, frozen, batch, negatives, router_weight, clip_norm, lr):
-        (loss, aux), grads = loss_and_grad(params, frozen, batch, negatives, router_weight)
-        finite = jnp.isfinite(loss)
-        for g in jax.tree.leaves(grads):
-            finite &= jnp.all(jnp.isfinite(g))
-        norm = optax.tree.norm(grads)
-        scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-30))
-        grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
-        opt_state.hyperparams["learning_rate"] = jnp.asarray(lr, opt_state.hyperparams["learning_rate"].dtype)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        aux["grad_norm"] = norm
-        return optax.apply_updates(params, updates), opt_state, aux, finite
-
-    def greedy(params, frozen, ids, mask, prompt_length, new_tokens):
-        model = nnx.merge(graphdef, params, frozen)
-
-        def body(i, carry):
-            ids, mask = carry
-            logits = model.forward(ids, mask, default_position_ids(mask)).logits
-            token = jnp.argmax(logits[:, prompt_length - 1 + i], axis=-1).astype(ids.dtype)
-            ids = jax.lax.dynamic_update_slice_in_dim(ids, token[:, None], prompt_length + i, axis=1)
-            mask = jax.lax.dynamic_update_slice_in_dim(mask, jnp.ones_like(token)[:, None], prompt_length + i, axis=1)
-            return ids, mask
-
-        ids, _ = jax.lax.fori_loop(0, new_tokens, body, (ids, mask))
-        return ids[:, prompt_length:]
-
-    return _Programs(
-        loss_and_grad=jax.jit(loss_and_grad),
-        step=jax.jit(step),
-        evaluate=jax.jit(lambda params, frozen, batch: loss_fn(params, frozen, batch, None)[1]),
-        greedy=jax.jit(greedy, static_argnums=(4, 5)),
-    )
 
 
 class HybridTrainer:
@@ -336,24 +247,19 @@ class HybridTrainer:
         hybrid = model.layers[self.layer].mlp
         self.experts = hybrid.expert_names
         self.pad_id = pad_token_id(model.config)
-        # The `grouped` CPU MoE backend loops with data-dependent bounds, which reverse mode cannot
-        # differentiate: the program trains with `dense` (CPU) or `ragged` experts, and one whole
-        # program (a gradient runs through every block); the caller's model keeps its own options.
+        # The graph the gradient runs through takes a differentiable MoE backend; the caller's model
+        # keeps its own options.
         own = model.options
-        if own.moe_backend in ("auto", "grouped"):
-            model.set_options(moe_backend="dense" if jax.default_backend() == "cpu" else "ragged")
-        try:
+        with model.using(moe_backend=differentiable_backend()):
             self.graphdef, self.initial_params, self.frozen = nnx.split(model, TRAINABLE, ...)
-        finally:
-            model.set_options(own)
+        self.objective = Objective(self.graphdef, self.layer, hybrid.num_neural, hybrid.top_k,
+                                   settings.router_weight > 0, own.moe_backend, own.execution == "layerwise")
         self.total_steps = total_steps
-        self.programs = _programs(self.graphdef, self.layer, hybrid.num_neural, hybrid.top_k,
-                                  settings.router_weight > 0)
         self.tx = optimizer(settings)
 
     def loss_and_grad(self, params, batch, negatives):
-        """((loss, aux), grads w.r.t. the trainable params): the training objective, jitted."""
-        return self.programs.loss_and_grad(params, self.frozen, batch, negatives, self.settings.router_weight)
+        """((loss, aux), grads w.r.t. the trainable params): the training objective."""
+        return self.objective.loss_and_grad(params, self.frozen, batch, negatives, self.settings.router_weight)
 
     def init_state(self) -> dict[str, Any]:
         params = jax.tree.map(jnp.array, self.initial_params)  # a copy: the model's own arrays stay as they are
@@ -367,14 +273,14 @@ class HybridTrainer:
     def step(self, state, batch, negatives, step: int):
         """Update number `step` (0-based); returns (new state, aux dict, finite flag)."""
         s = self.settings
-        params, opt_state, aux, finite = self.programs.step(
+        params, opt_state, aux, finite = self.objective.step(
             state["params"], state["opt_state"], self.frozen, batch, negatives, s.router_weight, s.clip_norm,
             learning_rate(s, step, self.total_steps))
         return {"params": params, "opt_state": opt_state}, aux, bool(finite)
 
     def model(self, params):
         """A model object holding `params` (for evaluation code that takes a model)."""
-        return nnx.merge(self.graphdef, params, self.frozen)
+        return self.objective.forward_model(params, self.frozen)
 
     def answer_loss(self, params, examples: Examples) -> dict[str, float]:
         """Held-out answer-token cross-entropy (mean per token) and teacher-forced top-1 accuracy."""
@@ -383,7 +289,7 @@ class HybridTrainer:
         order = np.argsort(examples.lengths, kind="stable")
         for i in range(0, len(order), s.batch_size):
             batch = make_batch(examples, order[i:i + s.batch_size], s.batch_size, s.bucket, self.pad_id)
-            aux = self.programs.evaluate(params, self.frozen, batch)
+            aux = self.objective.answer_aux(params, self.frozen, batch)
             nll += float(aux["answer_nll_sum"])
             correct += float(aux["answer_correct"])
             count += float(aux["answer_tokens"])
@@ -400,7 +306,7 @@ class HybridTrainer:
             room = np.zeros((s.batch_size, new_tokens), np.int32)  # where the new tokens are written
             ids = np.concatenate([batch.input_ids, room + self.pad_id], axis=1)
             mask = np.concatenate([batch.attention_mask, room], axis=1)
-            out = np.asarray(self.programs.greedy(params, self.frozen, ids, mask, p_len, new_tokens))
+            out = np.asarray(self.objective.greedy(params, self.frozen, ids, mask, p_len, new_tokens))
             texts += [tokenizer.decode(out[b].tolist()) for b in range(len(batch.rows))]
         return texts
 
@@ -767,8 +673,8 @@ def run_from_files(inputs: Inputs, out: str | Path, settings: Settings, *, optio
     """Build the hybrid model from the probe run (`hybrid.inference.build_hybrid_model`), then
     `train_run` into `out` with a progress bar over steps; everything the run reads is checked first."""
     train, held_out, paths = _read_inputs(inputs)
-    tokenizer = load_tokenizer(inputs.model)
-    model, _ = build_hybrid_model(inputs.model, inputs.probes, options=options)
+    tokenizer = load_tokenizer(paths["model"])
+    model, _ = build_hybrid_model(paths["model"], paths["probes"], options=options)
     identity = {"model": str(paths["model"].resolve()), "model_fingerprint": checkpoint_fingerprint(paths["model"]),
                 "probes": str(paths["probes"].resolve()), "data": str(paths["data"].resolve()),
                 "data_sha256": file_sha256(paths["data"]), "n_train_limit": inputs.n_train,
@@ -795,7 +701,8 @@ def _read_inputs(inputs: Inputs) -> tuple[list, list, dict[str, Path]]:
         value = getattr(inputs, name)
         if value is not None and value < (0 if name == "n_generate" else 1):
             raise HybridTrainingError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    paths = {"model": user_path(inputs.model), "probes": user_path(inputs.probes), "data": user_path(inputs.data)}
+    paths = {"model": resolve_checkpoint(inputs.model), "probes": user_path(inputs.probes),
+             "data": user_path(inputs.data)}
     if not paths["data"].is_file():
         raise FileNotFoundError(f"{paths['data']}: no such data file")
     paths["eval"] = (user_path(inputs.eval_path) if inputs.eval_path is not None
