@@ -23,46 +23,12 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from hmoe_jax.checkpoint.layouts import MXFP4_MODULES_NOT_CONVERTED, hf_tensor_shapes
+from hmoe_jax.checkpoint.layouts import hf_tensor_shapes
 from hmoe_jax.checkpoint.safetensors_file import SafetensorsWriter
+from hmoe_jax.checkpoint.synthetic import GPT_OSS_20B_CONFIG
 from hmoe_jax.model.config import GptOssConfig
 
-N_LAYERS = 24
-
-GPT_OSS_20B_CONFIG = {
-    "architectures": ["GptOssForCausalLM"],
-    "attention_bias": True,
-    "attention_dropout": 0.0,
-    "eos_token_id": 200002,
-    "experts_per_token": 4,
-    "head_dim": 64,
-    "hidden_act": "silu",
-    "hidden_size": 2880,
-    "initial_context_length": 4096,
-    "initializer_range": 0.02,
-    "intermediate_size": 2880,
-    "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(N_LAYERS)],
-    "max_position_embeddings": 131072,
-    "model_type": "gpt_oss",
-    "num_attention_heads": 64,
-    "num_experts_per_tok": 4,
-    "num_hidden_layers": N_LAYERS,
-    "num_key_value_heads": 8,
-    "num_local_experts": 32,
-    "output_router_logits": False,
-    "pad_token_id": 199999,
-    "quantization_config": {"modules_to_not_convert": MXFP4_MODULES_NOT_CONVERTED, "quant_method": "mxfp4"},
-    "rms_norm_eps": 1e-05,
-    "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0, "original_max_position_embeddings": 4096,
-                     "rope_type": "yarn", "truncate": False},
-    "rope_theta": 150000,
-    "router_aux_loss_coef": 0.9,
-    "sliding_window": 128,
-    "swiglu_limit": 7.0,
-    "tie_word_embeddings": False,
-    "use_cache": True,
-    "vocab_size": 201088,
-}
+N_LAYERS = GPT_OSS_20B_CONFIG["num_hidden_layers"]
 N_SHARDS = 3
 # Random normals are made this many at a time, so a 580 M-value embedding needs no float32 copy.
 _CHUNK = 1 << 24

@@ -2,7 +2,11 @@
 
 For each prompt style (zero-shot, chain of thought, structured) every eval prompt is wrapped,
 generated from with the KV-cache generator, decoded, parsed with the reference's sanity ranges and
-scored under both protocols. Writes OUT/baselines.json, OUT/baselines.md and the raw generations.
+scored under both protocols. Prompt formats (--prompt-format): raw, the text as it is (what the
+reference and the paper's table used), and chat, the text as a user message in the checkpoint's chat
+template (harmony for gpt-oss), stopping at the end of the assistant's turn and scoring only the final
+channel. By default both when the checkpoint has a chat template, reported side by side.
+Writes OUT/baselines.json, OUT/baselines.md and the generations.
 
 The model is sharded over every device (--mesh-expert, --mesh-tensor; the rest split the batch).
 Multi-host: start the same command on every host with --coordinator-address, --num-processes and
@@ -13,21 +17,26 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from hmoe_jax.evaluation.baselines import PROMPT_STYLES
+from hmoe_jax.evaluation.baselines import PROMPT_FORMATS, PROMPT_STYLES
 from hmoe_jax.runtime import arguments, distributed
+from hmoe_jax.runtime.files import user_path
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval baselines", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="example: python -m eval baselines --model ckpt --data data/eval.json "
-                                       "--out baselines --n 20")
+                                epilog="example: python -m eval baselines --model openai/gpt-oss-20b "
+                                       "--data data/eval.json --out baselines --n 20 --prompt-format raw chat")
     p.add_argument("--model", required=True, help="checkpoint directory with tokenizer.json, or hub id")
-    p.add_argument("--data", required=True, help="eval.json")
-    p.add_argument("--out", required=True)
+    p.add_argument("--data", required=True, type=user_path, help="eval.json")
+    p.add_argument("--out", required=True, type=user_path)
     p.add_argument("--styles", nargs="+", default=list(PROMPT_STYLES), choices=list(PROMPT_STYLES))
+    p.add_argument("--prompt-format", nargs="+", choices=PROMPT_FORMATS, default=None,
+                   help="raw, chat or both (default: both where the checkpoint has a chat template, else raw)")
+    p.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="low",
+                   help="chat format: the template's reasoning effort (gpt-oss's harmony template reads it; low "
+                        "keeps the analysis channel short enough to reach the final one in --new-tokens)")
     p.add_argument("--n", type=int, default=200, help="first N scenarios (the reference used 200)")
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=None,
@@ -37,9 +46,10 @@ def main(argv=None) -> int:
     arguments.add_mesh_arguments(p)
     arguments.add_distributed_arguments(p)
     args = p.parse_args(argv)
-    out = Path(args.out).expanduser()
+    out = args.out
     from tqdm import tqdm
 
+    from hmoe_jax.checkpoint.chat import ChatFormat
     from hmoe_jax.checkpoint.loading import from_pretrained
     from hmoe_jax.checkpoint.location import CheckpointError, resolve_checkpoint
     from hmoe_jax.checkpoint.tokenizer import load_tokenizer
@@ -53,6 +63,20 @@ def main(argv=None) -> int:
         if out.exists() and any(out.iterdir()) and not args.overwrite:
             raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
         checkpoint = resolve_checkpoint(args.model, args.revision)
+        tokenizer = load_tokenizer(checkpoint)
+        formats = list(dict.fromkeys(args.prompt_format or PROMPT_FORMATS))
+        chat = None
+        if "chat" in formats:
+            try:
+                chat = ChatFormat.of(checkpoint).with_variables(reasoning_effort=args.reasoning_effort)
+                chat.stop_ids(tokenizer)
+                chat.render(["a prompt"])
+            except CheckpointError as e:
+                if args.prompt_format is not None:  # asked for: an error
+                    raise
+                formats = ["raw"]  # the default: both where the checkpoint has a chat format it can read
+                if info.is_coordinator:
+                    print(f"note: raw prompts only: {e}", file=sys.stderr)
         scenarios = load_scenarios(args.data)[: args.n]
         mesh = make_mesh(data=-1, expert=args.mesh_expert, tensor=args.mesh_tensor)
         model = from_pretrained(checkpoint, arguments.options_from_args(args), mesh=mesh)
@@ -63,9 +87,10 @@ def main(argv=None) -> int:
             return bars[-1].update
 
         try:
-            results, generations = run_baselines(model, load_tokenizer(checkpoint), scenarios, args.styles,
+            results, generations = run_baselines(model, tokenizer, scenarios, args.styles,
                                                  new_tokens=args.new_tokens, mesh=mesh, progress=progress,
-                                                 batch_size=arguments.batch_size_for(args.batch_size, mesh))
+                                                 batch_size=arguments.batch_size_for(args.batch_size, mesh),
+                                                 formats=formats, chat=chat)
         finally:
             for bar in bars:
                 bar.close()

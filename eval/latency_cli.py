@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from hmoe_jax.runtime import arguments
+from hmoe_jax.runtime.files import user_path
 
 
 def main(argv=None) -> int:
@@ -20,12 +21,15 @@ def main(argv=None) -> int:
                                 epilog="example: python -m eval latency --model ckpt --n-prompts 3 --new-tokens 32")
     p.add_argument("--model", required=True,
                    help="checkpoint directory with tokenizer.json (HF for the torch side), or hub id")
-    p.add_argument("--probes", help="probe run for the hybrid layer (default: untrained extraction, same cost)")
+    p.add_argument("--probes", type=user_path,
+                   help="probe run for the hybrid layer (default: untrained extraction, same cost)")
     p.add_argument("--layer", type=int, help="hybrid layer when no --probes (default: middle layer)")
     p.add_argument("--n-prompts", type=int, default=20)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--no-torch", action="store_true")
-    p.add_argument("--out", default="latency_out")
+    p.add_argument("--prompt-format", choices=("raw", "chat"), default="raw",
+                   help="raw prompts (as the reference timed) or the checkpoint's chat template")
+    p.add_argument("--out", type=user_path, default="latency_out")
     arguments.add_model_options(p)
     args = p.parse_args(argv)
     from hmoe_jax.checkpoint.location import CheckpointError, resolve_checkpoint
@@ -37,7 +41,7 @@ def main(argv=None) -> int:
         checkpoint = resolve_checkpoint(args.model, args.revision)
         res = latency.measure_latency(checkpoint, probes=args.probes, layer=args.layer, n_prompts=args.n_prompts,
                                       new_tokens=args.new_tokens, torch_reference=not args.no_torch,
-                                      options=arguments.options_from_args(args))
+                                      options=arguments.options_from_args(args), prompt_format=args.prompt_format)
     except (FileNotFoundError, ArtifactError, CheckpointError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

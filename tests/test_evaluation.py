@@ -1,6 +1,7 @@
 """`python -m eval hybrid` and `python -m eval demo`: the integrated forward's predictions, reports."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -23,14 +24,18 @@ def pipeline(tmp_path_factory):
     train_json, eval_json = data.write_dataset(root / "data", n_train=240, n_eval=40)
     ckpt = synthetic.write_hf_checkpoint(root / "ckpt", CONFIG, seed=7)
     synthetic.write_tokenizer(ckpt, [s["input_prompt"] for s in json.loads(train_json.read_text())], CONFIG)
-    stores = {}
-    for split, path in (("train", train_json), ("eval", eval_json)):
-        stores[split] = root / f"features_{split}"
-        assert precompute_cli.main(["--model", str(ckpt), "--data", str(path), "--layer", "1",
-                                    "--out", str(stores[split])]) == 0
+    stores = {split: root / f"features_{split}" for split in ("train", "eval")}
     run = root / "probes"
-    assert probes_cli.main(["--store", str(stores["train"]), "--out", str(run), "--layer", "1", "--epochs", "3",
-                            "--folds", "2", "--seeds", "1", "--no-direct"]) == 0
+    cwd = os.getcwd()
+    os.chdir(root)  # the commands get paths relative to the working directory, as a user types them
+    try:
+        for split in stores:
+            assert precompute_cli.main(["--model", "ckpt", "--data", f"data/{split}.json", "--layer", "1",
+                                        "--out", f"features_{split}"]) == 0
+        assert probes_cli.main(["--store", "features_train", "--out", "probes", "--layer", "1", "--epochs", "3",
+                                "--folds", "2", "--seeds", "1", "--no-direct"]) == 0
+    finally:
+        os.chdir(cwd)
     return dict(root=root, ckpt=ckpt, train=train_json, eval=eval_json, stores=stores, run=run)
 
 
@@ -73,10 +78,11 @@ def test_layerwise_and_truncated_loading_give_the_same_predictions(pipeline):
                                            err_msg=f"{part}/{name}, layerwise={layerwise}")
 
 
-def test_eval_hybrid_writes_summary_report_and_plots_and_refuses_to_overwrite(pipeline, capsys):
+def test_eval_hybrid_writes_summary_report_and_plots_and_refuses_to_overwrite(pipeline, capsys, monkeypatch):
     out = pipeline["root"] / "results"
-    argv = ["--model", str(pipeline["ckpt"]), "--probes", str(pipeline["run"]), "--data", str(pipeline["eval"]),
-            "--train", str(pipeline["train"]), "--out", str(out)]
+    monkeypatch.chdir(pipeline["root"] / "data")  # relative paths from a directory below the inputs
+    argv = ["--model", "../ckpt", "--probes", "../probes", "--data", "eval.json", "--train", "train.json",
+            "--out", "../results"]
     assert hybrid_cli.main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     for protocol in ("reference", "honest"):
@@ -125,12 +131,13 @@ def test_eval_file_with_unknown_experts_is_refused(pipeline, tmp_path, capsys):
     assert "irr" in capsys.readouterr().err
 
 
-def test_latency_command_reports_medians_and_speedups(pipeline, tmp_path):
+def test_latency_command_reports_medians_and_speedups(pipeline, tmp_path, monkeypatch):
     from eval import latency_cli
 
     out = tmp_path / "lat"
-    assert latency_cli.main(["--model", str(pipeline["ckpt"]), "--n-prompts", "3", "--new-tokens", "8",
-                             "--out", str(out)]) == 0
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(pipeline["root"]))
+    assert latency_cli.main(["--model", "~/ckpt", "--n-prompts", "3", "--new-tokens", "8", "--out", "lat"]) == 0
     res = json.loads((out / "latency.json").read_text())
     assert len(res["jax_generate_s"]) == 3 and len(res["torch_generate_s"]) == 3
     assert res["hybrid_vs_generation_speedup"] > 0 and res["jax_vs_torch_generation"] > 0
@@ -142,14 +149,16 @@ def test_baselines_command_generates_parses_and_scores(pipeline, tmp_path):
 
     out = tmp_path / "base"
     assert baselines_cli.main(["--model", str(pipeline["ckpt"]), "--data", str(pipeline["eval"]), "--n", "4",
-                               "--new-tokens", "6", "--styles", "zeroshot", "structured", "--out", str(out)]) == 0
+                               "--new-tokens", "6", "--styles", "zeroshot", "structured", "--prompt-format", "raw",
+                               "--out", str(out)]) == 0
     res = json.loads((out / "baselines.json").read_text())
-    assert res["zeroshot"]["reference"]["ltv"]["n"] == 4
+    assert res["raw"]["zeroshot"]["reference"]["ltv"]["n"] == 4
     gens = json.loads((out / "generations.json").read_text())
-    assert len(gens["structured"]) == 4 and all(isinstance(g["text"], str) for g in gens["structured"])
+    assert len(gens["raw"]["structured"]) == 4 and all(isinstance(g["text"], str) for g in gens["raw"]["structured"])
     # The 20b-on-a-small-host options generate the same text.
     layerwise = tmp_path / "layerwise"
     assert baselines_cli.main(["--model", str(pipeline["ckpt"]), "--data", str(pipeline["eval"]), "--n", "4",
-                               "--new-tokens", "6", "--styles", "zeroshot", "structured", "--out", str(layerwise),
+                               "--new-tokens", "6", "--styles", "zeroshot", "structured", "--prompt-format", "raw",
+                               "--out", str(layerwise),
                                "--layerwise", "--param-dtype", "float32"]) == 0
     assert json.loads((layerwise / "generations.json").read_text()) == gens

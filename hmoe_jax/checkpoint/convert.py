@@ -167,8 +167,10 @@ def convert_checkpoint(
 
 
 # Files a converted checkpoint carries over unchanged, so the pipeline's stages (which tokenize with the
-# checkpoint's own tokenizer) run on it as on the source. The parent of an `original/` folder holds them.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+# checkpoint's own tokenizer and chat template) run on it as on the source. The parent of an `original/`
+# folder holds them.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja", "chat_template.json")
 
 
 def _copy_tokenizer(src: Path, dst: Path, also_parent: bool) -> None:
@@ -209,7 +211,7 @@ def export_hf(
     max_shard_bytes: int = HF_SHARD_BYTES,
 ) -> ConversionSummary:
     """Write the converted gpt-oss checkpoint `src` as an HF checkpoint `dst` (`model*.safetensors`,
-    an index when sharded, `config.json`).
+    an index when sharded, `config.json`, and the tokenizer files and chat template `src` carries).
 
     Experts are written plain (`gate_up_proj`/`down_proj`, the layout of bf16 re-uploads) or, with
     `mxfp4`, as `*_blocks`/`*_scales` (packed experts are copied byte for byte; dense ones are
@@ -251,6 +253,7 @@ def export_hf(
                          "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
                 (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
             (tmp / "config.json").write_text(json.dumps(_hf_config(config, mxfp4, float_dtype), indent=2) + "\n")
+            _copy_tokenizer(checkpoint.path, tmp, also_parent=False)
     finally:
         bar.close()
     return ConversionSummary(Path(dst), "flax", bar.done, bar.bytes, time.perf_counter() - start)

@@ -16,8 +16,45 @@ from typing import Any
 import numpy as np
 
 from ..model.mxfp4 import dequantize_mxfp4_np, quantize_mxfp4_np
+from .chat import TEMPLATE_FILE, ChatFormat
 from .layouts import MXFP4_MODULES_NOT_CONVERTED
 
+# gpt-oss-20b's config.json as the HF checkpoint has it (the shapes of `bench/make_synthetic_checkpoint.py`'s
+# full-size random checkpoint and of `eval doctor`'s kernel checks).
+GPT_OSS_20B_CONFIG = {
+    "architectures": ["GptOssForCausalLM"],
+    "attention_bias": True,
+    "attention_dropout": 0.0,
+    "eos_token_id": 200002,
+    "experts_per_token": 4,
+    "head_dim": 64,
+    "hidden_act": "silu",
+    "hidden_size": 2880,
+    "initial_context_length": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 2880,
+    "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(24)],
+    "max_position_embeddings": 131072,
+    "model_type": "gpt_oss",
+    "num_attention_heads": 64,
+    "num_experts_per_tok": 4,
+    "num_hidden_layers": 24,
+    "num_key_value_heads": 8,
+    "num_local_experts": 32,
+    "output_router_logits": False,
+    "pad_token_id": 199999,
+    "quantization_config": {"modules_to_not_convert": MXFP4_MODULES_NOT_CONVERTED, "quant_method": "mxfp4"},
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0, "original_max_position_embeddings": 4096,
+                     "rope_type": "yarn", "truncate": False},
+    "rope_theta": 150000,
+    "router_aux_loss_coef": 0.9,
+    "sliding_window": 128,
+    "swiglu_limit": 7.0,
+    "tie_word_embeddings": False,
+    "use_cache": True,
+    "vocab_size": 201088,
+}
 
 def tiny_config(**overrides: Any) -> dict[str, Any]:
     """A small but complete gpt-oss `config.json` (YaRN with an explicit 4096 original context, as
@@ -171,15 +208,40 @@ def load_torch_reference(path: str | Path, dtype: str = "float32"):
 
 # Names of the special tokens a tiny tokenizer reserves, keyed by the config field holding their id.
 _SPECIAL_TOKENS = {"pad_token_id": "<|pad|>", "bos_token_id": "<|startoftext|>", "eos_token_id": "<|endoftext|>"}
+# harmony's message structure tokens (gpt-oss's tokenizer has them as added special tokens).
+HARMONY_TOKENS = ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>", "<|return|>", "<|call|>")
+# A harmony-style chat template of our own for tiny checkpoints: the structure of gpt-oss's (a system
+# message naming the channels, user turns, past assistant turns in the final channel, the assistant's
+# turn opened), without its tool and date sections. gpt-oss ships its own as chat_template.jinja.
+CHAT_TEMPLATE = """\
+<|start|>system<|message|>Reasoning: {{ reasoning_effort | default("medium") }}
+
+# Valid channels: analysis, commentary, final.<|end|>
+{%- for message in messages %}
+{%- if message.role == "user" %}
+<|start|>user<|message|>{{ message.content }}<|end|>
+{%- elif message.role == "assistant" %}
+<|start|>assistant<|channel|>final<|message|>{{ message.content }}<|end|>
+{%- else %}
+{{- raise_exception("this template has user and assistant messages only, not " + message.role) }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+<|start|>assistant
+{%- endif %}
+"""
 
 
-def write_tokenizer(out_dir: str | Path, texts: list[str], config: dict[str, Any] | None = None) -> Path:
+def write_tokenizer(out_dir: str | Path, texts: list[str], config: dict[str, Any] | None = None, *,
+                    chat: bool = True) -> Path:
     """Train a small BPE tokenizer on `texts` and save it as `tokenizer.json` + `tokenizer_config.json`
     beside a tiny checkpoint, so the pipeline reads it exactly as it reads gpt-oss's own tokenizer.
 
     The vocabulary is at most the config's `vocab_size` (every id is a row of the embedding); the
     config's pad/bos/eos ids get named special tokens. Digits are split one per token, as in
     gpt-oss's tokenizer, so amounts reach the model digit by digit. Like gpt-oss's, it adds no BOS.
+    With `chat`, harmony's special tokens follow those and `CHAT_TEMPLATE` is saved as
+    `chat_template.jinja`, where `transformers` and `checkpoint.chat` read a checkpoint's template.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -188,6 +250,9 @@ def write_tokenizer(out_dir: str | Path, texts: list[str], config: dict[str, Any
     if [token_id for token_id, _ in specials] != list(range(len(specials))):
         raise ValueError(f"special token ids must be 0..{len(specials) - 1} for a trained tokenizer, got {specials}")
     vocab_size = config["vocab_size"]
+    if chat:  # the template's own words are part of what the tokenizer must spell
+        specials += [(len(specials) + i, name) for i, name in enumerate(HARMONY_TOKENS)]
+        texts = list(texts) + [_template_words()]
     alphabet = sorted(set("".join(texts)) | {"▁"})
     if len(specials) + len(alphabet) > vocab_size:
         raise ValueError(f"{len(alphabet)} distinct characters and {len(specials)} special tokens do not fit in "
@@ -210,4 +275,16 @@ def write_tokenizer(out_dir: str | Path, texts: list[str], config: dict[str, Any
     for key, name in names.items():
         tokenizer_config[key.removesuffix("_id")] = name
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    if chat:
+        (out_dir / TEMPLATE_FILE).write_text(CHAT_TEMPLATE)
     return out_dir
+
+
+def _template_words() -> str:
+    """The text CHAT_TEMPLATE renders around its special tokens, at every reasoning effort."""
+    chat = ChatFormat(CHAT_TEMPLATE, Path(TEMPLATE_FILE), {})
+    efforts = ("low", "medium", "high")
+    text = " ".join(chat.with_variables(reasoning_effort=effort).render([""])[0] for effort in efforts)
+    for token in HARMONY_TOKENS:
+        text = text.replace(token, " ")
+    return text + " user assistant final"

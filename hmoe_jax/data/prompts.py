@@ -1,10 +1,12 @@
-"""Prompts as model inputs: tokenised raw (no chat template), batched, bucketed and left-padded.
+"""Prompts as model inputs: tokenised (raw, or in the checkpoint's chat format), batched, bucketed and
+left-padded.
 
 Every stage that runs prompts through the model (precompute, evaluation, the generation baselines, the
 latency benchmark, end-to-end training) batches them here:
 
-- `tokenize`: each text's ids exactly as `tokenizer.encode(text)` gives them; an empty encoding or an id
-  past the model's vocabulary is refused, naming the prompt.
+- `tokenize`: each text's ids exactly as `tokenizer.encode(text)` gives them (the paper's raw prompts;
+  precompute and training use these), or as the checkpoint's chat template renders it
+  (`checkpoint.chat`); an empty encoding or an id past the model's vocabulary is refused, naming the prompt.
 - `prompt_batches`: fixed-size batches, each left-padded to the next multiple of `bucket` of its longest
   prompt, so only a handful of shapes is ever compiled, and every prompt's last real token sits at the
   last position. A short final batch is filled with copies of its first prompt (a row of padding alone
@@ -20,6 +22,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from ..checkpoint.chat import ChatFormat
+
 
 def pad_token_id(config) -> int:
     """The config's `pad_token_id`, else 0: padded positions are masked out, so any id in the
@@ -27,11 +31,13 @@ def pad_token_id(config) -> int:
     return config.pad_token_id if config.pad_token_id is not None else 0
 
 
-def tokenize(tokenizer, texts: Sequence[str], vocab_size: int, *, what: str = "prompt",
-             error: type[Exception] = ValueError) -> list[np.ndarray]:
-    """Token ids of each raw text, exactly as `tokenizer.encode(text)` gives them (no chat template); an
-    empty encoding or an id past the model's vocabulary raises `error` naming `what` #i."""
-    encoded = [np.asarray(e.ids, np.int32) for e in tokenizer.encode_batch(list(texts))]
+def tokenize(tokenizer, texts: Sequence[str], vocab_size: int, *, chat: ChatFormat | None = None,
+             what: str = "prompt", error: type[Exception] = ValueError) -> list[np.ndarray]:
+    """Token ids of each text: raw, exactly as `tokenizer.encode(text)` gives them, or with `chat`, the
+    text as one user message in the checkpoint's chat template, the assistant's turn opened. An empty
+    encoding or an id past the model's vocabulary raises `error` naming `what` #i."""
+    ids = chat.encode(tokenizer, texts) if chat is not None else [e.ids for e in tokenizer.encode_batch(list(texts))]
+    encoded = [np.asarray(i, np.int32) for i in ids]
     for i, ids in enumerate(encoded):
         if ids.size == 0:
             raise error(f"{what} #{i} tokenizes to nothing")

@@ -1,18 +1,25 @@
 """Generation baselines: the same frozen model answering each scenario by greedy generation.
 
 Each eval prompt is wrapped in one of the reference's three styles (zero-shot, chain of thought,
-structured), generated from with the KV-cache generator (`model.generate`), decoded, parsed with the
-reference's regexes and sanity ranges (`data.scoring.parse_metrics`) and scored under both protocols.
+structured) and reaches the model in one or both prompt formats:
+- `raw`: the text as it is, what the reference fed the model and the paper's table compares against;
+- `chat`: the text as a user message in the checkpoint's own chat template (gpt-oss is a chat model
+  trained on harmony), generation stopping at the end of the assistant's turn, and only the final
+  channel's text scored (`checkpoint.chat`).
+Answers come from the KV-cache generator (`model.generate`), are parsed with the reference's regexes and
+sanity ranges (`data.scoring.parse_metrics`) and scored under both protocols.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from ..checkpoint.chat import ChatFormat, final_answer
 from ..data import scoring
 from ..data.prompts import pad_token_id, prompt_batches, tokenize
 from ..model.generate import generate
@@ -20,6 +27,7 @@ from ..runtime import distributed
 from ..runtime.files import user_path, write_json_atomically, write_text_atomically
 from ..runtime.sharding import batch_sharding
 
+PROMPT_FORMATS = ("raw", "chat")
 PROMPT_STYLES: Mapping[str, str] = {
     "zeroshot": "{prompt}\n",
     "cot": "{prompt}\nLet's think step by step, showing each calculation, then state the final values.\n",
@@ -37,24 +45,50 @@ def format_prompt(prompt: str, style: str) -> str:
         raise ValueError(f"unknown prompt style {style!r}; choose from {sorted(PROMPT_STYLES)}") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    text: str  # what is scored: the decoded generation (raw), or its final channel's message (chat)
+    completion: str | None = None  # chat: the whole generation, special tokens kept
+    final_channel: bool | None = None  # chat: whether the model reached its final channel
+    terminated: bool | None = None  # chat: whether that message ended before the token budget
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
 def generate_answers(model, tokenizer, prompts: Sequence[str], new_tokens: int, batch_size: int, *,
-                     progress: Callable[[int], None] | None = None, mesh=None) -> list[str]:
-    """Greedy answers, decoded; with `mesh` (the model's), each batch is split over its data axis."""
+                     chat: ChatFormat | None = None, progress: Callable[[int], None] | None = None,
+                     mesh=None) -> list[Answer]:
+    """Greedy answers to raw prompts, or with `chat` to prompts in its chat format (stopping at its
+    end-of-turn tokens, the final channel read out); with `mesh` (the model's), each batch is split over
+    its data axis."""
     if mesh is not None and batch_size % mesh.shape["data"]:
         raise ValueError(f"batch size {batch_size} is not a multiple of the mesh's {mesh.shape['data']} data devices")
     put = (lambda x: x) if mesh is None else (lambda x: distributed.global_array(x, batch_sharding(mesh)))  # noqa: E731
     c = model.config
     pad = pad_token_id(c)
-    texts = []
-    for batch in prompt_batches(tokenize(tokenizer, prompts, c.vocab_size), batch_size, 32, pad):
+    stop = chat.stop_ids(tokenizer, c.eos_token_id) if chat is not None else c.eos_token_id
+    answers = []
+    for batch in prompt_batches(tokenize(tokenizer, prompts, c.vocab_size, chat=chat), batch_size, 32, pad):
         out = distributed.to_host(generate(model, put(batch.input_ids), put(batch.attention_mask),
-                                           max_new_tokens=new_tokens,
-                                           eos_token_id=c.eos_token_id if isinstance(c.eos_token_id, int) else None,
-                                           pad_token_id=pad))
-        texts += [tokenizer.decode(row.tolist()) for row in out[:len(batch.rows)]]
+                                           max_new_tokens=new_tokens, eos_token_id=stop, pad_token_id=pad))
+        for row in out[:len(batch.rows)]:
+            answers.append(read_answer(row.tolist(), tokenizer, chat, stop))
         if progress is not None:
             progress(len(batch.rows))
-    return texts
+    return answers
+
+
+def read_answer(ids: list[int], tokenizer, chat: ChatFormat | None, stop) -> Answer:
+    """One generated row as an `Answer`: decoded (raw), or cut after its first stop token and its final
+    channel read out (chat)."""
+    if chat is None:
+        return Answer(tokenizer.decode(ids))
+    # What follows the end of the turn is padding.
+    end = next((i + 1 for i, token in enumerate(ids) if token in stop), len(ids))
+    final = final_answer(ids[:end], tokenizer)
+    return Answer(final.text, tokenizer.decode(ids[:end], skip_special_tokens=False), final.has_final_channel,
+                  final.terminated)
 
 
 def score_style(scenarios: Sequence[Mapping[str, Any]], texts: Sequence[str]) -> dict[str, Any]:
@@ -65,30 +99,60 @@ def score_style(scenarios: Sequence[Mapping[str, Any]], texts: Sequence[str]) ->
 
 
 def run_baselines(model, tokenizer, scenarios: Sequence[Mapping[str, Any]], styles: Sequence[str], *,
-                  new_tokens: int, batch_size: int, mesh=None,
-                  progress: Callable[[str], Callable[[int], None] | None] | None = None) -> tuple[dict, dict]:
-    """(results, generations) per style: the scores (`score_style`) with the seconds the style took,
-    and every scenario's generated text. `progress(style)` gives the per-batch callback of a style."""
-    results, generations = {}, {}
-    for style in styles:
-        prompts = [format_prompt(s["input_prompt"], style) for s in scenarios]
-        start = time.perf_counter()
-        texts = generate_answers(model, tokenizer, prompts, new_tokens, batch_size, mesh=mesh,
-                                 progress=progress(style) if progress else None)
-        results[style] = {**score_style(scenarios, texts), "seconds": time.perf_counter() - start}
-        generations[style] = [{"id": s["id"], "text": t} for s, t in zip(scenarios, texts)]
+                  new_tokens: int, batch_size: int, formats: Sequence[str] = ("raw",), chat: ChatFormat | None = None,
+                  mesh=None, progress: Callable[[str], Callable[[int], None] | None] | None = None
+                  ) -> tuple[dict, dict]:
+    """(results, generations)[format][style]: the scores (`score_style`) with the seconds the style took
+    (and in chat format the share of answers that reached the final channel), and every scenario's
+    answer. `progress("FORMAT/STYLE")` gives the per-batch callback of one style in one format."""
+    formats = list(dict.fromkeys(formats))
+    unknown = set(formats) - set(PROMPT_FORMATS)
+    if unknown:
+        raise ValueError(f"unknown prompt format(s) {sorted(unknown)}; choose from {PROMPT_FORMATS}")
+    if not scenarios:
+        raise ValueError("no scenarios to generate answers for")
+    if "chat" in formats:
+        if chat is None:
+            raise ValueError("the chat prompt format needs the checkpoint's ChatFormat (checkpoint.chat.ChatFormat.of)")
+        chat.stop_ids(tokenizer)  # a template this project cannot read fails now, not after the raw runs
+        chat.render([scenarios[0]["input_prompt"]])
+    results: dict[str, dict] = {f: {} for f in formats}
+    generations: dict[str, dict] = {f: {} for f in formats}
+    for prompt_format in formats:
+        for style in styles:
+            prompts = [format_prompt(s["input_prompt"], style) for s in scenarios]
+            start = time.perf_counter()
+            answers = generate_answers(model, tokenizer, prompts, new_tokens, batch_size, mesh=mesh,
+                                       chat=chat if prompt_format == "chat" else None,
+                                       progress=progress(f"{prompt_format}/{style}") if progress else None)
+            result = {**score_style(scenarios, [a.text for a in answers]), "seconds": time.perf_counter() - start}
+            if prompt_format == "chat":
+                result["final_channel_share"] = float(np.mean([a.final_channel for a in answers]))
+            results[prompt_format][style] = result
+            generations[prompt_format][style] = [{"id": s["id"], **a.to_dict()} for s, a in zip(scenarios, answers)]
     return results, generations
 
 
 def report_markdown(results: Mapping[str, Any], styles: Sequence[str], n_scenarios: int, new_tokens: int) -> str:
-    lines = [f"# Generation baselines ({n_scenarios} scenarios, {new_tokens} greedy tokens)", ""]
+    """The formats side by side: one column group per prompt format."""
+    formats = list(results)
+    lines = [f"# Generation baselines ({n_scenarios} scenarios, {new_tokens} greedy tokens; prompt formats: "
+             f"{', '.join(formats)})", ""]
+    if "chat" in results:
+        lines += ["Chat format: each prompt a user message in the checkpoint's chat template; only the final "
+                  "channel is scored. Answers that reached the final channel: "
+                  + ", ".join(f"{style} {100 * results['chat'][style]['final_channel_share']:.0f}%"
+                              for style in styles) + ".", ""]
+    columns = [(what, f) for what in ("within 10%", "within 20%", "median % error") for f in formats]
+    keys = {"within 10%": "within_10", "within 20%": "within_20", "median % error": "median_pct_error"}
     for protocol in scoring.PROTOCOLS:
-        lines += [f"## {protocol} protocol", "", "| style | metric | N | within 10% | within 20% | median % error |",
-                  "|---|---|---:|---:|---:|---:|"]
+        lines += [f"## {protocol} protocol", "",
+                  "| style | metric | N | " + " | ".join(f"{what} ({f})" for what, f in columns) + " |",
+                  "|---|---|---:|" + "---:|" * len(columns)]
         for style in styles:
-            for m, s in results[style][protocol].items():
-                lines.append(f"| {style} | {m} | {s['n']} | {s['within_10']:.1f} | {s['within_20']:.1f} | "
-                             f"{s['median_pct_error']:.1f} |")
+            for m, s in results[formats[0]][style][protocol].items():
+                cells = [f"{results[f][style][protocol][m][keys[what]]:.1f}" for what, f in columns]
+                lines.append(f"| {style} | {m} | {s['n']} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 

@@ -1,7 +1,9 @@
 """Latency: one hybrid forward versus N-token greedy generation, JAX and transformers.
 
 Same model, same backend, one prompt at a time (batch 1, as the reference timed), one warm-up run
-excluded, medians over prompts:
+excluded, medians over prompts, each prompt raw (as the reference timed) or in the checkpoint's chat
+format (`prompt_format="chat"`: longer prompts; every generation still runs exactly N tokens, so both
+sides do the same work):
 - JAX generation: `model.generate`, N greedy tokens with the sliding-window KV cache;
 - hybrid forward: the forward up to and including the hybrid layer (extraction, exact formulas,
   projection), the whole cost of a Hybrid MoE answer. The same loaded model is made hybrid after the
@@ -22,6 +24,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from ..checkpoint.chat import ChatFormat
 from ..checkpoint.loading import from_pretrained
 from ..checkpoint.location import CheckpointError, locate_checkpoint, resolve_checkpoint
 from ..checkpoint.tokenizer import load_tokenizer
@@ -70,18 +73,22 @@ def torch_reference_fits(config) -> tuple[bool, str]:
 
 def measure_latency(checkpoint: str | Path, *, probes: str | Path | None = None, layer: int | None = None,
                     n_prompts: int = 20, new_tokens: int = 256, torch_reference: bool = True,
-                    options: RunOptions | None = None) -> dict[str, Any]:
+                    options: RunOptions | None = None, prompt_format: str = "raw") -> dict[str, Any]:
     """Every timing (seconds per prompt) and the prompts' setup; see the module doc."""
+    if prompt_format not in ("raw", "chat"):
+        raise ValueError(f"unknown prompt format {prompt_format!r}; choose raw or chat")
     checkpoint = resolve_checkpoint(checkpoint)
+    chat = ChatFormat.of(checkpoint) if prompt_format == "chat" else None
     prompts = [s["input_prompt"] for s in data.generate_scenarios(n_prompts, data.eval_seed(42), data.EVAL_ID_OFFSET)]
     tokenizer = load_tokenizer(checkpoint)
     model = from_pretrained(checkpoint, options)
     c = model.config
-    raw = tokenize(tokenizer, prompts, c.vocab_size)
+    ids = tokenize(tokenizer, prompts, c.vocab_size, chat=chat)
     # Every prompt left-padded to one bucketed length: one compiled program for all of them.
-    length = bucket_length(max(t.size for t in raw), 32)
-    runs = [(b.input_ids, b.attention_mask) for b in prompt_batches(raw, 1, length, pad_token_id(c))]
+    length = bucket_length(max(t.size for t in ids), 32)
+    runs = [(b.input_ids, b.attention_mask) for b in prompt_batches(ids, 1, length, pad_token_id(c))]
     res: dict[str, Any] = {"n_prompts": len(runs), "new_tokens": new_tokens, "device": jax.devices()[0].platform,
+                           "prompt_format": prompt_format, "prompt_tokens": length,
                            "options": model.options.to_dict()}
 
     res["jax_generate_s"] = _timed(
@@ -147,7 +154,8 @@ def _summarise(res: dict[str, Any]) -> dict[str, Any]:
 def report_markdown(res: dict[str, Any]) -> str:
     n, med = res["new_tokens"], res["median_ms"]
     lines = [f"# Latency ({res['n_prompts']} prompts, batch 1, {n} new tokens, {res['device']}; medians after one "
-             "warm-up)", "", "| what | median ms |", "|---|---:|"]
+             "warm-up)", "", f"Prompts: {res.get('prompt_format', 'raw')}, left-padded to "
+             f"{res.get('prompt_tokens', '?')} tokens.", "", "| what | median ms |", "|---|---:|"]
     lines += [f"| {k.replace('_', ' ')} | {v:.1f} |" for k, v in med.items()]
     lines += ["", f"Hybrid forward vs {n}-token generation (JAX): **{res['hybrid_vs_generation_speedup']:.0f}x** "
                   f"faster (the paper: {PAPER_SPEEDUP_256:.0f}x for 256 tokens on a B200, full forward vs generate).",

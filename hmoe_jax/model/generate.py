@@ -17,8 +17,11 @@ matrix-vector product, not what a flash kernel is for). Packed MXFP4 experts use
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .layers import LayerCache
 from .transformer import EmbeddingAndHead, GptOssForCausalLM, default_position_ids, run
@@ -67,8 +70,8 @@ def _next_token(logits, key, done, temperature: float, top_k: int | None, eos_to
     """One generation step's token: a fresh key split, the choice, padding after EOS."""
     key, sub = jax.random.split(key)
     token = jnp.where(done, pad_token_id, _choose(logits, sub, temperature, top_k))
-    if eos_token_id is not None:
-        done = done | (token == eos_token_id)
+    if eos_token_id:  # a tuple of end-of-sequence ids
+        done = done | jnp.isin(token, jnp.asarray(eos_token_id, token.dtype))
     return token, done, key
 
 
@@ -108,16 +111,17 @@ def generate(
     max_new_tokens: int = 32,
     temperature: float = 0.0,
     top_k: int | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int = 0,
     seed: int = 0,
 ) -> jax.Array:
     """New tokens [B, max_new_tokens] after left-padded prompts. `temperature=0` is greedy; after a
-    row emits `eos_token_id` it emits `pad_token_id`. A hybrid model generates too, with
+    row emits `eos_token_id` (or any of several) it emits `pad_token_id`. A hybrid model generates too, with
     token-level extraction (causal-mean extraction needs the whole prefix and is a prefill feature)."""
     ids = jnp.asarray(input_ids, jnp.int32)
     mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     if bool(jnp.any(mask[:, -1] == 0)):
         raise ValueError("generate needs left-padded prompts: every row's last position must be a real token")
+    eos = () if eos_token_id is None else tuple(int(i) for i in np.atleast_1d(eos_token_id))
     return run(model, _generate, ids, mask, jax.random.key(seed),
-               static=(max_new_tokens, float(temperature), top_k, eos_token_id, pad_token_id))
+               static=(max_new_tokens, float(temperature), top_k, eos, pad_token_id))
