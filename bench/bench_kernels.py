@@ -46,6 +46,7 @@ import numpy as np
 from flax import nnx
 
 from hmoe_jax import kernels
+from hmoe_jax.evaluation.doctor import random_packed_experts
 from hmoe_jax.model import kernel_dispatch, moe
 from hmoe_jax.model.config import GptOssConfig
 from hmoe_jax.model.layers import PackedExperts, attention_masks, sink_attention_xla
@@ -125,25 +126,6 @@ def bench_attention(shapes: Shapes, seq: int, window: int | None, dtype, runs: i
     t_xla, t_pallas = median_seconds(xla, args, runs), median_seconds(pallas, args, runs)
     return dict(seq=seq, window=window, xla=t_xla, pallas=t_pallas, tflops=flops / t_pallas / 1e12,
                 err=rel_err(pallas(*args), xla(*args)))
-
-
-def random_packed_experts(shapes: Shapes, dtype) -> PackedExperts:
-    """`PackedExperts` with random bytes, scales near 2**-6 and small biases, made on device."""
-    options = RunOptions(dtype=dtype, param_dtype=dtype, experts="packed", moe_backend="ragged", kernels="xla",
-                         execution="program")
-    module = nnx.eval_shape(lambda: PackedExperts(config(shapes), options, rngs=nnx.Rngs(0)))
-    key = jax.random.key(0)
-    for path, param in nnx.to_flat_state(nnx.state(module)):
-        key, sub = jax.random.split(key)
-        name = path[-1]
-        if name.endswith("_blocks"):
-            value = jax.random.bits(sub, param.shape, jnp.uint8)
-        elif name.endswith("_scales"):
-            value = (118 + jax.random.randint(sub, param.shape, 0, 6)).astype(jnp.uint8)
-        else:
-            value = (0.02 * jax.random.normal(sub, param.shape)).astype(param.dtype)
-        param.set_value(value)
-    return module
 
 
 def bench_moe(shapes: Shapes, module: PackedExperts, tokens: int, runs: int, mode: str) -> dict:
@@ -277,7 +259,7 @@ def main(argv=None) -> int:
         for window in (shapes.window, None):
             attention.append(bench_attention(shapes, seq, window, dtype, args.runs, mode))
             print(attention[-1], flush=True)
-    module = random_packed_experts(shapes, dtype)
+    module = random_packed_experts(config(shapes), jnp.dtype(dtype).name)
     moe_rows = []
     for tokens in args.tokens:
         moe_rows.append(bench_moe(shapes, module, tokens, args.runs, mode))

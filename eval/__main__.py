@@ -5,6 +5,7 @@
     latency     one hybrid forward versus N-token generation, JAX and transformers
     parity      layer-by-layer parity against transformers
     demo        the whole pipeline on an embedded random model (or on --model)
+    doctor      this machine's devices, and whether the GPU kernels compile and agree with XLA here
 """
 
 import importlib
@@ -16,6 +17,7 @@ STAGES = {
     "baselines": "eval.baselines_cli",
     "latency": "eval.latency_cli",
     "demo": "eval.demo_cli",
+    "doctor": "eval.doctor_cli",
 }
 
 

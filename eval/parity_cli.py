@@ -5,16 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from hmoe_jax.checkpoint.location import CheckpointError, resolve_checkpoint
 from hmoe_jax.evaluation import parity
 from hmoe_jax.model.config import ConfigError
+from hmoe_jax.runtime.files import user_path
+from hmoe_jax.runtime.options import KERNEL_PATHS
 
 
 def _prompts(args) -> list[str]:
     if args.prompts:
-        text = Path(args.prompts).expanduser().read_text()
+        text = user_path(args.prompts).read_text()
         try:
             prompts = json.loads(text)
         except json.JSONDecodeError:
@@ -38,8 +39,11 @@ def main(argv=None) -> int:
     src.add_argument("--prompts", help="JSON list of strings, or a text file with one prompt per line")
     src.add_argument("--n-prompts", type=int, default=4, help="take the first N prompts of the eval data set")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--kernels", choices=("auto", *KERNEL_PATHS), default="auto",
+                   help="our layers' kernel path (auto: the Pallas kernels where they compile on a GPU, else XLA)")
     p.add_argument("--layers", help="A:B, layers A..B-1 (default all; logits only when B is the last)")
-    p.add_argument("--out", default="parity_out", help="directory for parity.md, parity.json, parity.png")
+    p.add_argument("--out", type=user_path, default="parity_out",
+                   help="directory for parity.md, parity.json, parity.png")
     p.add_argument("--seed", type=int, default=0)
     defaults = parity.DEFAULT_BOUNDS
     fp32, bf16 = defaults["float32"].residual_rel, defaults["bfloat16"].residual_rel
@@ -71,12 +75,13 @@ def main(argv=None) -> int:
 
         bar = tqdm(total=(layers[1] - layers[0]) if layers else config.num_hidden_layers, unit="layer")
         report = parity.check_parity(model, ids, mask, source=args.source, dtype=args.dtype, layers=layers,
-                                     bounds=bounds, progress=lambda msg: bar.update(1) if msg else None)
+                                     bounds=bounds, progress=lambda msg: bar.update(1) if msg else None,
+                                     kernels=args.kernels)
         bar.close()
     except (FileNotFoundError, CheckpointError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out)
+    out = user_path(args.out)
     parity.write_report(report, out)
     print((out / "parity.md").read_text())
     return 0 if report.passed else 1

@@ -487,7 +487,7 @@ def test_defaults_follow_the_checkpoint(tmp_path):
     assert model.embed_tokens[...].dtype == jnp.bfloat16
     assert model.norm.weight[...].dtype == jnp.bfloat16  # as stored, widened exactly in the product
     on_gpu = RunOptions().resolved(platform="gpu", stored_dtype="bfloat16", mxfp4_source=True, param_bytes=13 << 30)
-    assert (on_gpu.dtype, on_gpu.experts, on_gpu.kernels, on_gpu.execution) == ("bfloat16", "packed", "pallas",
+    assert (on_gpu.dtype, on_gpu.experts, on_gpu.kernels, on_gpu.execution) == ("bfloat16", "packed", "pallas-or-xla",
                                                                                 "program")
     big_host = RunOptions().resolved(platform="cpu", stored_dtype="bfloat16", param_bytes=13 << 30)
     assert (big_host.dtype, big_host.execution) == ("float32", "layerwise")

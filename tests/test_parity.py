@@ -28,9 +28,12 @@ def prompts(n=3, t=20, vocab=128, seed=0):
     return np.where(mask == 1, ids, 0), mask
 
 
-def test_parity_passes_on_an_hf_mxfp4_checkpoint_and_writes_readable_reports(hf_dir, tmp_path):
+def test_parity_passes_on_an_hf_mxfp4_checkpoint_and_writes_readable_reports(hf_dir, tmp_path, monkeypatch):
+    """Paths as a user types them: the model relative to the working directory, the report under `~`."""
+    monkeypatch.chdir(hf_dir.parent)
+    monkeypatch.setenv("HOME", str(tmp_path))
     out = tmp_path / "report"
-    assert parity_main(["--model", str(hf_dir), "--n-prompts", "3", "--out", str(out)]) == 0
+    assert parity_main(["--model", hf_dir.name, "--n-prompts", "3", "--out", "~/report"]) == 0
     report = json.loads((out / "parity.json").read_text())
     assert report["passed"] and len(report["layers"]) == 3
     assert all(layer["residual_rel"] < 1e-5 and layer["router_agreement"] == 1.0 for layer in report["layers"])

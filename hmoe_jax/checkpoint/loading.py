@@ -155,6 +155,18 @@ def planned_options(path: str | Path, options: RunOptions | None = None) -> RunO
     return _safetensors_options(SafetensorsReader(safetensors_files(location.path)), options)[0]
 
 
+def planned_model(path: str | Path, options: RunOptions | None = None) -> GptOssForCausalLM:
+    """The model `from_pretrained(path, options)` builds, abstract (shapes and dtypes, no values), from the
+    checkpoint's headers alone: what it will hold in memory, before anything is read."""
+    location = locate_checkpoint(path)
+    options = planned_options(location.path, options)
+    if location.layout == "flax":
+        checkpoint = open_flax_checkpoint(location.path)
+        return abstract_model(checkpoint.config, _storage(options, dtype_name(checkpoint.param_dtype)))
+    reader = SafetensorsReader(safetensors_files(location.path))
+    return abstract_model(load_config(location.path), _storage(options, _safetensors_options(reader, options)[1]))
+
+
 def _safetensors_options(reader: SafetensorsReader, requested: RunOptions) -> tuple[RunOptions, str]:
     """(resolved options, the checkpoint's dominant floating-point dtype)."""
     mxfp4 = any(k.endswith(("_blocks", ".blocks")) for k in reader.keys())

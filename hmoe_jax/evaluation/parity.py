@@ -162,9 +162,10 @@ class WeightSource:
         return value.astype(variable.dtype)
 
 
-def _storage_options(dtype: str, packed: bool) -> RunOptions:
-    """Our layers as parity runs them: weights stored in the compute dtype, one program per layer."""
-    return RunOptions(dtype=dtype, param_dtype=dtype, experts="packed" if packed else "dense",
+def _storage_options(dtype: str, packed: bool, kernels: str = "auto") -> RunOptions:
+    """Our layers as parity runs them: weights stored in the compute dtype, one program per layer, the
+    kernel path asked for ("auto": the Pallas kernels where they compile on a GPU)."""
+    return RunOptions(dtype=dtype, param_dtype=dtype, experts="packed" if packed else "dense", kernels=kernels,
                       execution="program").resolved()
 
 
@@ -292,6 +293,7 @@ class ParityReport:
     bounds: Bounds
     failures: list[str]
     logits_abs: float | None = None
+    kernels: str = "xla"  # our layers' kernel path (RunOptions.kernels, resolved)
 
     @property
     def passed(self) -> bool:
@@ -337,9 +339,11 @@ def check_parity(
     layers: tuple[int, int] | None = None,
     bounds: Bounds | None = None,
     progress: Callable[[str], None] | None = None,
+    kernels: str = "auto",
 ) -> ParityReport:
     """Compare layers [a, b) (all by default) of `model` (HF dir or converted checkpoint) with
-    transformers on `source` (default: `model` itself, which must then be an HF dir)."""
+    transformers on `source` (default: `model` itself, which must then be an HF dir); our layers run on
+    the `kernels` path (`RunOptions.kernels`)."""
     bounds = bounds or DEFAULT_BOUNDS[dtype]
     model, source = resolve_checkpoint(model), resolve_checkpoint(source) if source is not None else None
     ours = WeightSource(model, config_of(model), jnp.dtype(dtype))
@@ -349,7 +353,7 @@ def check_parity(
         raise ValueError(f"layers {start}:{stop} outside the model's 0:{config.num_hidden_layers}")
     ids, mask = np.asarray(input_ids, np.int64), np.asarray(attention_mask, np.int64)
     x_ours = _embeddings(ours, ids, jnp.dtype(dtype))
-    setup = _setup(ours, source, dtype, x_ours, mask)
+    setup = _setup(ours, source, dtype, x_ours, mask, kernels)
     x_ref = setup.ref.from_ours(x_ours)
     reports, failures = [], []
     for i in range(start, stop):
@@ -365,7 +369,7 @@ def check_parity(
     return ParityReport(
         model=str(model), source=str(source) if source else None, dtype=dtype, n_prompts=int(ids.shape[0]),
         n_tokens=int(setup.real.sum()), layers=reports, logits_rel=logits_rel, top1=top1, kl=kl, bounds=bounds,
-        failures=failures, logits_abs=logits_abs,
+        failures=failures, logits_abs=logits_abs, kernels=setup.options.kernels,
     )
 
 
@@ -379,7 +383,7 @@ def _embeddings(ours: WeightSource, ids: np.ndarray, dtype) -> jax.Array:
     return embed_tokens(jnp.asarray(rows), jnp.asarray(inverse.reshape(ids.shape)), dtype)
 
 
-def _setup(ours: WeightSource, source: Path | None, dtype: str, x_ours, mask: np.ndarray) -> _Setup:
+def _setup(ours: WeightSource, source: Path | None, dtype: str, x_ours, mask: np.ndarray, kernels: str) -> _Setup:
     import torch
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRotaryEmbedding
@@ -399,7 +403,7 @@ def _setup(ours: WeightSource, source: Path | None, dtype: str, x_ours, mask: np
     full, sliding = attention_masks(jnp.asarray(both), config.sliding_window)
     cos, sin = rope_tables(jnp.asarray(np.concatenate([positions, positions])), config, jnp.dtype(dtype))
     return _Setup(ours=ours, source=WeightSource(source, config, jnp.dtype(dtype)) if paired else None, ref=ref,
-                  options=_storage_options(dtype, ours.packed), real=mask.astype(bool),
+                  options=_storage_options(dtype, ours.packed, kernels), real=mask.astype(bool),
                   ctx=BlockContext(cos, sin, jnp.asarray(both), full, sliding), ref_masks=ref_masks,
                   ref_rope=GptOssRotaryEmbedding(ref.hf_config)(x_ref, t_pos), ref_positions=t_pos)
 
@@ -545,7 +549,7 @@ def write_report(report: ParityReport, out_dir: str | Path) -> None:
     lines = [
         f"# Parity: {report.model}" + (f" (source {report.source})" if report.source else ""),
         "",
-        f"dtype {report.dtype}; {report.n_prompts} prompts, {report.n_tokens} real tokens; "
+        f"dtype {report.dtype}, kernels {report.kernels}; {report.n_prompts} prompts, {report.n_tokens} real tokens; "
         f"**{'PASSED' if report.passed else 'FAILED'}**",
         "",
         "Teacher-forced: both layers get the reference's input residual. Drift: each runs on its own stream.",

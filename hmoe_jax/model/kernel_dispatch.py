@@ -2,8 +2,18 @@
 the kernels take, their tiles, device meshes, and gradients.
 
 `layers.Attention.attend` and `layers.PackedExperts` call `attention` and `packed_moe` when the model's
-`RunOptions.kernels` is "pallas" or "interpret" (the mode); each returns None where the kernel does not
-take the shapes, and the caller runs the XLA path instead.
+`RunOptions.kernels` is not "xla" (the mode); each returns None where the kernel does not take the
+shapes, and the caller runs the XLA path instead.
+
+Modes: "pallas" runs the kernels (compiled on a GPU, interpreted elsewhere) and fails loudly where one
+does not compile; "interpret" interprets them anywhere; "pallas-or-xla", what "auto" picks on a GPU,
+first compiles each kernel on its own at the shapes of the call, for the default device, and where that
+fails (a GPU, driver or Triton version that rejects it; on a CPU, any compiled kernel) runs the XLA path
+for that kernel, with one `KernelFallbackWarning` naming the kernel, the device and the error. The
+verdicts are kept per kernel, shapes and device for the life of the process (`compile_verdict`). The
+probe compiles and does not run: Triton's rejections (an op without a lowering, tiles past the shared
+memory) come at lowering and compile time, a failure at launch would not be caught. In a multi-host job
+every host must reach the same verdicts, as hosts with the same GPUs and software do.
 
 On a mesh (`jax.set_mesh`, the mesh of `hmoe_jax.runtime.sharding`), each kernel runs under `jax.shard_map`
 on the local shards, split as `sharding.LOGICAL_AXIS_RULES` splits the parameters: attention over
@@ -23,6 +33,7 @@ the model (the hybrid layer's end-to-end training) thus takes the same gradients
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -32,13 +43,63 @@ from ..kernels import PackedExpertWeights, sink_attention
 from .moe import moe_packed_kernel
 
 _TILE_N = (64, 32, 16)  # output tile widths of the MoE matmul, largest first (Triton: power of two, >= 16)
+FALLBACK = "pallas-or-xla"
+
+
+class KernelFallbackWarning(UserWarning):
+    """A Pallas kernel did not compile for this device; the XLA path runs in its place."""
 
 
 def interpret_flag(mode: str) -> bool | None:
     """A kernel mode -> the kernels' `interpret=` (None: compiled on GPU, interpreted elsewhere)."""
-    if mode not in ("pallas", "interpret"):
+    if mode not in ("pallas", "interpret", FALLBACK):
         raise ValueError(f"not a kernel mode: {mode!r}")
-    return True if mode == "interpret" else None
+    return {"pallas": None, "interpret": True, FALLBACK: False}[mode]
+
+
+# (kernel, its static arguments, argument shapes and dtypes, platform, device kind) -> None where the
+# kernel compiled, else the error.
+_VERDICTS: dict[tuple, str | None] = {}
+_WARNED: set[tuple] = set()  # (kernel, platform, device kind): one warning each
+
+
+def compile_verdict(name: str, fn, args, specs=None, mesh=None) -> str | None:
+    """None where `fn(*args)` lowers and compiles on its own for the default device, else the error (one
+    `KernelFallbackWarning` per kernel and device). `name` names the kernel and its static arguments. With
+    `specs` and `mesh`, `fn` is what each device runs under `shard_map`: it is compiled at the local
+    shapes."""
+    leaves, tree = jax.tree.flatten(args)
+    leaf_specs = jax.tree.leaves(specs, is_leaf=_is_spec) if specs is not None else [None] * len(leaves)
+    structs = tree.unflatten([jax.ShapeDtypeStruct(_local_shape(a.shape, spec, mesh), a.dtype)
+                              for a, spec in zip(leaves, leaf_specs, strict=True)])
+    device = jax.devices()[0]
+    key = (name, tuple((s.shape, str(s.dtype)) for s in jax.tree.leaves(structs)), device.platform,
+           device.device_kind)
+    if key not in _VERDICTS:
+        try:
+            jax.jit(fn).trace(*structs).lower().compile()
+            _VERDICTS[key] = None
+        except Exception as e:  # noqa: BLE001 - whatever the compiler raises, the XLA path still works
+            error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:500]
+            _VERDICTS[key] = error
+            warn = (name.split("(")[0], device.platform, device.device_kind)
+            if warn not in _WARNED:
+                _WARNED.add(warn)
+                warnings.warn(f"the Pallas kernel {name} does not compile on {device.platform} ({device.device_kind}) "
+                              f"at shapes {[s.shape for s in jax.tree.leaves(structs)]}: {error}; running the XLA "
+                              "path for it (kernels='pallas' makes this an error)", KernelFallbackWarning, stacklevel=2)
+    return _VERDICTS[key]
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, P) or x is None
+
+
+def _local_shape(shape, spec, mesh) -> tuple[int, ...]:
+    if spec is None or mesh is None:
+        return tuple(shape)
+    spec = tuple(spec) + (None,) * (len(shape) - len(spec))
+    return tuple(n // (mesh.shape[axis] if axis else 1) for n, axis in zip(shape, spec))
 
 
 def with_reference_vjp(kernel_fn, reference_fn):
@@ -76,17 +137,10 @@ def attention_supported(q_shape, k_shape) -> bool:
 
 def attention(q, k, v, sinks, key_mask, *, window: int | None, scale: float, mode: str, reference=None):
     """`kernels.sink_attention` for the model: q [B,T,H,D], k/v [B,T,KV,D], key_mask [B,T]; None
-    where unsupported (`attention_supported`). `reference(q, k, v, sinks, key_mask)`: the XLA path,
-    for gradients."""
+    where unsupported (`attention_supported`) or, in "pallas-or-xla" mode, where it does not compile.
+    `reference(q, k, v, sinks, key_mask)`: the XLA path, for gradients."""
     if not attention_supported(q.shape, k.shape):
         return None
-    kernel = functools.partial(_attention, window=window, scale=scale, mode=mode)
-    if reference is not None:
-        kernel = with_reference_vjp(kernel, reference)
-    return kernel(q, k, v, sinks, key_mask)
-
-
-def _attention(q, k, v, sinks, key_mask, *, window, scale, mode):
     run = functools.partial(sink_attention, window=window, scale=scale, interpret=interpret_flag(mode))
 
     def call(q, k, v, sinks, key_mask):
@@ -95,33 +149,44 @@ def _attention(q, k, v, sinks, key_mask, *, window, scale, mode):
     mesh = _mesh()
     data = _split(mesh, "data", q.shape[0])
     heads = _split(mesh, "tensor", q.shape[2], k.shape[2])
-    if data is None and heads is None:
-        return call(q, k, v, sinks, key_mask)
     act = P(data, None, heads, None)
-    return jax.shard_map(call, mesh=mesh, in_specs=(act, act, act, P(heads), P(data, None)), out_specs=act,
-                         check_vma=False)(q, k, v, sinks, key_mask)
+    specs = (act, act, act, P(heads), P(data, None))
+    args = (q, k, v, sinks, key_mask)
+    if mode == FALLBACK and compile_verdict(f"sink_attention(window={window})", call, args, specs, mesh):
+        return None
+    if data is None and heads is None:
+        kernel = call
+    else:
+        kernel = jax.shard_map(call, mesh=mesh, in_specs=specs, out_specs=act, check_vma=False)
+    if reference is not None:
+        kernel = with_reference_vjp(kernel, reference)
+    return kernel(*args)
 
 
-def _tile_n(*widths: int) -> int | None:
+def moe_tile_n(*widths: int) -> int | None:
+    """The widest output tile of the MoE matmul dividing every width (None: no tile fits)."""
     return next((t for t in _TILE_N if all(w % t == 0 for w in widths)), None)
 
 
 def packed_moe(x, weights, indices, w: PackedExpertWeights, act, precision, *, mode: str, reference=None):
     """`moe.moe_packed_kernel` for the model: x [N, H], routing [N, k] -> [N, H]; None where no
-    output tile fits the widths. Pairs routed to an index >= E (the hybrid layer's deterministic
-    slots, weight 0) contribute nothing, as in every `moe` backend. `reference(x, weights, indices,
-    w)`: the XLA path, for gradients."""
+    output tile fits the widths or, in "pallas-or-xla" mode, where it does not compile. Pairs routed to
+    an index >= E (the hybrid layer's deterministic slots, weight 0) contribute nothing, as in every
+    `moe` backend. `reference(x, weights, indices, w)`: the XLA path, for gradients."""
     num_experts, gate_up_rows = w.gate_up_blocks.shape[:2]
     hidden, down_groups = w.down_blocks.shape[1:3]
     mesh = _mesh()
     data = _split(mesh, "data", x.shape[0])
     experts = _split(mesh, "expert", num_experts)
     mlp = _split(mesh, "tensor", down_groups)  # I/32 groups per shard, so 2I/shards stays a multiple of 64
-    tile_n = _tile_n(gate_up_rows // (mesh.shape[mlp] if mlp else 1), hidden)
+    tile_n = moe_tile_n(gate_up_rows // (mesh.shape[mlp] if mlp else 1), hidden)
     if tile_n is None:
         return None
     run = functools.partial(moe_packed_kernel, act=act, precision=precision, tile_n=tile_n,
                             interpret=interpret_flag(mode))
+    if mode == FALLBACK and compile_verdict(f"expert_ffn_mxfp4(tile_n={tile_n})", run, (x, weights, indices, w),
+                                            _moe_specs(data, experts, mlp), mesh):
+        return None
     if data is None and experts is None and mlp is None:
         kernel = run
     else:
@@ -147,10 +212,14 @@ def _sharded_moe(x, weights, indices, w, *, run, mesh, data, experts, mlp):
         partial_axes = tuple(a for a in (experts, mlp) if a is not None)
         return jax.lax.psum(y, partial_axes) if partial_axes else y
 
+    specs = _moe_specs(data, experts, mlp)
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=specs[0], check_vma=False)(x, weights, indices, w)
+
+
+def _moe_specs(data, experts, mlp) -> tuple:
+    """How `_sharded_moe` splits (x, weights, indices, packed experts)."""
     rows = P(data, None)
-    specs = PackedExpertWeights(
+    return rows, rows, rows, PackedExpertWeights(
         gate_up_blocks=P(experts, mlp, None, None), gate_up_scales=P(experts, mlp, None), gate_up_bias=P(experts, mlp),
         down_blocks=P(experts, None, mlp, None), down_scales=P(experts, None, mlp), down_bias=P(experts, None),
     )
-    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, specs), out_specs=rows,
-                         check_vma=False)(x, weights, indices, w)

@@ -34,7 +34,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--moe-backend", choices=(AUTO, *MOE_BACKENDS), default=AUTO,
                        help="how tokens reach their experts (auto: by platform and size)")
     group.add_argument("--kernels", choices=(AUTO, *KERNEL_PATHS), default=AUTO,
-                       help="Pallas kernels or XLA (auto: the kernels on a GPU, XLA elsewhere)")
+                       help="Pallas kernels or XLA (auto: on a GPU each kernel where it compiles, else XLA with a "
+                            "warning; XLA elsewhere; pallas: the kernels or an error)")
     group.add_argument("--execution", choices=(AUTO, *EXECUTIONS), default=AUTO,
                        help="one jitted program, or each block a program of its own (auto: layerwise for a "
                             "model of 4 GiB or more on a CPU host)")

@@ -9,8 +9,10 @@ A checkpoint fixes the architecture (`GptOssConfig`); how it runs is this object
                   the expert product; "dense": decoded once, at load time
     moe_backend   how tokens reach their experts (`hmoe_jax.model.moe`): "dense", "ragged", "grouped", or
                   "auto" (chosen per call from the platform and the sizes)
-    kernels       "xla", "pallas" (the Pallas kernels, compiled on a GPU) or "interpret" (the kernels in
-                  Pallas interpret mode: tests and debugging)
+    kernels       "xla"; "pallas": the Pallas kernels (compiled on a GPU), failing loudly where one does not
+                  compile; "pallas-or-xla": each kernel where it compiles for the device, the XLA path with
+                  one warning where it does not; "interpret": the kernels in Pallas interpret mode (tests
+                  and debugging)
     execution     "program": one jitted program for a whole forward (XLA schedules across layers), or
                   "layerwise": the embedding, each kind of block and the head compiled as programs of
                   their own and run one after another from Python (compiles in seconds, in little memory)
@@ -24,7 +26,8 @@ the checkpoint, following the checkpoint as `transformers`' `torch_dtype="auto"`
   cost 2 bytes whatever the compute dtype (lossless: widening bfloat16 to float32 is exact);
 - experts: packed when the checkpoint stores MXFP4 experts (a quarter of bfloat16's bytes; the decode
   is bit-exact), dense otherwise;
-- kernels: "pallas" on a GPU, "xla" elsewhere;
+- kernels: "pallas-or-xla" on a GPU (the kernels have not been run on every GPU, driver and Triton: a
+  kernel that does not compile must cost speed, not the run), "xla" elsewhere;
 - execution: "layerwise" on a host CPU for a model of `LAYERWISE_MIN_PARAM_BYTES` or more (compiling the
   20b's 24 unrolled layers as one program took ~2.5 GiB beside its 12.8 GiB of weights, and ~100 s),
   "program" otherwise.
@@ -46,7 +49,7 @@ AUTO = "auto"
 COMPUTE_DTYPES = ("float32", "bfloat16")
 EXPERT_STORAGE = ("packed", "dense")
 MOE_BACKENDS = ("dense", "ragged", "grouped")
-KERNEL_PATHS = ("xla", "pallas", "interpret")
+KERNEL_PATHS = ("xla", "pallas", "pallas-or-xla", "interpret")
 EXECUTIONS = ("program", "layerwise")
 # From this many bytes of parameters, a host CPU runs the blocks as programs of their own ("layerwise").
 LAYERWISE_MIN_PARAM_BYTES = 4 << 30
@@ -136,7 +139,7 @@ class RunOptions:
         if self.experts == AUTO:
             changes["experts"] = "packed" if mxfp4_source else "dense"
         if self.kernels == AUTO:
-            changes["kernels"] = "pallas" if platform == "gpu" else "xla"
+            changes["kernels"] = "pallas-or-xla" if platform == "gpu" else "xla"
         if self.execution == AUTO and param_bytes is not None:
             changes["execution"] = "layerwise" if host and param_bytes >= LAYERWISE_MIN_PARAM_BYTES else "program"
         return self.replace(**changes) if changes else self
