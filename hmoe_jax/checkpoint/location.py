@@ -59,13 +59,14 @@ def _offline() -> bool:
 
 
 def resolve_checkpoint(name: str | os.PathLike, revision: str | None = None) -> Path:
-    """The local path of a checkpoint named by a path or a hub id (see the module doc). A path that
-    exists is used as it is; a hub id comes from the cache, downloaded first unless `HF_HUB_OFFLINE=1`."""
+    """The local path of a checkpoint named by a path or a hub id (see the module doc), absolute. A path
+    that exists is used as it is; a hub id comes from the cache, downloaded first unless `HF_HUB_OFFLINE=1`."""
     path = Path(name).expanduser()
     if path.exists() or not _HUB_ID.match(str(name)) or str(name).startswith(("./", "../", "~")):
-        if revision is not None and not path.exists():
-            raise FileNotFoundError(f"checkpoint path does not exist: {path} (a revision applies to hub ids)")
-        return path
+        if revision is not None:
+            raise FileNotFoundError(f"{path}: a revision ({revision}) applies to hub ids, not to local paths"
+                                    if path.exists() else f"checkpoint path does not exist: {path}")
+        return path.absolute()  # unaffected by a later change of working directory
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -79,8 +80,8 @@ def resolve_checkpoint(name: str | os.PathLike, revision: str | None = None) -> 
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
         mode = "HF_HUB_OFFLINE=1" if _offline() else "the hub could not be reached or refused it"
         raise CheckpointError(
-            f"{name}: neither a local path nor a hub repository in the cache {cache} "
-            f"({mode}; revision {revision or 'main'}): {type(e).__name__}: {e}") from None
+            f"{name}: no local path {path.absolute()}, and the hub repository {repo_id} is not in the cache "
+            f"{cache} ({mode}; revision {revision or 'main'}): {type(e).__name__}: {e}") from None
     return snapshot / subfolder if subfolder else snapshot
 
 
