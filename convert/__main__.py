@@ -9,9 +9,9 @@ the file and key; nothing is left at DST), 2 on a usage error.
 import argparse
 import signal
 import sys
-from pathlib import Path
 
 from hmoe_jax.checkpoint import convert
+from hmoe_jax.runtime.files import user_path
 
 
 def _parser():
@@ -23,7 +23,7 @@ def _parser():
     parser.add_argument("src", help="HF checkpoint dir or hub id (openai/gpt-oss-20b), OpenAI original/ dir (or its "
                                     "parent), probe .pt; with --to hf: a converted Flax checkpoint")
     parser.add_argument("--revision", default=None, help="with a hub id as SRC: the branch, tag or commit")
-    parser.add_argument("dst", type=Path, help="output directory (written atomically)")
+    parser.add_argument("dst", type=user_path, help="output directory (written atomically)")
     parser.add_argument("--to", choices=("flax", "hf"), default="flax", help="output format (default %(default)s)")
     parser.add_argument("--keep-mxfp4", action="store_true",
                         help="keep MXFP4 experts packed; they are decoded inside the jitted forward")

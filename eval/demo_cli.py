@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from hmoe_jax.runtime import arguments
+from hmoe_jax.runtime.files import user_path
 
 
 def main(argv=None) -> int:
@@ -29,7 +30,7 @@ def main(argv=None) -> int:
                                 epilog="example: python -m eval demo --out demo_out --n-train 600 --n-eval 100")
     p.add_argument("--model", help="a gpt-oss checkpoint directory (HF, original/ or converted) or hub id; "
                                               "default: build a small random one")
-    p.add_argument("--out", type=Path, default=Path("demo_out"))
+    p.add_argument("--out", type=user_path, default=Path("demo_out"))
     p.add_argument("--layer", type=int,
                    help=f"hidden-state layer (default {DEMO_LAYER} for the demo model, 12 otherwise)")
     p.add_argument("--epochs", type=int,

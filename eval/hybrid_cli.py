@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from hmoe_jax.runtime import arguments, distributed
+from hmoe_jax.runtime.files import user_path
 
 
 def main(argv=None) -> int:
@@ -24,14 +24,16 @@ def main(argv=None) -> int:
                                        "--data data/eval.json --out results")
     p.add_argument("--model", required=True,
                    help="checkpoint directory (HF or converted), with tokenizer.json, or hub id (openai/gpt-oss-20b)")
-    p.add_argument("--probes", required=True, help="a run directory of `python -m train probes`")
-    p.add_argument("--data", required=True, help="eval.json")
-    p.add_argument("--train", help="train.json for the constant-predictor baseline (default: regenerated, seed 42)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--probes", type=user_path, required=True, help="a run directory of `python -m train probes`")
+    p.add_argument("--data", type=user_path, required=True, help="eval.json")
+    p.add_argument("--train", type=user_path,
+                   help="train.json for the constant-predictor baseline (default: regenerated, seed 42)")
+    p.add_argument("--out", type=user_path, required=True)
     p.add_argument("--batch-size", type=int, default=None,
                    help="prompts per forward, a multiple of the data devices (default: 8, rounded up to one)")
-    p.add_argument("--hybrid-params", help="a run directory of `python -m train hybrid`: its trained router rows and "
-                                           "projections replace the initial ones")
+    p.add_argument("--hybrid-params", type=user_path,
+                   help="a run directory of `python -m train hybrid`: its trained router rows and projections "
+                        "replace the initial ones")
     p.add_argument("--overwrite", action="store_true")
     arguments.add_model_options(p)
     arguments.add_mesh_arguments(p)
@@ -56,5 +58,5 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if info.is_coordinator:
-        print((Path(args.out).expanduser() / "report.md").read_text())
+        print((args.out / "report.md").read_text())
     return 0

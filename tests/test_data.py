@@ -124,9 +124,10 @@ def test_cli_refuses_to_overwrite_without_flag(tmp_path, capsys):
     assert not (tmp_path / "eval.json").exists()
 
 
-def test_cli_overwrites_with_flag(tmp_path):
+def test_cli_overwrites_with_flag(tmp_path, monkeypatch):
     (tmp_path / "train.json").write_text("stale")
-    argv = ["--out", str(tmp_path), "--seed", "7", "--n-train", "2", "--n-eval", "3", "--overwrite"]
+    monkeypatch.chdir(tmp_path.parent)
+    argv = ["--out", tmp_path.name, "--seed", "7", "--n-train", "2", "--n-eval", "3", "--overwrite"]
     assert data_main(argv) == 0
     assert len(data.load_scenarios(tmp_path / "train.json")) == 2
     assert [s["id"] for s in data.load_scenarios(tmp_path / "eval.json")] == [

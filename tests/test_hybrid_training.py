@@ -7,6 +7,7 @@ what is checked is the training machinery, not the quality of the probes.
 import dataclasses
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -275,14 +276,16 @@ def test_non_finite_loss_stops_naming_the_step_and_writes_nothing_more(setup, tm
 
 
 @pytest.mark.slow
-def test_cli_trains_evaluates_before_and_after_and_eval_hybrid_loads_the_trained_params(setup, tmp_path, capsys):
+def test_cli_trains_evaluates_before_and_after_and_eval_hybrid_loads_the_trained_params(setup, tmp_path, capsys,
+                                                                                       monkeypatch):
     from eval import hybrid_cli
     from train import hybrid_cli as train_cli
 
     out = tmp_path / "run"
-    argv = ["--model", str(setup["ckpt"]), "--probes", str(setup["probes"]), "--data", str(setup["train"]),
-            "--out", str(out), "--epochs", "8", "--lr", "3e-2", "--batch-size", "4", "--bucket", "256",
-            "--checkpoint-every", "2", "--n-generate", "2"]
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", os.path.relpath(setup["ckpt"]), "--probes", os.path.relpath(setup["probes"]), "--data",
+            os.path.relpath(setup["train"]), "--out", "run", "--epochs", "8", "--lr", "3e-2", "--batch-size", "4",
+            "--bucket", "256", "--checkpoint-every", "2", "--n-generate", "2"]
     assert train_cli.main(argv) == 0
     report = capsys.readouterr().out
     assert "answer-token cross-entropy" in report and "generated answer" in report and "routed to dscr" in report
@@ -308,8 +311,10 @@ def test_cli_trains_evaluates_before_and_after_and_eval_hybrid_loads_the_trained
     ("missing data", "no such data file"),
     ("bad lr", "learning_rate"),
 ])
-def test_cli_refuses_bad_input_before_writing(setup, tmp_path, capsys, case, match):
+def test_cli_refuses_bad_input_before_writing(setup, tmp_path, capsys, monkeypatch, case, match):
     from train import hybrid_cli as train_cli
+
+    monkeypatch.chdir(tmp_path)  # every path relative to the working directory
 
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
@@ -324,8 +329,8 @@ def test_cli_refuses_bad_input_before_writing(setup, tmp_path, capsys, case, mat
         args["--data"] = tmp_path / "absent.json"
     else:
         extra = ["--lr", "-1"]
-    argv = [str(x) for kv in args.items() for x in kv] + extra
-    assert train_cli.main(argv) == 1
+    argv = [x if x.startswith("--") else os.path.relpath(x, tmp_path) for kv in args.items() for x in map(str, kv)]
+    assert train_cli.main(argv + extra) == 1
     assert match in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 

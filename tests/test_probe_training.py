@@ -275,11 +275,12 @@ def test_bad_inputs_are_refused_with_a_clear_error_and_nothing_written(finished_
     assert snapshot(run) == before
 
 
-def test_router_classifier_separates_cre_prompts_from_negatives(tmp_path):
-    positives = write_store(tmp_path / "pos", 60, seed=1)
-    negatives = write_store(tmp_path / "neg", 30, kind="router_negatives", seed=2, shift=1.5)
+def test_router_classifier_separates_cre_prompts_from_negatives(tmp_path, monkeypatch):
+    write_store(tmp_path / "pos", 60, seed=1)
+    write_store(tmp_path / "neg", 30, kind="router_negatives", seed=2, shift=1.5)
     run = tmp_path / "router"
-    assert router_main(["--store", str(positives.path), "--negatives", str(negatives.path), "--out", str(run),
+    monkeypatch.chdir(tmp_path)  # relative paths, as a user types them
+    assert router_main(["--store", "pos", "--negatives", "neg", "--out", "router",
                         "--epochs", "30", "--folds", "2", "--seeds", "1", "--checkpoint-every", "30"]) == 0
     results = json.loads((run / probe_training.RESULTS_FILE).read_text())
     assert results["metric"] == "balanced_accuracy"

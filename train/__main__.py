@@ -6,7 +6,7 @@
     router      train the router classifier on CRE features against negative features
     hybrid      train the hybrid layer's router rows and projections end to end (frozen model and probes)
 
-Each stage's module is imported only when asked for, so `train data` never loads JAX.
+Each stage's module is imported only when asked for.
 """
 
 import importlib

@@ -5,9 +5,9 @@ so `--seed 42` writes train from seed 42 and eval from seed 43.
 """
 
 import argparse
-from pathlib import Path
 
 from hmoe_jax.data import scenarios as data
+from hmoe_jax.runtime.files import user_path
 
 
 def _parser():
@@ -17,7 +17,7 @@ def _parser():
         epilog="example: python -m train data --out data",
     )
     parser.add_argument(
-        "--out", type=Path, required=True, help="directory for train.json and eval.json"
+        "--out", type=user_path, required=True, help="directory for train.json and eval.json"
     )
     parser.add_argument(
         "--seed",

@@ -13,9 +13,9 @@ and .png; checkpoints go to OUT/checkpoints, so an interrupted run resumes where
 
 import argparse
 import sys
-from pathlib import Path
 
 from hmoe_jax.runtime import arguments
+from hmoe_jax.runtime.files import user_path
 
 
 def _parser():
@@ -24,15 +24,15 @@ def _parser():
                                        "--data data/train.json --out hybrid")
     p.add_argument("--model", required=True,
                    help="checkpoint directory (HF or converted), with tokenizer.json, or hub id (openai/gpt-oss-20b)")
-    p.add_argument("--probes", type=Path, required=True, help="a run directory of `python -m train probes`")
-    p.add_argument("--data", type=Path, required=True, help="training scenarios (train.json)")
-    p.add_argument("--eval", type=Path, default=None,
+    p.add_argument("--probes", type=user_path, required=True, help="a run directory of `python -m train probes`")
+    p.add_argument("--data", type=user_path, required=True, help="training scenarios (train.json)")
+    p.add_argument("--eval", type=user_path, default=None,
                    help="held-out scenarios (default: eval.json beside --data)")
     p.add_argument("--n-eval", type=int, default=200, help="held-out scenarios used (the first N; default 200)")
     p.add_argument("--n-train", type=int, default=None, help="use only the first N training scenarios")
     p.add_argument("--n-generate", type=int, default=32,
                    help="held-out scenarios answered by greedy generation before and after (default 32; 0: none)")
-    p.add_argument("--out", type=Path, required=True, help="run directory")
+    p.add_argument("--out", type=user_path, required=True, help="run directory")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-2,
                    help="AdamW peak learning rate, cosine-decayed to a tenth (default 1e-2: at 1e-3 the demo model's "

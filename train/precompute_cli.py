@@ -12,9 +12,9 @@ Multi-host: start the same command on every host with --coordinator-address, --n
 
 import argparse
 import sys
-from pathlib import Path
 
 from hmoe_jax.runtime import arguments, distributed
+from hmoe_jax.runtime.files import user_path
 
 
 def _parser():
@@ -24,12 +24,12 @@ def _parser():
     parser.add_argument("--model", required=True,
                         help="checkpoint directory (with tokenizer.json) or hub id (openai/gpt-oss-20b)")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", type=Path, help="data set file (train.json or eval.json)")
+    source.add_argument("--data", type=user_path, help="data set file (train.json or eval.json)")
     source.add_argument("--router-negatives", action="store_true",
                         help="the library's fixed non-computational prompts (router classifier negatives)")
     parser.add_argument("--layer", type=int, nargs="+", required=True,
                         help="hidden_states index (or indices) to store; 12 in the paper")
-    parser.add_argument("--out", type=Path, required=True, help="feature store directory")
+    parser.add_argument("--out", type=user_path, required=True, help="feature store directory")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="prompts per forward (default 8 per data device)")
     parser.add_argument("--bucket", type=int, default=32, help="padded lengths are multiples of this (default 32)")

@@ -13,9 +13,9 @@ devices and process 0 writes the reports. See README.md.
 
 import argparse
 import sys
-from pathlib import Path
 
 from hmoe_jax.runtime import arguments
+from hmoe_jax.runtime.files import user_path
 
 
 def add_protocol_options(parser):
@@ -30,7 +30,7 @@ def add_protocol_options(parser):
     parser.add_argument("--validation-fraction", type=float, default=0.1,
                         help="share of each fold's training scenarios held out to choose the seed (default 0.1)")
     parser.add_argument("--checkpoint-every", type=int, default=10, help="epochs between checkpoints (default 10)")
-    parser.add_argument("--expect-model", type=Path, default=None,
+    parser.add_argument("--expect-model", type=user_path, default=None,
                         help="checkpoint the store must come from (refused otherwise)")
     parser.add_argument("--mesh-tensor", type=int, default=1,
                         help="devices splitting each member's minibatch; the rest split the ensemble (default 1)")
@@ -52,8 +52,8 @@ def protocol_settings(args) -> dict:
 def _parser():
     parser = argparse.ArgumentParser(prog="python -m train probes", description=__doc__.split("\n\n")[0],
                                      epilog="example: python -m train probes --store store --out probes --epochs 20")
-    parser.add_argument("--store", type=Path, required=True, help="feature store of a data set (train precompute)")
-    parser.add_argument("--out", type=Path, required=True, help="run directory")
+    parser.add_argument("--store", type=user_path, required=True, help="feature store of a data set (train precompute)")
+    parser.add_argument("--out", type=user_path, required=True, help="run directory")
     add_protocol_options(parser)
     parser.add_argument("--experts", nargs="+", default=None,
                         help="experts to train probes for (default: dscr ltv cap_rate debt_yield)")

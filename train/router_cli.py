@@ -10,8 +10,8 @@ balanced accuracy. Writes RUN/accuracy.md, RUN/results.json, RUN/curves.png and 
 
 import argparse
 import sys
-from pathlib import Path
 
+from hmoe_jax.runtime.files import user_path
 from train.probes_cli import add_protocol_options, protocol_settings, store_choice
 
 
@@ -19,9 +19,9 @@ def _parser():
     parser = argparse.ArgumentParser(prog="python -m train router", description=__doc__.split("\n\n")[0],
                                      epilog="example: python -m train router --store store --negatives neg_store "
                                             "--out router")
-    parser.add_argument("--store", type=Path, required=True, help="feature store of a data set (positives)")
-    parser.add_argument("--negatives", type=Path, required=True, help="feature store of the router negatives")
-    parser.add_argument("--out", type=Path, required=True, help="run directory")
+    parser.add_argument("--store", type=user_path, required=True, help="feature store of a data set (positives)")
+    parser.add_argument("--negatives", type=user_path, required=True, help="feature store of the router negatives")
+    parser.add_argument("--out", type=user_path, required=True, help="run directory")
     add_protocol_options(parser)
     return parser
 
