@@ -6,7 +6,9 @@ Uses (or writes, with make_synthetic_checkpoint.py) the random full-size 20b HF 
 WORK_DIR/hf (MXFP4 experts, bf16 elsewhere, like gpt-oss-20b), and a BPE tokenizer beside it. Every part
 runs in a process of its own, so the peak RSS reported is that part's own. The defaults follow the
 checkpoint (`RunOptions`): MXFP4 experts packed, bf16 weights as stored, float32 compute on the CPU,
-and, the model being over 4 GiB on a CPU host, each block a jitted program of its own.
+and, the model being over 4 GiB on a CPU host, each block a jitted program of its own. Each library part
+first calls `runtime.host.configure_host_memory()`, as the README asks of a library user on a CPU host
+(the commands call it themselves).
 
 Library parts (timed inside; each runs twice, from an empty and from a warm compile cache):
 - precompute: `training.precompute.precompute_features` on the first N prompts of the data set, layer
@@ -298,6 +300,10 @@ def main() -> int:
     args.work_dir = args.work_dir.resolve()
     sys.path.insert(0, str(REPO))
     if args.child:
+        if args.child in CHILDREN:  # as a library user on a CPU host does, before JAX starts (README)
+            from hmoe_jax.runtime.host import configure_host_memory
+
+            configure_host_memory()
         print("RESULT " + json.dumps(_child(args)))
         return 0
 
