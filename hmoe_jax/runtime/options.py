@@ -20,8 +20,10 @@ A checkpoint fixes the architecture (`GptOssConfig`); how it runs is this object
 Every field may be "auto" when asked for. `resolved` replaces each "auto" by what fits the platform and
 the checkpoint, following the checkpoint as `transformers`' `torch_dtype="auto"` does:
 
-- dtype: float32 on a host CPU, where XLA's bfloat16 dots measured slower than float32
-  (`bench/bench_dtypes.py`); on an accelerator the checkpoint's own dtype (bfloat16 for gpt-oss);
+- dtype: float32 on a host CPU, where XLA's bfloat16 dots run 1.35-1.5x slower than float32 and a whole
+  gpt-oss-20b block only 5-10% faster in bfloat16 (`bench/results/dtypes.md`): too little to give up
+  float32's exactness, the parity oracle; on an accelerator the checkpoint's own dtype (bfloat16 for
+  gpt-oss);
 - param_dtype "auto" stays "auto": the loader keeps each tensor's stored dtype, so bfloat16 weights
   cost 2 bytes whatever the compute dtype (lossless: widening bfloat16 to float32 is exact);
 - experts: packed when the checkpoint stores MXFP4 experts (a quarter of bfloat16's bytes; the decode
