@@ -126,18 +126,31 @@ def test_doctor_reports_the_paths_the_checks_and_the_fit(checkpoint, tmp_path, m
     report = json.loads((checkpoint.parent / "doctor_out" / "doctor.json").read_text())
     assert report["ok"] and report["environment"]["backend"] == "cpu"
     assert report["environment"]["devices"][0]["memory_bytes"] > 0
-    assert report["kernel_paths"] == {"sink_attention": "xla", "expert_ffn_mxfp4": "xla"}
+    assert report["kernel_paths"] == {"sink_attention": "xla", "expert_ffn_mxfp4": "xla", "expert_ffn_mxfp4_cpu": "xla"}
     shapes = {c["shapes"] for c in report["checks"]}
     assert shapes == {"tiny", "gpt-oss-20b", "checkpoint"}
-    assert all(not c["compiles"] and "interpret mode" in c["compile_error"] for c in report["checks"])
-    tiny = [c for c in report["checks"] if c["shapes"] == "tiny"]
+    pallas = [c for c in report["checks"] if c["kernel"] != "expert_ffn_mxfp4_cpu"]
+    assert all(not c["compiles"] and "interpret mode" in c["compile_error"] for c in pallas)
+    tiny = [c for c in pallas if c["shapes"] == "tiny"]
     assert tiny and all(c["agrees"] and c["interpreted"] for c in tiny)
+    cpu_kernel = [c for c in report["checks"] if c["kernel"] == "expert_ffn_mxfp4_cpu"]  # built and run here
+    assert {c["shapes"] for c in cpu_kernel} == shapes and all(c["compiles"] and c["agrees"] for c in cpu_kernel)
     assert report["checkpoint"]["fits_one_device"] is True and report["checkpoint"]["parameter_bytes"] > 0
     text = capsys.readouterr().out
     assert "sink_attention" in text and "fits" in text
     # Under the GPU default the path is the XLA one, as the kernels do not compile here.
     auto_on_gpu = doctor.run_doctor(options=hmoe_jax.RunOptions(kernels="pallas-or-xla"), shape_sets=("tiny",))
-    assert auto_on_gpu.ok and set(auto_on_gpu.kernel_paths.values()) == {"xla (the kernel does not compile here)"}
+    pallas_paths = lambda report: {v for k, v in report.kernel_paths.items() if k != "expert_ffn_mxfp4_cpu"}  # noqa: E731
+    assert auto_on_gpu.ok and pallas_paths(auto_on_gpu) == {"xla (the kernel does not compile here)"}
+    assert auto_on_gpu.kernel_paths["expert_ffn_mxfp4_cpu"] == "not used (kernels=pallas-or-xla)"
+    # The CPU default for the 20b (no checkpoint named: judged at gpt-oss-20b's size): the C++ kernel.
+    on_cpu = doctor.run_doctor(shape_sets=("tiny",))
+    assert on_cpu.ok and on_cpu.options["kernels"] == "xla"  # judged at the tiny config's size
+    native = doctor.run_doctor(options=hmoe_jax.RunOptions(kernels="native"), shape_sets=("tiny",))
+    assert native.ok and native.kernel_paths == {"sink_attention": "xla (no CPU kernel)",
+                                                 "expert_ffn_mxfp4": "not used (kernels=native)",
+                                                 "expert_ffn_mxfp4_cpu": "native"}
+    assert all(c.agrees for c in native.checks if c.kernel == "expert_ffn_mxfp4_cpu")
     # "pallas" asked for runs the kernels interpreted on a CPU: no problem. On a GPU where they do not
     # compile (simulated: the platform reads "gpu", and compiled kernels cannot lower here), a run would
     # fail: a problem, exit status 1.
@@ -145,7 +158,7 @@ def test_doctor_reports_the_paths_the_checks_and_the_fit(checkpoint, tmp_path, m
     assert "pallas, interpreted" in capsys.readouterr().out
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     failing = doctor.run_doctor(options=hmoe_jax.RunOptions(kernels="pallas"), shape_sets=("tiny",))
-    assert not failing.ok and set(failing.kernel_paths.values()) == {"pallas: FAILS (does not compile here)"}
+    assert not failing.ok and pallas_paths(failing) == {"pallas: FAILS (does not compile here)"}
     assert all("does not compile here: a run would fail" in p for p in failing.problems)
 
 

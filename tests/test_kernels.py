@@ -6,8 +6,9 @@ IR, MLIR-verified) to pin that they compile there. Shapes are small: interpret m
 
 The model's wiring is tested the same way: with the kernels forced (`RunOptions.kernels="interpret"`),
 whole forwards of a packed-MXFP4 model (left padding, sliding and full layers, jitted, on an 8-device
-mesh), generation and gradients equal the XLA path; "auto" picks Pallas on a (mocked) GPU platform and
-XLA on CPU; and the wired forward lowers to Triton calls for CUDA.
+mesh), generation and gradients equal the XLA path, and so do they through the C++ CPU kernel
+(`RunOptions.kernels="native"`, tested on its own in test_cpu_kernel.py); "auto" picks Pallas on a
+(mocked) GPU platform and the CPU kernel on CPU; and the wired forward lowers to Triton calls for CUDA.
 
 Tolerances (fp32):
 - attention and the whole MoE: max |kernel - XLA| <= 1e-5 * max |XLA| (the online softmax rescales in
@@ -282,12 +283,14 @@ def test_moe_pallas_matches_packed_experts_xla_path(tokens, experts, top_k):
 # ----------------------------------------------------------------------------------- selection, lowering
 
 
-def test_auto_picks_the_kernels_on_a_gpu_and_xla_elsewhere():
+def test_auto_picks_pallas_on_a_gpu_the_cpu_kernel_for_a_large_model_on_a_cpu_and_xla_elsewhere():
     assert kernels.available() == (jax.default_backend() == "gpu")
     assert RunOptions().resolved(platform="gpu").kernels == "pallas-or-xla"
-    assert RunOptions().resolved(platform="cpu").kernels == "xla"
     assert RunOptions().resolved(platform="tpu").kernels == "xla"
-    for mode in ("xla", "pallas", "pallas-or-xla", "interpret"):  # an explicit choice is kept on every platform
+    assert RunOptions().resolved(platform="cpu").kernels == "auto"  # needs the model's size
+    assert RunOptions().resolved(platform="cpu", param_bytes=12 << 30).kernels == "native-or-xla"
+    assert RunOptions().resolved(platform="cpu", param_bytes=1 << 20).kernels == "xla"
+    for mode in run_options.KERNEL_PATHS:  # an explicit choice is kept on every platform
         assert RunOptions(kernels=mode).resolved(platform="gpu").kernels == mode
         assert RunOptions(kernels=mode).resolved(platform="cpu").kernels == mode
     for bad in ("triton", "gpu"):
@@ -415,18 +418,27 @@ def assert_forward_equal(out, ref, where):
         assert err <= FP32_REL, f"hidden_states[{i}]: {err:.3g}"
 
 
-def test_model_forward_through_the_kernels_equals_xla(packed_model, monkeypatch):
+# Each kernel path of the model: the Pallas kernels (interpret mode) and the C++ CPU kernel.
+MODES = ("interpret", "native")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_model_forward_through_the_kernels_equals_xla(packed_model, monkeypatch, mode):
     """A packed-MXFP4 model from an MXFP4 checkpoint, jitted (`model(...)`), a left-padded batch: the
-    forward with both kernels (interpret mode) equals the XLA path, sliding and full layers alike. The
-    kernel choice is part of the compiled program's key: the second call traces the kernels anew."""
+    forward through the kernels (both Pallas kernels in interpret mode; the CPU kernel for the MoE)
+    equals the XLA path, sliding and full layers alike. The kernel choice is part of the compiled
+    program's key: the second call traces the kernels anew."""
     ids, mask = left_padded(0, 3, 11, MODEL_CONFIG["vocab_size"], [11, 7, 2])
     attention_calls = count_calls(monkeypatch, kernel_dispatch, "attention")
     moe_calls = count_calls(monkeypatch, kernel_dispatch, "packed_moe")
-    ref = packed_model(ids, mask, output_hidden_states=True)
-    assert attention_calls == moe_calls == []  # CPU default: XLA
-    with packed_model.using(kernels="interpret"):
+    native_calls = count_calls(monkeypatch, kernel_dispatch, "moe_packed_native")
+    with packed_model.using(kernels="xla"):
+        ref = packed_model(ids, mask, output_hidden_states=True)
+    assert attention_calls == moe_calls == []
+    with packed_model.using(kernels=mode):
         out = packed_model(ids, mask, output_hidden_states=True)
-    assert len(attention_calls) == len(moe_calls) == 2
+    assert len(moe_calls) == len(attention_calls) == 2  # (the native mode has no attention kernel: XLA runs it)
+    assert len(native_calls) == (2 if mode == "native" else 0)
     assert_forward_equal(out, ref, mask == 1)
     # Padded positions see no key: exactly zero attention on both paths, so no NaN anywhere.
     assert np.isfinite(np.asarray(out.logits)).all()
@@ -434,7 +446,7 @@ def test_model_forward_through_the_kernels_equals_xla(packed_model, monkeypatch)
 
 def test_the_kernel_path_is_the_models_own_option(mxfp4_checkpoint, monkeypatch):
     """`from_pretrained(kernels=...)` fixes the path for that model; "auto" traces the kernels on a
-    (mocked) GPU platform and XLA on CPU; `set_options` switches a loaded model. Checked on the traced
+    (mocked) GPU platform, not on CPU; `set_options` switches a loaded model. Checked on the traced
     program (no execution)."""
     import hmoe_jax
 
@@ -449,7 +461,7 @@ def test_the_kernel_path_is_the_models_own_option(mxfp4_checkpoint, monkeypatch)
     forced = hmoe_jax.from_pretrained(mxfp4_checkpoint, experts="packed", kernels="interpret")
     auto_on_cpu = hmoe_jax.from_pretrained(mxfp4_checkpoint, experts="packed")
     assert pallas_calls(xla_model) == 0 and pallas_calls(forced) > 0
-    assert pallas_calls(auto_on_cpu) == 0
+    assert pallas_calls(auto_on_cpu) == 0 and auto_on_cpu.options.kernels == "xla"  # a small model
     monkeypatch.setattr(run_options, "default_platform", lambda: "gpu")
     auto_on_gpu = hmoe_jax.from_pretrained(mxfp4_checkpoint, experts="packed")
     assert auto_on_gpu.options.kernels == "pallas-or-xla"
@@ -463,7 +475,8 @@ def test_the_kernel_path_is_the_models_own_option(mxfp4_checkpoint, monkeypatch)
         hmoe_jax.from_pretrained(mxfp4_checkpoint, kernels="cuda")
 
 
-def test_model_forward_through_the_kernels_on_an_8_device_mesh(mxfp4_checkpoint, packed_model):
+@pytest.mark.parametrize("mode", MODES)
+def test_model_forward_through_the_kernels_on_an_8_device_mesh(mxfp4_checkpoint, packed_model, mode):
     """Sharded (data 2 x expert 2 x tensor 2) and under `jax.set_mesh`, the kernels run per shard
     (`shard_map`: batch and heads for attention; tokens, experts and the intermediate width for the
     MoE, partial sums reduced) and equal the single-device XLA forward."""
@@ -471,7 +484,7 @@ def test_model_forward_through_the_kernels_on_an_8_device_mesh(mxfp4_checkpoint,
 
     assert len(jax.devices()) == 8, "conftest sets --xla_force_host_platform_device_count=8"
     mesh = hmoe_jax.make_mesh(data=2, expert=2, tensor=2)
-    sharded = hmoe_jax.from_pretrained(mxfp4_checkpoint, experts="packed", mesh=mesh, kernels="interpret")
+    sharded = hmoe_jax.from_pretrained(mxfp4_checkpoint, experts="packed", mesh=mesh, kernels=mode)
     experts = sharded.layers[0].mlp.experts
     assert experts.gate_up_proj_blocks[...].sharding.spec[:2] == ("expert", "tensor")
     ids, mask = left_padded(2, 4, 9, MODEL_CONFIG["vocab_size"], [9, 3, 6, 9])
@@ -480,23 +493,27 @@ def test_model_forward_through_the_kernels_on_an_8_device_mesh(mxfp4_checkpoint,
         out = sharded(jax.device_put(jnp.asarray(ids), batch), jax.device_put(jnp.asarray(mask), batch),
                       output_hidden_states=True)
     assert len(out.logits.sharding.device_set) == 8
-    ref = packed_model(ids, mask, output_hidden_states=True)
+    with packed_model.using(kernels="xla"):
+        ref = packed_model(ids, mask, output_hidden_states=True)
     assert_forward_equal(out, ref, mask == 1)
 
 
-def test_generate_with_the_kernels_equals_xla(packed_model):
-    """Prefill through both kernels, decode steps through the MoE kernel (attention over the cache stays
+@pytest.mark.parametrize("mode", MODES)
+def test_generate_with_the_kernels_equals_xla(packed_model, mode):
+    """Prefill through the kernels, decode steps through the MoE kernel (attention over the cache stays
     XLA): the same greedy tokens after left-padded prompts, the window wrapping."""
     from hmoe_jax.model.generate import generate
 
     ids, mask = left_padded(3, 2, 6, MODEL_CONFIG["vocab_size"], [6, 3])
-    ref = np.asarray(generate(packed_model, ids, mask, max_new_tokens=5))
-    with packed_model.using(kernels="interpret"):
+    with packed_model.using(kernels="xla"):
+        ref = np.asarray(generate(packed_model, ids, mask, max_new_tokens=5))
+    with packed_model.using(kernels=mode):
         out = np.asarray(generate(packed_model, ids, mask, max_new_tokens=5))
     np.testing.assert_array_equal(out, ref)
 
 
-def test_packed_experts_skip_out_of_range_slots_like_xla():
+@pytest.mark.parametrize("mode", MODES)
+def test_packed_experts_skip_out_of_range_slots_like_xla(mode):
     """The hybrid layer hands the experts index E (a deterministic slot) with weight 0: the kernel path
     skips it as the XLA backends do."""
     cfg = moe_config(hidden=64, intermediate=64, experts=4, top_k=3)
@@ -508,12 +525,13 @@ def test_packed_experts_skip_out_of_range_slots_like_xla():
     deterministic = jnp.asarray(rng.random((9, 3)) < 0.3)
     weights, indices = jnp.where(deterministic, 0.0, weights), jnp.where(deterministic, 4, indices)
     ref = jax.jit(lambda *args: module(*args))(x, weights, indices)
-    module.options = module.options.replace(kernels="interpret")
+    module.options = module.options.replace(kernels=mode)
     out = jax.jit(lambda *args: module(*args))(x, weights, indices)
     assert rel_err(out, ref) <= FP32_REL
 
 
-def test_gradients_through_the_kernels_equal_xla(packed_model):
+@pytest.mark.parametrize("mode", MODES)
+def test_gradients_through_the_kernels_equal_xla(packed_model, mode):
     """The kernels run forward, the XLA path's VJP backward (`kernel_dispatch.with_reference_vjp`): gradients
     of a loss through one sliding-window block (attention, router, packed MoE) with respect to its input
     and every float parameter (projections, sinks, biases, router) equal the XLA path's."""
@@ -540,8 +558,9 @@ def test_gradients_through_the_kernels_equal_xla(packed_model):
             return jnp.sum(y * probe)
         return jax.grad(loss, argnums=(0, 1))(floats, x)
 
-    ref = grads(*nnx.split(layer, is_float, ...), x)
-    with packed_model.using(kernels="interpret"):
+    with packed_model.using(kernels="xla"):
+        ref = grads(*nnx.split(layer, is_float, ...), x)
+    with packed_model.using(kernels=mode):
         out = grads(*nnx.split(layer, is_float, ...), x)
     ref_leaves, out_leaves = jax.tree.leaves(ref), jax.tree.leaves(out)
     assert len(ref_leaves) == len(out_leaves) > 10

@@ -3,17 +3,18 @@
 The report holds:
 - the environment: JAX and jaxlib versions, the backend, every device with its memory;
 - the kernel path each kernel takes under the options asked for (`RunOptions.kernels`; "auto" is
-  "pallas-or-xla" on a GPU, "xla" elsewhere);
+  "pallas-or-xla" on a GPU, "native-or-xla" on a CPU for a model the size of gpt-oss-20b, "xla" elsewhere);
 - per kernel (flash sink attention, the MXFP4 expert matmul), at a tiny config's shapes, gpt-oss-20b's
   and the named checkpoint's, in float32 and bfloat16: whether it compiles for the default device on its
   own (compiled, never interpreted), and where it does, whether it agrees with the XLA path on random
   inputs (max |kernel - xla| / max |xla| within `TOLERANCE`); with `interpret`, the agreement is
   checked in Pallas interpret mode too (tiny shapes only: the interpreter is slow), which is how a CPU
-  checks the kernels' arithmetic;
+  checks the kernels' arithmetic; on a CPU backend, the C++ CPU kernel likewise (whether it builds, and
+  agreement on a few tokens);
 - whether the named checkpoint's parameters, as `from_pretrained` would hold them, fit one device.
 
-`Report.ok` is False on a kernel that compiles but disagrees with the XLA path, and where "pallas" is
-asked for explicitly and a kernel does not compile (a run would fail).
+`Report.ok` is False on a kernel that compiles but disagrees with the XLA path, and where "pallas" or
+"native" is asked for explicitly and a kernel does not compile (a run would fail).
 """
 
 from __future__ import annotations
@@ -38,15 +39,18 @@ from ..model import kernel_dispatch
 from ..model.config import GptOssConfig, load_config
 from ..model.layers import PackedExperts, attention_masks, sink_attention_xla
 from ..model.moe import SwiGLU, moe_packed_kernel
-from ..model.transformer import parameter_bytes
+from ..model.transformer import GptOssForCausalLM, parameter_bytes
 from ..runtime.files import user_path, write_json_atomically, write_text_atomically
-from ..runtime.options import RunOptions, matmul_precision
+from ..runtime.options import NATIVE, NATIVE_MODES, RunOptions, matmul_precision
 
 # Relative error bound (max |kernel - xla| / max |xla|) per compute dtype: float32 runs IEEE dots on both
 # paths, so only the summation order differs; bfloat16 rounds each product's inputs.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2}
 DTYPES = ("float32", "bfloat16")
-KERNELS = ("sink_attention", "expert_ffn_mxfp4")
+KERNELS = ("sink_attention", "expert_ffn_mxfp4", "expert_ffn_mxfp4_cpu")
+# Tokens the CPU kernel's check runs at gpt-oss-20b's shapes: the XLA reference decodes every routed
+# expert, which is slow on a CPU; a few tokens already route to most experts.
+CPU_CHECK_TOKENS = 16
 # Prompt positions (attention) and tokens (MoE) each check runs: the tiny config's, gpt-oss-20b's.
 SEQUENCE = {"tiny": 64, "gpt-oss-20b": 256}
 # A parameter set fits a device when it takes at most this share of its memory (the rest: activations,
@@ -250,6 +254,34 @@ def check_moe(config: GptOssConfig, shapes: str, dtype: str, tokens: int, *, int
     return check
 
 
+def check_moe_cpu(config: GptOssConfig, shapes: str, dtype: str, tokens: int) -> KernelCheck:
+    """The C++ CPU kernel (`hmoe_jax.kernels.cpu`): whether it builds and runs here (on a CPU backend), and
+    the whole MoE through it against the XLA path of the same packed experts."""
+    tokens = min(tokens, CPU_CHECK_TOKENS)
+    detail = (f"N={tokens}, E={config.num_local_experts}, k={config.num_experts_per_tok}, H={config.hidden_size}, "
+              f"I={config.intermediate_size}")
+    check = KernelCheck("expert_ffn_mxfp4_cpu", shapes, detail, dtype, None, bound=TOLERANCE[dtype])
+    with warnings.catch_warnings():  # the report says it; no warning besides
+        warnings.simplefilter("ignore", kernel_dispatch.KernelFallbackWarning)
+        check.compile_error = kernel_dispatch.native_verdict("native-or-xla")
+    if check.compile_error is not None:
+        return check
+    module, x, weights, indices = _moe_inputs(config, dtype, tokens)
+    module.options = module.options.replace(moe_backend="grouped")  # the CPU's XLA backend
+    graphdef, state = nnx.split(module)
+    act, precision = module.activation, matmul_precision(jnp.dtype(dtype))
+
+    @jax.jit
+    def both(state, x, weights, indices):
+        m = nnx.merge(graphdef, state)
+        ours = kernel_dispatch.packed_moe(x, weights, indices, m.packed_weights(), act, precision, mode="native")
+        return ours, m(x, weights, indices)  # the module's own option: kernels="xla"
+
+    ours, ref = both(state, x, weights, indices)
+    check.rel_err = _rel_err(ours, ref)
+    return check
+
+
 def checkpoint_fit(checkpoint: str | Path, options: RunOptions) -> dict[str, Any]:
     """The named checkpoint's parameters as `from_pretrained` would hold them, against one device."""
     model = planned_model(checkpoint, options)
@@ -269,7 +301,16 @@ def kernel_paths(mode: str, checks: list[KernelCheck], shapes: str, dtype: str, 
     paths = {}
     for kernel in KERNELS:
         mine = [c for c in checks if c.kernel == kernel and c.shapes == shapes and c.dtype == dtype]
-        if mode in ("xla", "interpret"):
+        native = mode in NATIVE_MODES
+        if mode == "xla":
+            paths[kernel] = "xla"
+        elif (kernel == "expert_ffn_mxfp4_cpu") != native:
+            paths[kernel] = "xla (no CPU kernel)" if kernel == "sink_attention" else f"not used (kernels={mode})"
+        elif native:
+            why = next((c.compile_error for c in mine if c.compile_error), None)
+            paths[kernel] = "native" if why is None else \
+                f"native: FAILS ({why})" if mode == NATIVE else f"xla (the CPU kernel cannot run here: {why})"
+        elif mode in ("xla", "interpret"):
             paths[kernel] = mode
         elif mine and all(c.unsupported for c in mine):
             paths[kernel] = f"xla (these shapes never reach the kernel: {mine[0].unsupported})"
@@ -299,9 +340,11 @@ def run_doctor(checkpoint: str | Path | None = None, options: RunOptions | None 
             sets["checkpoint"] = own
         judged = next(name for name, c in sets.items() if c == own)
         resolved = RunOptions(**fit["options"])
-    else:
+    else:  # as for gpt-oss's checkpoints: bfloat16 weights, MXFP4 experts, the size of the judged config
         judged = "gpt-oss-20b" if "gpt-oss-20b" in sets else next(iter(sets))
-        resolved = options.resolved(stored_dtype="bfloat16", mxfp4_source=True)  # as for gpt-oss's checkpoints
+        stored = RunOptions(param_dtype="bfloat16", experts="packed", kernels="xla", execution="program")
+        size = parameter_bytes(nnx.eval_shape(lambda: GptOssForCausalLM(sets[judged], stored, rngs=nnx.Rngs(0))))
+        resolved = options.resolved(stored_dtype="bfloat16", mxfp4_source=True, param_bytes=size)
     checks = []
     for name, config in sets.items():
         seq = SEQUENCE.get(name, SEQUENCE["gpt-oss-20b"])
@@ -314,13 +357,19 @@ def run_doctor(checkpoint: str | Path | None = None, options: RunOptions | None 
             if progress:
                 progress(f"expert_ffn_mxfp4 {name} {dtype}")
             checks.append(check_moe(config, name, dtype, seq, interpret=may_interpret))
+            if jax.default_backend() == "cpu":
+                if progress:
+                    progress(f"expert_ffn_mxfp4_cpu {name} {dtype}")
+                checks.append(check_moe_cpu(config, name, dtype, seq))
     paths = kernel_paths(resolved.kernels, checks, judged, resolved.dtype, jax.default_backend())
     if resolved.experts == "dense" and resolved.kernels != "xla":
-        paths["expert_ffn_mxfp4"] = "xla (dense experts; the kernel reads packed MXFP4)"
+        for kernel in ("expert_ffn_mxfp4", "expert_ffn_mxfp4_cpu"):
+            if not paths[kernel].startswith("not used"):
+                paths[kernel] = "xla (dense experts; the kernel reads packed MXFP4)"
     problems = [f"{c.kernel} ({c.shapes}, {c.dtype}, {c.detail}) disagrees with the XLA path: relative error "
                 f"{c.rel_err:.2e} > {c.bound:.0e}" + (" (interpret mode)" if c.interpreted else "")
                 for c in checks if c.agrees is False]
-    problems += [f"kernels='pallas' was asked for, but {k} does not compile here: a run would fail"
+    problems += [f"kernels='{resolved.kernels}' was asked for, but {k} does not compile here: a run would fail"
                  for k, path in paths.items() if "FAILS" in path]
     return Report(environment(), resolved.to_dict(), paths, checks, fit, problems)
 

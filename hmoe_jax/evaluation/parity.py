@@ -35,7 +35,15 @@ from ..checkpoint.tokenizer import load_tokenizer
 from ..model.config import GptOssConfig, load_config
 from ..model.layers import BlockContext, RMSNorm, attention_masks
 from ..model.rope import rope_tables
-from ..model.transformer import UNEMBED_CHUNK, DecoderLayer, EmbeddingAndHead, embed_tokens, unembed
+from ..model.transformer import (
+    UNEMBED_CHUNK,
+    DecoderLayer,
+    EmbeddingAndHead,
+    GptOssForCausalLM,
+    embed_tokens,
+    parameter_bytes,
+    unembed,
+)
 from ..runtime.files import user_path, write_json_atomically, write_text_atomically
 from ..runtime.options import RunOptions
 
@@ -162,11 +170,16 @@ class WeightSource:
         return value.astype(variable.dtype)
 
 
-def _storage_options(dtype: str, packed: bool, kernels: str = "auto") -> RunOptions:
+def _storage_options(dtype: str, packed: bool, kernels: str = "auto", config: GptOssConfig | None = None
+                     ) -> RunOptions:
     """Our layers as parity runs them: weights stored in the compute dtype, one program per layer, the
-    kernel path asked for ("auto": the Pallas kernels where they compile on a GPU)."""
-    return RunOptions(dtype=dtype, param_dtype=dtype, experts="packed" if packed else "dense", kernels=kernels,
-                      execution="program").resolved()
+    kernel path asked for ("auto": what the whole model of `config` would take: the Pallas kernels where
+    they compile on a GPU, the C++ kernel for a large model on a CPU)."""
+    options = RunOptions(dtype=dtype, param_dtype=dtype, experts="packed" if packed else "dense", kernels=kernels,
+                         execution="program")
+    size = 0 if config is None else parameter_bytes(nnx.eval_shape(
+        lambda: GptOssForCausalLM(config, options.replace(kernels="xla"), rngs=nnx.Rngs(0))))
+    return options.resolved(param_bytes=size)
 
 
 def _abstract_layer(config: GptOssConfig, i: int, options: RunOptions) -> DecoderLayer:
@@ -403,7 +416,7 @@ def _setup(ours: WeightSource, source: Path | None, dtype: str, x_ours, mask: np
     full, sliding = attention_masks(jnp.asarray(both), config.sliding_window)
     cos, sin = rope_tables(jnp.asarray(np.concatenate([positions, positions])), config, jnp.dtype(dtype))
     return _Setup(ours=ours, source=WeightSource(source, config, jnp.dtype(dtype)) if paired else None, ref=ref,
-                  options=_storage_options(dtype, ours.packed, kernels), real=mask.astype(bool),
+                  options=_storage_options(dtype, ours.packed, kernels, config), real=mask.astype(bool),
                   ctx=BlockContext(cos, sin, jnp.asarray(both), full, sliding), ref_masks=ref_masks,
                   ref_rope=GptOssRotaryEmbedding(ref.hf_config)(x_ref, t_pos), ref_positions=t_pos)
 

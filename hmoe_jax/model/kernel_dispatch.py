@@ -40,7 +40,10 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from ..kernels import PackedExpertWeights, sink_attention
-from .moe import moe_packed_kernel
+from ..kernels import cpu as cpu_kernel
+from ..runtime.options import NATIVE, NATIVE_MODES
+from .moe import moe_packed_kernel, moe_packed_native
+from .mxfp4 import dequantize_table
 
 _TILE_N = (64, 32, 16)  # output tile widths of the MoE matmul, largest first (Triton: power of two, >= 16)
 FALLBACK = "pallas-or-xla"
@@ -139,7 +142,7 @@ def attention(q, k, v, sinks, key_mask, *, window: int | None, scale: float, mod
     """`kernels.sink_attention` for the model: q [B,T,H,D], k/v [B,T,KV,D], key_mask [B,T]; None
     where unsupported (`attention_supported`) or, in "pallas-or-xla" mode, where it does not compile.
     `reference(q, k, v, sinks, key_mask)`: the XLA path, for gradients."""
-    if not attention_supported(q.shape, k.shape):
+    if mode in NATIVE_MODES or not attention_supported(q.shape, k.shape):  # no CPU attention kernel
         return None
     run = functools.partial(sink_attention, window=window, scale=scale, interpret=interpret_flag(mode))
 
@@ -168,25 +171,48 @@ def moe_tile_n(*widths: int) -> int | None:
     return next((t for t in _TILE_N if all(w % t == 0 for w in widths)), None)
 
 
+def native_verdict(mode: str) -> str | None:
+    """None where the CPU kernel (`hmoe_jax.kernels.cpu`) runs here, else why not. In "native" mode a
+    reason is an error; in "native-or-xla" mode it is one `KernelFallbackWarning` per process."""
+    platform = jax.devices()[0].platform
+    ok, why = cpu_kernel.load() if platform == "cpu" else (False, f"the default device is a {platform}, not a CPU")
+    if ok:
+        return None
+    if mode == NATIVE:
+        raise cpu_kernel.KernelBuildError(f"kernels='native': the CPU kernel cannot run here: {why}")
+    if ("native", platform) not in _WARNED:
+        _WARNED.add(("native", platform))
+        warnings.warn(f"the CPU kernel expert_ffn_mxfp4_cpu cannot run here: {why}; running the XLA path for it "
+                      "(kernels='native' makes this an error)", KernelFallbackWarning, stacklevel=3)
+    return why
+
+
 def packed_moe(x, weights, indices, w: PackedExpertWeights, act, precision, *, mode: str, reference=None):
-    """`moe.moe_packed_kernel` for the model: x [N, H], routing [N, k] -> [N, H]; None where no
-    output tile fits the widths or, in "pallas-or-xla" mode, where it does not compile. Pairs routed to
-    an index >= E (the hybrid layer's deterministic slots, weight 0) contribute nothing, as in every
-    `moe` backend. `reference(x, weights, indices, w)`: the XLA path, for gradients."""
+    """The packed-expert kernel of `mode` for the model: x [N, H], routing [N, k] -> [N, H]. The Pallas
+    modes run `moe.moe_packed_kernel` (None where no output tile fits the widths or, in "pallas-or-xla"
+    mode, where it does not compile); the native modes `moe.moe_packed_native` (None in "native-or-xla"
+    mode where it cannot run). Pairs routed to an index >= E (the hybrid layer's deterministic slots,
+    weight 0) contribute nothing, as in every `moe` backend. `reference(x, weights, indices, w)`: the XLA
+    path, for gradients."""
     num_experts, gate_up_rows = w.gate_up_blocks.shape[:2]
     hidden, down_groups = w.down_blocks.shape[1:3]
     mesh = _mesh()
     data = _split(mesh, "data", x.shape[0])
     experts = _split(mesh, "expert", num_experts)
     mlp = _split(mesh, "tensor", down_groups)  # I/32 groups per shard, so 2I/shards stays a multiple of 64
-    tile_n = moe_tile_n(gate_up_rows // (mesh.shape[mlp] if mlp else 1), hidden)
-    if tile_n is None:
-        return None
-    run = functools.partial(moe_packed_kernel, act=act, precision=precision, tile_n=tile_n,
-                            interpret=interpret_flag(mode))
-    if mode == FALLBACK and compile_verdict(f"expert_ffn_mxfp4(tile_n={tile_n})", run, (x, weights, indices, w),
-                                            _moe_specs(data, experts, mlp), mesh):
-        return None
+    if mode in NATIVE_MODES:
+        if native_verdict(mode):
+            return None
+        run = functools.partial(moe_packed_native, act=act, table=dequantize_table(jnp.float32))
+    else:
+        tile_n = moe_tile_n(gate_up_rows // (mesh.shape[mlp] if mlp else 1), hidden)
+        if tile_n is None:
+            return None
+        run = functools.partial(moe_packed_kernel, act=act, precision=precision, tile_n=tile_n,
+                                interpret=interpret_flag(mode))
+        if mode == FALLBACK and compile_verdict(f"expert_ffn_mxfp4(tile_n={tile_n})", run, (x, weights, indices, w),
+                                                _moe_specs(data, experts, mlp), mesh):
+            return None
     if data is None and experts is None and mlp is None:
         kernel = run
     else:

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from ..kernels import PackedExpertWeights, expert_ffn_mxfp4
+from ..kernels.cpu import expert_ffn_mxfp4_cpu
 from ..runtime.options import MOE_BACKENDS
 
 
@@ -332,6 +333,14 @@ def moe_packed_kernel(x, weights, indices, w: PackedExpertWeights, act: SwiGLU, 
     y = expert_ffn_mxfp4(x[s.token], s.group_sizes, w, act, precision, tile_m=tile_m, tile_n=tile_n,
                          interpret=interpret)
     return combine(x, s, y)
+
+
+def moe_packed_native(x, weights, indices, w: PackedExpertWeights, act: SwiGLU, *, table) -> jax.Array:
+    """`moe_ragged` over MXFP4-packed experts, each expert's FFN run by the C++ CPU kernel
+    (`kernels.cpu.expert_ffn_mxfp4_cpu`), which decodes through `table` (`mxfp4.dequantize_table`) in
+    registers: only the routed experts are read, and no decoded expert exists in memory."""
+    s = sort_by_expert(weights, indices, w.gate_up_blocks.shape[0])
+    return combine(x, s, expert_ffn_mxfp4_cpu(x[s.token], s.group_sizes, s.expert, w, act, table))
 
 
 BACKENDS: dict[str, Callable] = {"dense": moe_dense, "ragged": moe_ragged, "grouped": moe_grouped}

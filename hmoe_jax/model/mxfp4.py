@@ -88,6 +88,13 @@ def _value_table(dtype: np.dtype) -> np.ndarray:
     return table
 
 
+def dequantize_table(dtype=np.float32) -> np.ndarray:
+    """[256 scales, 16 codes], read-only: the decoded value of every (scale byte, code) pair, exactly as
+    the oracle and `dequantize_mxfp4` decode it. The CPU kernel (`hmoe_jax.kernels.cpu`) decodes through
+    it, so its weights are bit for bit this module's."""
+    return _value_table(_canonical_dtype(dtype))
+
+
 @functools.lru_cache(maxsize=None)
 def _pair_table(dtype: np.dtype) -> np.ndarray:
     """[256 * 256, 2] table: row ``scale * 256 + byte`` = (low-nibble value, high-nibble value).

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from ..runtime.options import RunOptions, matmul_precision
+from ..runtime.options import AUTO, RunOptions, matmul_precision
 from .config import GptOssConfig
 from .layers import Attention, BlockContext, LayerCache, MoE, RMSNorm, attention_masks, param
 from .rope import rope_tables
@@ -157,8 +157,8 @@ class GptOssForCausalLM(EmbeddingAndHead):
         options = (options or RunOptions()).resolved()
         super().__init__(config, options, head=head, rngs=rngs)
         self.layers = nnx.List([DecoderLayer(config, i, options, rngs=rngs) for i in range(config.num_hidden_layers)])
-        if options.execution == "auto":
-            self.set_options(execution=options.resolved(param_bytes=parameter_bytes(self)).execution)
+        if AUTO in (options.execution, options.kernels):  # the choices that depend on the model's size
+            self.set_options(options)
 
     # ------------------------------------------------------------------ options
 
@@ -166,7 +166,7 @@ class GptOssForCausalLM(EmbeddingAndHead):
         """Change the run-time choices (compute dtype, MoE backend, kernel path, execution) of every module,
         in place; "auto" values are resolved. How the parameters are stored cannot change here."""
         new = (options or self.options).replace(**changes).resolved()
-        if new.execution == "auto":
+        if AUTO in (new.execution, new.kernels):
             new = new.resolved(param_bytes=parameter_bytes(self))
         for field in ("param_dtype", "experts"):
             if getattr(new, field) != getattr(self.options, field):

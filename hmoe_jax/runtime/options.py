@@ -12,7 +12,9 @@ A checkpoint fixes the architecture (`GptOssConfig`); how it runs is this object
     kernels       "xla"; "pallas": the Pallas kernels (compiled on a GPU), failing loudly where one does not
                   compile; "pallas-or-xla": each kernel where it compiles for the device, the XLA path with
                   one warning where it does not; "interpret": the kernels in Pallas interpret mode (tests
-                  and debugging)
+                  and debugging); "native": the C++ MXFP4 expert matmul for a host CPU
+                  (`hmoe_jax.kernels.cpu`; attention stays XLA), failing loudly where it cannot be built;
+                  "native-or-xla": it where it builds, the XLA path with one warning where it does not
     execution     "program": one jitted program for a whole forward (XLA schedules across layers), or
                   "layerwise": the embedding, each kind of block and the head compiled as programs of
                   their own and run one after another from Python (compiles in seconds, in little memory)
@@ -29,7 +31,12 @@ the checkpoint, following the checkpoint as `transformers`' `torch_dtype="auto"`
 - experts: packed when the checkpoint stores MXFP4 experts (a quarter of bfloat16's bytes; the decode
   is bit-exact), dense otherwise;
 - kernels: "pallas-or-xla" on a GPU (the kernels have not been run on every GPU, driver and Triton: a
-  kernel that does not compile must cost speed, not the run), "xla" elsewhere;
+  kernel that does not compile must cost speed, not the run); on a host CPU "native-or-xla" for a model
+  of `NATIVE_MIN_PARAM_BYTES` or more (the experts' decode is most of a gpt-oss-20b forward, and the
+  C++ kernel does it several times faster, `bench/results/cpu_kernel.md`; a machine without a C++
+  compiler runs the XLA path), "xla" for a smaller one (where the decode costs little, the exact
+  float32 path, bit for bit the dense experts' results); it needs the model's `param_bytes` and stays
+  "auto" on a CPU without them; "xla" elsewhere (TPU);
 - execution: "layerwise" on a host CPU for a model of `LAYERWISE_MIN_PARAM_BYTES` or more (compiling the
   20b's 24 unrolled layers as one program took ~2.5 GiB beside its 12.8 GiB of weights, and ~100 s),
   "program" otherwise.
@@ -51,10 +58,14 @@ AUTO = "auto"
 COMPUTE_DTYPES = ("float32", "bfloat16")
 EXPERT_STORAGE = ("packed", "dense")
 MOE_BACKENDS = ("dense", "ragged", "grouped")
-KERNEL_PATHS = ("xla", "pallas", "pallas-or-xla", "interpret")
+NATIVE = "native"  # our C++ CPU kernel (`hmoe_jax.kernels.cpu`), failing loudly where it cannot run
+NATIVE_MODES = (NATIVE, "native-or-xla")
+KERNEL_PATHS = ("xla", "pallas", "pallas-or-xla", "interpret", *NATIVE_MODES)
 EXECUTIONS = ("program", "layerwise")
 # From this many bytes of parameters, a host CPU runs the blocks as programs of their own ("layerwise").
 LAYERWISE_MIN_PARAM_BYTES = 4 << 30
+# From this many bytes of parameters, a host CPU runs the packed experts through the C++ kernel.
+NATIVE_MIN_PARAM_BYTES = 4 << 30
 
 # float64 too, for gradient checks under `jax_enable_x64` (the commands offer COMPUTE_DTYPES only).
 _DTYPES = (*COMPUTE_DTYPES, "float64")
@@ -140,8 +151,9 @@ class RunOptions:
             changes["dtype"] = "float32" if host or stored not in COMPUTE_DTYPES else stored
         if self.experts == AUTO:
             changes["experts"] = "packed" if mxfp4_source else "dense"
-        if self.kernels == AUTO:
-            changes["kernels"] = "pallas-or-xla" if platform == "gpu" else "xla"
+        if self.kernels == AUTO and (not host or param_bytes is not None):
+            big = param_bytes is not None and param_bytes >= NATIVE_MIN_PARAM_BYTES
+            changes["kernels"] = "pallas-or-xla" if platform == "gpu" else "native-or-xla" if host and big else "xla"
         if self.execution == AUTO and param_bytes is not None:
             changes["execution"] = "layerwise" if host and param_bytes >= LAYERWISE_MIN_PARAM_BYTES else "program"
         return self.replace(**changes) if changes else self
