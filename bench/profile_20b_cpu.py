@@ -17,6 +17,7 @@ Writes WORK_DIR/profile_cpu_<kernels>.json and .md (medians of --runs after a wa
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import time
 from collections import defaultdict
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from hmoe_jax.checkpoint.loading import from_pretrained
-    from hmoe_jax.model import generate as gen
+    gen = importlib.import_module("hmoe_jax.model.generate")  # the module (the package exports the function)
     from hmoe_jax.model import transformer
     from hmoe_jax.runtime.host import configure_host_memory
     from hmoe_jax.runtime.options import RunOptions

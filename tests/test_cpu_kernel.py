@@ -88,6 +88,56 @@ def test_grouped_matmul_equals_decode_then_matmul(case):
     assert np.all(out[expert_of_row == experts] == 0)
 
 
+BF16_CASES = {
+    # name: (rows, in, out): decode GEMV, a block boundary with a ragged tail, rows past one pass of 4
+    "one_row": (1, 64, 40),
+    "ragged_columns_across_blocks": (3, 96, 2 * 1024 + 13),
+    "more_rows_than_one_pass": (9, 40, 130),
+    "no_rows": (0, 32, 16),
+}
+
+
+@pytest.mark.parametrize("case", list(BF16_CASES))
+def test_bf16_matmul_equals_the_widened_float64_product(case):
+    m, k, n = BF16_CASES[case]
+    rng = np.random.default_rng(m * 7 + n)
+    rows = rng.standard_normal((m, k)).astype(np.float32)
+    weights = jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16)
+    out = np.asarray(jax.jit(cpu.matmul_bf16_cpu)(rows, weights))
+    assert out.shape == (m, n) and out.dtype == np.float32
+    w = np.asarray(weights.astype(jnp.float32), np.float64)
+    ref, bound = rows.astype(np.float64) @ w, np.abs(rows.astype(np.float64)) @ np.abs(w)
+    assert np.all(np.abs(out - ref) <= MATMUL_REL * bound)
+
+
+def test_widened_matmul_takes_few_rows_only_and_its_gradients_are_xlas():
+    """The model's projections in the native modes: a few float32 rows times bfloat16 weights go through
+    the kernel (same values as the XLA einsum to float32 rounding, same gradients); more rows, float32
+    weights or the "xla" mode are declined (None), so the caller's einsum runs."""
+    rng = np.random.default_rng(3)
+    w = jnp.asarray(rng.standard_normal((8, 4, 24)), jnp.bfloat16)  # [H, D, E]: two contracted axes
+    x = jnp.asarray(rng.standard_normal((2, 3, 8, 4)), jnp.float32)  # [B, T, H, D]: 6 rows
+
+    def xla(x, w):
+        return jnp.einsum("bthd,hde->bte", x, w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+
+    def native(x, w):
+        return kernel_dispatch.widened_matmul(x, w, 2, mode="native")
+
+    np.testing.assert_allclose(jax.jit(native)(x, w), xla(x, w), rtol=1e-5, atol=1e-5)
+    weighting = jnp.asarray(rng.standard_normal((2, 3, 24)), jnp.float32)
+    grads = jax.grad(lambda x, w: jnp.sum(native(x, w) * weighting), argnums=(0, 1))(x, w)
+    ref_grads = jax.grad(lambda x, w: jnp.sum(xla(x, w) * weighting), argnums=(0, 1))(x, w)
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == want.dtype
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-5, atol=1e-5)
+
+    many = jnp.zeros((1, kernel_dispatch.WIDENED_MATMUL_MAX_ROWS + 1, 8, 4), jnp.float32)
+    assert kernel_dispatch.widened_matmul(many, w, 2, mode="native") is None
+    assert kernel_dispatch.widened_matmul(x, w.astype(jnp.float32), 2, mode="native") is None
+    assert kernel_dispatch.widened_matmul(x, w, 2, mode="xla") is None
+
+
 def test_bad_shapes_and_group_sizes_are_named_errors():
     rng = np.random.default_rng(0)
     blocks = rng.integers(0, 256, (2, 8, 2, 16), dtype=np.uint8)

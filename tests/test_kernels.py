@@ -512,6 +512,29 @@ def test_generate_with_the_kernels_equals_xla(packed_model, mode):
     np.testing.assert_array_equal(out, ref)
 
 
+def test_bf16_stored_weights_through_the_cpu_kernel_equal_xla(mxfp4_checkpoint, monkeypatch):
+    """bfloat16-stored weights, float32 compute (the 20b's CPU default): in the native mode a few rows
+    (here a 2 x 5 batch; decode) take the attention projections and the lm_head through the CPU kernel,
+    which widens each weight as XLA's einsum does. The same logits to float32 rounding, the same greedy
+    tokens."""
+    import hmoe_jax
+    from hmoe_jax.model.generate import generate
+
+    model = hmoe_jax.from_pretrained(mxfp4_checkpoint, param_dtype="bfloat16", dtype="float32")
+    assert model.layers[0].self_attn.q_proj[...].dtype == jnp.bfloat16
+    ids, mask = left_padded(5, 2, 5, MODEL_CONFIG["vocab_size"], [5, 3])
+    with model.using(kernels="xla"):
+        ref = model(ids, mask, output_hidden_states=True)
+        ref_tokens = np.asarray(generate(model, ids, mask, max_new_tokens=4))
+    calls = count_calls(monkeypatch, kernel_dispatch.cpu_kernel, "matmul_bf16_cpu")
+    with model.using(kernels="native"):
+        out = model(ids, mask, output_hidden_states=True)
+        assert len(calls) == 2 * 4 + 1  # q, k, v, o in each of 2 layers, and the lm_head
+        tokens = np.asarray(generate(model, ids, mask, max_new_tokens=4))
+    assert_forward_equal(out, ref, mask == 1)
+    np.testing.assert_array_equal(tokens, ref_tokens)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_packed_experts_skip_out_of_range_slots_like_xla(mode):
     """The hybrid layer hands the experts index E (a deterministic slot) with weight 0: the kernel path

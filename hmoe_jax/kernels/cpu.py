@@ -36,7 +36,8 @@ from .moe import PackedExpertWeights
 
 SOURCE = Path(__file__).with_name("mxfp4_cpu.cc")
 TARGET = "hmoe_mxfp4_grouped_matmul"
-_VERSION = 1  # HmoeMxfp4KernelVersion() of the source this loader expects
+BF16_TARGET = "hmoe_bf16_matmul"
+_VERSION = 2  # HmoeMxfp4KernelVersion() of the source this loader expects
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 
 
@@ -97,6 +98,7 @@ def load() -> tuple[bool, str | None]:
         if library.HmoeMxfp4KernelVersion() != _VERSION:
             return False, "the built CPU kernel is not the version this package expects"
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.HmoeMxfp4GroupedMatmul), platform="cpu")
+        jax.ffi.register_ffi_target(BF16_TARGET, jax.ffi.pycapsule(library.HmoeBf16Matmul), platform="cpu")
     except (KernelBuildError, OSError, AttributeError) as e:
         return False, f"{type(e).__name__}: {e}"
     return True, None
@@ -117,6 +119,16 @@ def grouped_matmul_mxfp4_cpu(rows, group_sizes, blocks, scales, table) -> jax.Ar
     out = jax.ShapeDtypeStruct((rows.shape[0], blocks.shape[1]), jnp.float32)
     return jax.ffi.ffi_call(TARGET, out)(rows.astype(jnp.float32), group_sizes.astype(jnp.int32),
                                          blocks, scales, jnp.asarray(table, jnp.float32))
+
+
+def matmul_bf16_cpu(rows, weights) -> jax.Array:
+    """rows [M, K] (float32) @ weights [K, N] (bfloat16, widened in registers) -> float32 [M, N]: what
+    `rows @ weights.astype(float32)` computes, to float32 summation order, reading each weight once."""
+    ok, why = load()
+    if not ok:
+        raise KernelBuildError(why)
+    out = jax.ShapeDtypeStruct((rows.shape[0], weights.shape[1]), jnp.float32)
+    return jax.ffi.ffi_call(BF16_TARGET, out)(rows.astype(jnp.float32), weights)
 
 
 def expert_ffn_mxfp4_cpu(rows, group_sizes, expert, w: PackedExpertWeights, act, table: np.ndarray) -> jax.Array:

@@ -268,7 +268,94 @@ ffi::Error GroupedMatmulImpl(ffi::Buffer<ffi::F32> rows, ffi::Buffer<ffi::S32> g
   return ffi::Error::Success();
 }
 
+// ------------------------------------------------------------------ bf16 weights x float32 rows
+//
+//   out[m, n] = sum_k rows[m, k] * W[k, n]     W bfloat16 [K, N] ("in-out", as the projections and the
+//                                               lm_head are stored), widened to float32 in registers
+//
+// XLA:CPU widens a bfloat16 weight to a float32 copy in memory before every product (read 2 bytes, write
+// and read 4 more per weight); here each weight is read once, as stored. Widening is exact, so the
+// products are XLA's float32 products; only the summation order differs.
+
+// Few rows (decode): each task owns a block of kBlockN output columns and streams W's rows through it,
+// kBlockN contiguous weights (2 KB) per row, into float32 accumulators that stay in L1. Narrow strided
+// reads (a few dozen bytes per row of a 400 KB-wide lm_head) would cost a TLB miss each.
+constexpr int kBlockN = 1024;
+constexpr int kPrefetchRows = 4;  // rows of W ahead that are fetched while one is multiplied
+constexpr int kMaxRows = 4;  // rows per pass over W (accumulators: kMaxRows x kBlockN floats = 16 KB)
+
+inline float Widen(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+template <int R>
+void Bf16Block(const float* x, int64_t ldx, const uint16_t* w, int64_t ldw, int64_t k, int cols, float* out,
+               int64_t ldo) {
+  alignas(32) float acc[R][kBlockN];
+  for (int r = 0; r < R; ++r) std::memset(acc[r], 0, sizeof(float) * cols);
+  const int vec = cols - cols % 8;
+  for (int64_t i = 0; i < k; ++i) {
+    const uint16_t* row = w + i * ldw;
+#ifdef HMOE_AVX2
+    __m256 xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = _mm256_broadcast_ss(x + r * ldx + i);
+    // The hardware prefetcher stops at page boundaries, and every row of W starts a new stream.
+    if (i + kPrefetchRows < k)
+      for (int c = 0; c < cols; c += 32) _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * ldw + c),
+                                                      _MM_HINT_T0);
+    for (int c = 0; c < vec; c += 8) {
+      const __m256 wv = _mm256_castsi256_ps(
+          _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c))), 16));
+      for (int r = 0; r < R; ++r)
+        _mm256_store_ps(acc[r] + c, _mm256_fmadd_ps(xv[r], wv, _mm256_load_ps(acc[r] + c)));
+    }
+#else
+    for (int c = 0; c < vec; ++c)
+      for (int r = 0; r < R; ++r) acc[r][c] += x[r * ldx + i] * Widen(row[c]);
+#endif
+    for (int c = vec; c < cols; ++c)
+      for (int r = 0; r < R; ++r) acc[r][c] += x[r * ldx + i] * Widen(row[c]);
+  }
+  for (int r = 0; r < R; ++r) std::memcpy(out + r * ldo, acc[r], sizeof(float) * cols);
+}
+
+ffi::Error Bf16MatmulImpl(ffi::Buffer<ffi::F32> rows, ffi::Buffer<ffi::BF16> weights, ffi::ResultBuffer<ffi::F32> out) {
+  const auto rd = rows.dimensions(), wd = weights.dimensions();
+  if (rd.size() != 2 || wd.size() != 2 || rd[1] != wd[0])
+    return ffi::Error::InvalidArgument("bf16 matmul: rows must be [M, K] and weights [K, N]");
+  const int64_t m = rd[0], k = rd[1], n = wd[1];
+  const float* x = rows.typed_data();
+  const uint16_t* w = reinterpret_cast<const uint16_t*>(weights.untyped_data());
+  float* y = out->typed_data();
+  const int64_t blocks = (n + kBlockN - 1) / kBlockN;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t n0 = b * kBlockN;
+    const int cols = static_cast<int>(std::min<int64_t>(kBlockN, n - n0));
+    for (int64_t r = 0; r < m; r += kMaxRows) {
+      const float* xr = x + r * k;
+      float* yr = y + r * n + n0;
+      switch (std::min<int64_t>(kMaxRows, m - r)) {
+        case 4: Bf16Block<4>(xr, k, w + n0, n, k, cols, yr, n); break;
+        case 3: Bf16Block<3>(xr, k, w + n0, n, k, cols, yr, n); break;
+        case 2: Bf16Block<2>(xr, k, w + n0, n, k, cols, yr, n); break;
+        default: Bf16Block<1>(xr, k, w + n0, n, k, cols, yr, n); break;
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HmoeBf16Matmul, Bf16MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HmoeMxfp4GroupedMatmul, GroupedMatmulImpl,
                               ffi::Ffi::Bind()
@@ -280,4 +367,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HmoeMxfp4GroupedMatmul, GroupedMatmulImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 // Lets the loader check it runs the build it expects.
-extern "C" int HmoeMxfp4KernelVersion() { return 1; }
+extern "C" int HmoeMxfp4KernelVersion() { return 2; }

@@ -1,5 +1,7 @@
-"""Where the model's layers hand two operations to the Pallas kernels (`hmoe_jax.kernels`): which shapes
-the kernels take, their tiles, device meshes, and gradients.
+"""Where the model's layers hand operations to the kernels (`hmoe_jax.kernels`): which shapes the kernels
+take, their tiles, device meshes, and gradients. The Pallas kernels (attention and the packed MoE) serve
+GPUs; the C++ CPU kernels (the packed MoE, and the product of a bfloat16-stored weight with a few float32
+rows: `widened_matmul`) serve a host CPU in the native modes.
 
 `layers.Attention.attend` and `layers.PackedExperts` call `attention` and `packed_moe` when the model's
 `RunOptions.kernels` is not "xla" (the mode); each returns None where the kernel does not take the
@@ -33,6 +35,7 @@ the model (the hybrid layer's end-to-end training) thus takes the same gradients
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 
 import jax
@@ -185,6 +188,32 @@ def native_verdict(mode: str) -> str | None:
         warnings.warn(f"the CPU kernel expert_ffn_mxfp4_cpu cannot run here: {why}; running the XLA path for it "
                       "(kernels='native' makes this an error)", KernelFallbackWarning, stacklevel=3)
     return why
+
+
+# Rows up to which the CPU kernel runs a bfloat16-stored weight's product (decode: one row per sequence);
+# from a few dozen rows on, XLA's widened copy is paid once for many rows and its own product is faster
+# (bench/results/cpu_kernel.md).
+WIDENED_MATMUL_MAX_ROWS = 16
+
+
+def widened_matmul(x, w, contract: int, *, mode: str):
+    """x [..., K1..Kc] @ w [K1..Kc, ...] contracting the last `contract` axes of x with the first of w, for a
+    bfloat16-stored `w` in a float32 run, by the CPU kernel (each weight read once as stored, widened in
+    registers): the native modes, a few rows, no mesh. None where not taken (the caller's einsum runs).
+    Gradients: the XLA product's VJP."""
+    if (mode not in NATIVE_MODES or w.dtype != jnp.bfloat16 or x.dtype != jnp.float32 or _mesh() is not None):
+        return None
+    lead, k = x.shape[:x.ndim - contract], math.prod(x.shape[x.ndim - contract:])
+    if math.prod(lead) > WIDENED_MATMUL_MAX_ROWS or native_verdict(mode):
+        return None
+
+    def kernel(x, w):
+        return cpu_kernel.matmul_bf16_cpu(x.reshape(-1, k), w.reshape(k, -1)).reshape(*lead, *w.shape[contract:])
+
+    def reference(x, w):
+        return jnp.tensordot(x, w.astype(jnp.float32), axes=contract, precision=jax.lax.Precision.HIGHEST)
+
+    return with_reference_vjp(kernel, reference)(x, w)
 
 
 def packed_moe(x, weights, indices, w: PackedExpertWeights, act, precision, *, mode: str, reference=None):

@@ -39,6 +39,16 @@ def param(rngs: nnx.Rngs, shape, axes, dtype, std: float | None = 0.02, init: st
     return nnx.Param(value, axes=axes)
 
 
+def project(spec: str, x, w, contract: int, options: RunOptions):
+    """The einsum `spec` of activations x with a weight w (its first `contract` axes contracted with x's
+    last) in the compute dtype. In the native modes a bfloat16-stored weight times a few float32 rows runs
+    through the CPU kernel, which reads the weight as stored instead of widening a copy first."""
+    y = kernel_dispatch.widened_matmul(x, w, contract, mode=options.kernels)
+    if y is not None:
+        return y
+    return jnp.einsum(spec, x, w.astype(options.compute_dtype), precision=options.precision)
+
+
 class Computing(nnx.Module):
     """A module that computes as the model's `RunOptions` say (`self.options`, set by its constructor)."""
 
@@ -191,10 +201,10 @@ class Attention(Computing):
 
     def project_qkv(self, x, cos, sin):
         """q [B,T,H,D], k and v [B,T,KV,D], with RoPE applied to q and k."""
-        p, dt = self.options.precision, self.dtype
-        q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...].astype(dt), precision=p) + self.q_bias[...].astype(dt)
-        k = jnp.einsum("bte,ehd->bthd", x, self.k_proj[...].astype(dt), precision=p) + self.k_bias[...].astype(dt)
-        v = jnp.einsum("bte,ehd->bthd", x, self.v_proj[...].astype(dt), precision=p) + self.v_bias[...].astype(dt)
+        dt = self.dtype
+        q = project("bte,ehd->bthd", x, self.q_proj[...], 1, self.options) + self.q_bias[...].astype(dt)
+        k = project("bte,ehd->bthd", x, self.k_proj[...], 1, self.options) + self.k_bias[...].astype(dt)
+        v = project("bte,ehd->bthd", x, self.v_proj[...], 1, self.options) + self.v_bias[...].astype(dt)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(self, q, k, v, allowed, key_mask=None):
@@ -221,8 +231,7 @@ class Attention(Computing):
         return sink_attention_xla(q, k, v, self.sinks[...], allowed, self.dtype)
 
     def output(self, attn):
-        p, dt = self.options.precision, self.dtype
-        return jnp.einsum("bthd,hde->bte", attn, self.o_proj[...].astype(dt), precision=p) + self.o_bias[...].astype(dt)
+        return project("bthd,hde->bte", attn, self.o_proj[...], 2, self.options) + self.o_bias[...].astype(self.dtype)
 
 
 def sink_attention_xla(q, k, v, sinks, allowed, dtype):

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from ..runtime.options import AUTO, RunOptions, matmul_precision
+from . import kernel_dispatch
 from .config import GptOssConfig
 from .layers import Attention, BlockContext, LayerCache, MoE, RMSNorm, attention_masks, param
 from .rope import rope_tables
@@ -83,10 +84,14 @@ def embed_tokens(table: jax.Array, input_ids: jax.Array, dtype) -> jax.Array:
 UNEMBED_CHUNK = 16384
 
 
-def unembed(x: jax.Array, lm_head: jax.Array, dtype) -> jax.Array:
+def unembed(x: jax.Array, lm_head: jax.Array, dtype, kernels: str = "xla") -> jax.Array:
     """Logits x [..., H] @ lm_head [H, V] in `dtype`. A head stored narrower (bf16 weights, fp32 compute)
     is widened one vocabulary chunk at a time: widening the 20b's whole head at once is a 2.3 GB
-    temporary. Each logit is the same dot over H either way."""
+    temporary. Each logit is the same dot over H either way. In the native `kernels` modes a few rows
+    (decode) go through the CPU kernel, which widens each weight in registers instead."""
+    logits = kernel_dispatch.widened_matmul(x, lm_head, 1, mode=kernels) if x.dtype == dtype else None
+    if logits is not None:
+        return logits
     precision = matmul_precision(dtype)
     vocab = lm_head.shape[1]
     if lm_head.dtype == dtype or vocab <= 2 * UNEMBED_CHUNK:
@@ -135,7 +140,7 @@ class EmbeddingAndHead(nnx.Module):
         return self.norm(x)
 
     def logits(self, normed) -> jax.Array:
-        return unembed(normed, self.lm_head[...], self.options.compute_dtype)
+        return unembed(normed, self.lm_head[...], self.options.compute_dtype, self.options.kernels)
 
 
 def parameter_bytes(module: nnx.Module) -> int:
