@@ -14,7 +14,9 @@ Library parts (timed inside; each runs twice, from an empty and from a warm comp
 - precompute: `training.precompute.precompute_features` on the first N prompts of the data set, layer
   12 (blocks 0..11 loaded). Bound: peak RSS <= 12 GiB.
 - hybrid: the whole model with the hybrid layer at 12 (randomly initialised: memory and time do not
-  depend on its values), `model(ids)` on one prompt. Bound: <= 16 GiB.
+  depend on its values), `model(ids)` on one prompt; before the hybrid layer goes in, the same forward
+  without it, in the same process, for the hybrid layer's overhead (best of two calls after the first
+  each). Bound: <= 16 GiB.
 - eval-hybrid: `evaluation.hybrid.evaluate_hybrid` on 16 eval prompts (blocks 0..12), probes briefly
   trained on the precompute part's store.
 - generate: greedy `model.generate` on the whole model, one prompt, 8 new tokens, twice (the first call
@@ -155,17 +157,25 @@ def child_hybrid(args, part: str) -> dict:
     from hmoe_jax.hybrid.layer import HybridConfig, make_hybrid
 
     model, load_s, loaded_rss, ids = _whole_model_and_prompt(args, part)
+
+    def calls(n: int) -> list[float]:  # the first call compiles
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            logits = np.asarray(model(ids).logits)
+            times.append(time.perf_counter() - t)
+        if not np.isfinite(logits).all():
+            raise SystemExit("non-finite logits from the 20b forward")
+        return times
+
+    plain = calls(3)  # the same model before the hybrid layer goes in: the overhead's baseline
     config = HybridConfig()
     make_hybrid(model, config)
-    calls = []
-    for _ in range(2):  # the first call compiles
-        t = time.perf_counter()
-        logits = np.asarray(model(ids).logits)
-        calls.append(time.perf_counter() - t)
-    if not np.isfinite(logits).all():
-        raise SystemExit("non-finite logits from the 20b hybrid forward")
+    hybrid = calls(3)
+    plain_s, hybrid_s = min(plain[1:]), min(hybrid[1:])
     return {"part": part, "tokens": int(ids.shape[1]), "hybrid_layers": list(config.layers),
-            "options": model.options.to_dict(), "load_s": load_s, "first_call_s": calls[0], "second_call_s": calls[1],
+            "options": model.options.to_dict(), "load_s": load_s, "first_call_s": hybrid[0], "second_call_s": hybrid_s,
+            "plain_call_s": plain_s, "hybrid_overhead": hybrid_s / plain_s - 1,
             "rss_after_load_gib": loaded_rss / GIB, "peak_rss_gib": _peak_rss() / GIB}
 
 
@@ -284,8 +294,10 @@ def _row(r: dict) -> str:
         speed = (f"{r['first_call_s']:.0f} s first call, {r['second_call_s']:.0f} s second ({r['tokens']} + "
                  f"{r['new_tokens']} tokens)")
     else:
-        speed = (f"{r['first_call_s']:.0f} s first call, {r['second_call_s']:.0f} s second ({r['tokens']} tokens; "
+        speed = (f"{r['first_call_s']:.0f} s first call, {r['second_call_s']:.1f} s after ({r['tokens']} tokens; "
                  f"load {r['load_s']:.0f} s)")
+        if "plain_call_s" in r:
+            speed += f"; without the hybrid layer {r['plain_call_s']:.1f} s: overhead {r['hybrid_overhead']:+.1%}"
     return f"| {r['part']} ({r.get('options', {}).get('execution', '?')}) | {r['run']} | {speed} | {rss} | {bound} |"
 
 

@@ -137,8 +137,8 @@ def run_llama(args, gguf: Path, workload: dict) -> dict:
 def run_ours(args, hf: Path, workload: dict) -> dict:
     """In a child process of this interpreter (its own peak RSS)."""
     payload = json.dumps({"hf": str(hf), "runs": args.runs, "kernels": args.kernels, **workload})
-    r = subprocess.run([sys.executable, __file__, "--child-ours", payload], capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    r = subprocess.run([sys.executable, __file__, str(hf.parent), "--child-ours", payload], capture_output=True,
+                       text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if r.returncode or line is None:
         raise RuntimeError(f"our run failed ({r.returncode}): {r.stderr.strip()[-3000:]}")
@@ -308,6 +308,12 @@ def main(argv=None) -> int:
     results = json.loads(path.read_text()) if path.is_file() else {}
     results.update(threads=args.threads, runs=args.runs, hardware=hardware(args.threads), costs=model_costs(hf))
     parts = args.parts.split(",")
+
+    def save():  # after each side: a later failure keeps what was measured (`--parts` reruns one side)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(results, indent=1))
+        os.replace(partial, path)
+
     if "llama" in parts:
         missing = llama_python_ok(args.llama_python)
         if missing:
@@ -319,10 +325,13 @@ def main(argv=None) -> int:
             print("running llama.cpp ...", flush=True)
             results["llama"] = run_llama(args, gguf, workload)
             results.pop("llama_missing", None)
+        save()
     if "ours" in parts:
         print("running hmoe-jax ...", flush=True)
         results["ours"] = run_ours(args, hf, workload)
-    path.write_text(json.dumps(results, indent=1))
+        save()
+    if "ours" not in results:
+        raise SystemExit(f"no hmoe-jax results in {path} yet: run with --parts ours")
     print(report(results, args.out))
     return 0
 
