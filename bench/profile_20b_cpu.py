@@ -1,6 +1,7 @@
-"""Where a gpt-oss-20b forward spends its time on this CPU: one decode step and one 128-token prefill.
+"""Where a gpt-oss-20b forward spends its time on this CPU: one decode step and one prefill
+(128 tokens unless told).
 
-    python bench/profile_20b_cpu.py WORK_DIR [--kernels auto] [--runs 3]
+    python bench/profile_20b_cpu.py WORK_DIR [--kernels auto] [--runs 3] [--prompt-tokens 128]
 
 Loads WORK_DIR/hf (the synthetic full-size 20b of `bench/bench_20b.py`) with the defaults (layerwise on a
 CPU: the embedding, each block and the head are programs of their own), then times, blocking after each
@@ -11,7 +12,7 @@ program:
   and the attention half (projections, rotary, attention over the cache), each jitted alone on layer 0;
   "other" is the block's time not in either (norms, residual adds, program boundaries).
 
-Writes WORK_DIR/profile_cpu_<kernels>.json and .md (medians of --runs after a warm-up).
+Writes WORK_DIR/profile_cpu_<kernels>_<prompt tokens>.json and .md (medians of --runs after a warm-up).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def main(argv=None) -> int:
     p.add_argument("work_dir", type=Path)
     p.add_argument("--kernels", default="auto")
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--prompt-tokens", type=int, default=128, help="the prefill's prompt length")
     args = p.parse_args(argv)
 
     from hmoe_jax.checkpoint.loading import from_pretrained
@@ -68,9 +70,10 @@ def main(argv=None) -> int:
 
     transformer._jitted = timed
     rng = np.random.default_rng(0)
-    prompt = jnp.asarray(rng.integers(100, 20000, (1, 128)), jnp.int32)
+    length = args.prompt_tokens
+    prompt = jnp.asarray(rng.integers(100, 20000, (1, length)), jnp.int32)
     mask = jnp.ones_like(prompt)
-    total = 128 + 2
+    total = length + 2
 
     def prefill():
         return gen._prefill(model, prompt, mask, total)
@@ -79,10 +82,11 @@ def main(argv=None) -> int:
     token = jnp.argmax(logits, -1).astype(jnp.int32)
 
     def decode():
-        return gen._decode_step(model, token, position, jnp.asarray(128, jnp.int32), caches)
+        return gen._decode_step(model, token, position, jnp.asarray(length, jnp.int32), caches)
 
     results = {"options": model.options.to_dict()}
-    for name, step in (("prefill_128", prefill), ("decode_step", decode)):
+    prefill_name = f"prefill_{length}"
+    for name, step in ((prefill_name, prefill), ("decode_step", decode)):
         step()  # warm
         walls, parts = [], []
         for _ in range(args.runs):
@@ -99,14 +103,14 @@ def main(argv=None) -> int:
     layer = model.layers[0]
     graphdef, state = nnx.split(layer)
     hidden = model.config.hidden_size
-    for name, tokens in (("prefill_128", 128), ("decode_step", 1)):
+    for name, tokens in ((prefill_name, length), ("decode_step", 1)):
         x = jnp.asarray(rng.standard_normal((1, tokens, hidden)), jnp.float32)
         moe = jax.jit(lambda s, x: nnx.merge(graphdef, s).mlp(x)[0])
         results[name]["moe_per_block_s"] = _median_s(lambda: moe(state, x), args.runs)
     n = model.config.num_hidden_layers
     lines = ["| step | wall | embedding | 24 blocks | of which MoE (24 x layer 0's) | of which the rest of the blocks"
              " (attention, norms) | head | Python and dispatch |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name in ("decode_step", "prefill_128"):
+    for name in ("decode_step", prefill_name):
         r = results[name]
         parts = r["parts_s"]
         embed = sum(v for k, v in parts.items() if "embed" in k)
@@ -120,8 +124,8 @@ def main(argv=None) -> int:
     kernels = results["options"]["kernels"]
     text = (f"# Where the time goes: gpt-oss-20b (synthetic), kernels={kernels}\n\nOptions: "
             + ", ".join(f"{k}={v}" for k, v in results["options"].items()) + "\n\n" + "\n".join(lines) + "\n")
-    (work / f"profile_cpu_{kernels}.json").write_text(json.dumps(results, indent=1))
-    (work / f"profile_cpu_{kernels}.md").write_text(text)
+    (work / f"profile_cpu_{kernels}_{length}.json").write_text(json.dumps(results, indent=1))
+    (work / f"profile_cpu_{kernels}_{length}.md").write_text(text)
     print(text)
     return 0
 

@@ -60,6 +60,7 @@ CASES = {
     "uneven_with_empty_groups": ((0, 7, 0, 20, 1, 0), 0, 128, 64, np.float32),
     "rows_past_the_groups_are_zero": ((5, 0, 11), 4, 64, 33, np.float32),
     "all_rows_one_expert": ((0, 0, 40, 0), 0, 256, 17, np.float32),
+    "long_rows_over_several_chunks": ((6, 2, 9), 0, 1056, 24, np.float32),  # k past the tile's 256-long chunks
     "no_rows_at_all": ((0, 0), 3, 64, 16, np.float32),
     "bf16_rows": ((6, 0, 13, 2), 0, 128, 64, jnp.bfloat16),
 }
