@@ -553,6 +553,24 @@ def test_packed_experts_skip_out_of_range_slots_like_xla(mode):
     assert rel_err(out, ref) <= FP32_REL
 
 
+def test_the_cpu_kernel_skips_padding_positions():
+    """A left-padded batch through the CPU kernel: the real positions' expert output equals the XLA path's,
+    and the padding positions' is exactly 0, their products skipped (the XLA path computes them)."""
+    cfg = moe_config(hidden=64, intermediate=64, experts=4, top_k=2)
+    module = packed_experts_module(cfg, 5)
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((10, 64)), jnp.float32)
+    top, indices = jax.lax.top_k(jnp.asarray(rng.standard_normal((10, 4)), jnp.float32), 2)
+    weights = jax.nn.softmax(top, axis=-1)
+    token_mask = jnp.asarray([0, 0, 1, 1, 1, 0, 1, 1, 1, 1], jnp.int32)
+    ref = np.asarray(jax.jit(lambda *args: module(*args))(x, weights, indices, token_mask))
+    module.options = module.options.replace(kernels="native")
+    out = np.asarray(jax.jit(lambda *args: module(*args))(x, weights, indices, token_mask))
+    real = np.asarray(token_mask, bool)
+    assert rel_err(out[real], ref[real]) <= FP32_REL
+    assert np.all(out[~real] == 0) and np.all(np.abs(ref[~real]).max(axis=-1) > 0)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_gradients_through_the_kernels_equal_xla(packed_model, mode):
     """The kernels run forward, the XLA path's VJP backward (`kernel_dispatch.with_reference_vjp`): gradients

@@ -414,7 +414,8 @@ class HybridMoE(nnx.Module):
         is_neural = indices < e
         # A deterministic slot becomes neural index E (out of range) with weight 0: every dispatch
         # backend skips it, so it costs no expert compute and adds exactly nothing.
-        neural = self.experts(flat, jnp.where(is_neural, weights, 0), jnp.where(is_neural, indices, e))
+        neural = self.experts(flat, jnp.where(is_neural, weights, 0), jnp.where(is_neural, indices, e),
+                              token_mask=token_mask.reshape(n))
 
         features = self.extraction_features(block_input, token_mask).reshape(n, h)
         arguments, results, encoded = self.compute_experts(features)

@@ -216,14 +216,21 @@ def widened_matmul(x, w, contract: int, *, mode: str):
     return with_reference_vjp(kernel, reference)(x, w)
 
 
-def packed_moe(x, weights, indices, w: PackedExpertWeights, act, precision, *, mode: str, reference=None):
+def packed_moe(x, weights, indices, w: PackedExpertWeights, act, precision, *, mode: str, reference=None,
+               token_mask=None):
     """The packed-expert kernel of `mode` for the model: x [N, H], routing [N, k] -> [N, H]. The Pallas
     modes run `moe.moe_packed_kernel` (None where no output tile fits the widths or, in "pallas-or-xla"
     mode, where it does not compile); the native modes `moe.moe_packed_native` (None in "native-or-xla"
     mode where it cannot run). Pairs routed to an index >= E (the hybrid layer's deterministic slots,
     weight 0) contribute nothing, as in every `moe` backend. `reference(x, weights, indices, w)`: the XLA
-    path, for gradients."""
+    path, for gradients. `token_mask` [N] (0: padding): the native modes route padding positions out of
+    range too, so a left-padded batch costs only its real tokens' products; a padding position's MoE output
+    is then 0. Nothing reads it: attention gives padding no key, and features, logits and parity read real
+    tokens only."""
     num_experts, gate_up_rows = w.gate_up_blocks.shape[:2]
+    if mode in NATIVE_MODES and token_mask is not None:
+        real = token_mask.reshape(-1, 1).astype(bool)
+        weights, indices = jnp.where(real, weights, 0), jnp.where(real, indices, num_experts)
     hidden, down_groups = w.down_blocks.shape[1:3]
     mesh = _mesh()
     data = _split(mesh, "data", x.shape[0])

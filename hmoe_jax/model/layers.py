@@ -306,7 +306,8 @@ class Experts(Computing):
             self.down_proj_bias[...].astype(dt),
         )
 
-    def __call__(self, x, weights, indices):
+    def __call__(self, x, weights, indices, token_mask=None):
+        """x [N,H], routing [N,k] -> [N,H]; `token_mask` [N] (padding 0) is for the packed experts' CPU kernel."""
         return moe.dispatch(self.options.moe_backend)(x, weights, indices, self.weights(), self.activation,
                                                       self.options.precision)
 
@@ -361,7 +362,9 @@ class PackedExperts(Computing):
             self.down_proj_blocks[...], self.down_proj_scales[...], self.down_proj_bias[...].astype(dt),
         )
 
-    def __call__(self, x, weights, indices):
+    def __call__(self, x, weights, indices, token_mask=None):
+        """x [N,H], routing [N,k] -> [N,H]. With `token_mask` [N] the CPU kernel skips padding positions
+        (`kernel_dispatch.packed_moe`); every other path computes them as transformers does."""
         o = self.options
         if o.kernels != "xla":
             backend, act, precision, dtype = o.moe_backend, self.activation, o.precision, self.dtype
@@ -370,7 +373,7 @@ class PackedExperts(Computing):
                 return moe.dispatch(backend)(x, weights, indices, _decoded_experts(packed, dtype), act, precision)
 
             y = kernel_dispatch.packed_moe(x, weights, indices, self.packed_weights(), act, precision, mode=o.kernels,
-                                           reference=reference)
+                                           reference=reference, token_mask=token_mask)
             if y is not None:
                 return y
         # The decode depends on the parameters alone, so XLA may schedule every layer's decode up front and
@@ -419,6 +422,6 @@ class MoE(nnx.Module):
         b, t, h = x.shape
         flat = x.reshape(b * t, h)
         logits, weights, indices = self.router(flat)
-        y = self.experts(flat, weights, indices)
+        y = self.experts(flat, weights, indices, token_mask=None if token_mask is None else token_mask.reshape(b * t))
         info = {"router_logits": logits.reshape(b, t, -1), "expert_indices": indices.reshape(b, t, -1)}
         return y.reshape(b, t, h), info
