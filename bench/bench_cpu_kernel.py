@@ -34,7 +34,8 @@ HEADS, HEAD_DIM, VOCAB = 64, 64, 201088
 MXFP4_BYTES_PER_VALUE = 17 / 32  # 16 bytes of codes and one scale byte per 32 values
 
 
-def _median_s(fn, runs: int) -> float:
+def median_s(fn, runs: int) -> float:
+    """Median wall time of `runs` calls of `fn` after one warm-up, each blocked on."""
     import jax
 
     jax.block_until_ready(fn())
@@ -115,7 +116,7 @@ def bench_moe(tokens: list[int], runs: int, hw: dict) -> list[dict]:
         for mode in ("xla", "native"):
             g = graphdef
             forward = jax.jit(lambda s, x, w, i, g=g, mode=mode: _with_kernels(nnx.merge(g, s), mode)(x, w, i))
-            row[mode] = _median_s(lambda: forward(state, x, weights, indices), runs)
+            row[mode] = median_s(lambda: forward(state, x, weights, indices), runs)
         print(_line(row), flush=True)
         rows.append(row)
     return rows
@@ -150,7 +151,7 @@ def bench_projections(row_counts: list[int], runs: int, hw: dict) -> list[dict]:
                    "limit_s": _limit_s(hw, 2 * size, 2 * m * size)}
             for mode in ("xla", "native"):
                 compiled = jax.jit(lambda x, w, fn=fn, mode=mode: fn(x, w, mode))
-                row[mode] = _median_s(lambda: compiled(x, w), runs)
+                row[mode] = median_s(lambda: compiled(x, w), runs)
             print(_line(row), flush=True)
             out.append(row)
     return out

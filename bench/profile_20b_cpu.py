@@ -27,17 +27,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_cpu_kernel import median_s  # this folder is on sys.path when a script here runs
 from flax import nnx
-
-
-def _median_s(fn, runs: int) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
 
 
 def main(argv=None) -> int:
@@ -106,7 +97,7 @@ def main(argv=None) -> int:
     for name, tokens in ((prefill_name, length), ("decode_step", 1)):
         x = jnp.asarray(rng.standard_normal((1, tokens, hidden)), jnp.float32)
         moe = jax.jit(lambda s, x: nnx.merge(graphdef, s).mlp(x)[0])
-        results[name]["moe_per_block_s"] = _median_s(lambda: moe(state, x), args.runs)
+        results[name]["moe_per_block_s"] = median_s(lambda: moe(state, x), args.runs)
     n = model.config.num_hidden_layers
     lines = ["| step | wall | embedding | 24 blocks | of which MoE (24 x layer 0's) | of which the rest of the blocks"
              " (attention, norms) | head | Python and dispatch |", "|---|---:|---:|---:|---:|---:|---:|---:|"]

@@ -49,6 +49,27 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+// XLA runs its CPU programs with denormals flushed (FTZ/DAZ set on its threads); OpenMP's worker threads
+// start without. Each worker takes the calling thread's floating-point mode for the region, so a product
+// is the same whichever thread computes it, and what XLA computes.
+#if defined(__SSE__) || defined(__x86_64__)
+#include <xmmintrin.h>
+inline unsigned int CurrentFloatMode() { return _mm_getcsr(); }
+class ScopedFloatMode {
+ public:
+  explicit ScopedFloatMode(unsigned int mode) : saved_(_mm_getcsr()) { _mm_setcsr(mode); }
+  ~ScopedFloatMode() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned int saved_;
+};
+#else
+inline unsigned int CurrentFloatMode() { return 0; }
+struct ScopedFloatMode {
+  explicit ScopedFloatMode(unsigned int) {}
+};
+#endif
+
 // Buffers on cache-line boundaries: a 64-byte load that straddles two lines costs two.
 template <typename T>
 struct CacheLineAllocator {
@@ -354,8 +375,10 @@ ffi::Error GroupedMatmulImpl(ffi::Buffer<ffi::F32> rows, ffi::Buffer<ffi::S32> g
     if (sizes[e] > 0) task_expert.push_back(e);
   const int64_t tasks = static_cast<int64_t>(task_expert.size()) * tiles;
 
+  const unsigned int float_mode = CurrentFloatMode();
 #pragma omp parallel
   {
+    const ScopedFloatMode caller_mode(float_mode);
     Floats tile(static_cast<size_t>(kTileN * k)), sums;
 #pragma omp for schedule(dynamic, 4)
     for (int64_t t = 0; t < tasks; ++t) {
@@ -448,18 +471,23 @@ ffi::Error Bf16MatmulImpl(ffi::Buffer<ffi::F32> rows, ffi::Buffer<ffi::BF16> wei
   const uint16_t* w = reinterpret_cast<const uint16_t*>(weights.untyped_data());
   float* y = out->typed_data();
   const int64_t blocks = (n + kBlockN - 1) / kBlockN;
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t n0 = b * kBlockN;
-    const int cols = static_cast<int>(std::min<int64_t>(kBlockN, n - n0));
-    for (int64_t r = 0; r < m; r += kMaxRows) {
-      const float* xr = x + r * k;
-      float* yr = y + r * n + n0;
-      switch (std::min<int64_t>(kMaxRows, m - r)) {
-        case 4: Bf16Block<4>(xr, k, w + n0, n, k, cols, yr, n); break;
-        case 3: Bf16Block<3>(xr, k, w + n0, n, k, cols, yr, n); break;
-        case 2: Bf16Block<2>(xr, k, w + n0, n, k, cols, yr, n); break;
-        default: Bf16Block<1>(xr, k, w + n0, n, k, cols, yr, n); break;
+  const unsigned int float_mode = CurrentFloatMode();
+#pragma omp parallel
+  {
+    const ScopedFloatMode caller_mode(float_mode);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t n0 = b * kBlockN;
+      const int cols = static_cast<int>(std::min<int64_t>(kBlockN, n - n0));
+      for (int64_t r = 0; r < m; r += kMaxRows) {
+        const float* xr = x + r * k;
+        float* yr = y + r * n + n0;
+        switch (std::min<int64_t>(kMaxRows, m - r)) {
+          case 4: Bf16Block<4>(xr, k, w + n0, n, k, cols, yr, n); break;
+          case 3: Bf16Block<3>(xr, k, w + n0, n, k, cols, yr, n); break;
+          case 2: Bf16Block<2>(xr, k, w + n0, n, k, cols, yr, n); break;
+          default: Bf16Block<1>(xr, k, w + n0, n, k, cols, yr, n); break;
+        }
       }
     }
   }
