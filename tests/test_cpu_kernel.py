@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from grouped_reference import assert_equals_decode_then_matmul
 
 from hmoe_jax.kernels import cpu
 from hmoe_jax.model import kernel_dispatch, mxfp4
@@ -77,16 +78,7 @@ def test_grouped_matmul_equals_decode_then_matmul(case):
 
     out = grouped(rows, group_sizes, blocks, scales)
     assert out.shape == (m, n_out) and out.dtype == np.float32
-
-    w = np.swapaxes(mxfp4.dequantize_mxfp4_np(blocks, scales), -1, -2).astype(np.float64)
-    x = np.asarray(rows.astype(jnp.float32), np.float64)
-    expert_of_row = np.repeat(np.arange(experts + 1), list(group_sizes) + [extra])
-    ref, bound = np.zeros((m, n_out)), np.zeros((m, n_out))
-    for e in range(experts):
-        sel = expert_of_row == e
-        ref[sel], bound[sel] = x[sel] @ w[e], np.abs(x[sel]) @ np.abs(w[e])
-    assert np.all(np.abs(out - ref) <= MATMUL_REL * bound)
-    assert np.all(out[expert_of_row == experts] == 0)
+    assert_equals_decode_then_matmul(out, rows, group_sizes, extra, blocks, scales, MATMUL_REL)
 
 
 BF16_CASES = {

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from grouped_reference import assert_equals_decode_then_matmul
 
 from hmoe_jax import kernels
 from hmoe_jax.kernels.moe import e2m1_bits
@@ -203,15 +204,7 @@ def test_grouped_matmul_equals_decode_then_matmul(case):
     assert out.shape == (m, n_out) and out.dtype == jnp.float32
 
     # Reference in float64 on the host: rows (as given, upcast exactly) times the exact decoded weights.
-    w = np.swapaxes(mxfp4.dequantize_mxfp4_np(blocks, scales), -1, -2).astype(np.float64)  # bit-identical to jnp's
-    x = np.asarray(rows.astype(jnp.float32), np.float64)
-    expert_of_row = np.repeat(np.arange(experts + 1), list(group_sizes) + [extra])
-    ref, bound = np.zeros((m, n_out)), np.zeros((m, n_out))
-    for e in range(experts):
-        sel = expert_of_row == e
-        ref[sel], bound[sel] = x[sel] @ w[e], np.abs(x[sel]) @ np.abs(w[e])
-    assert np.all(np.abs(np.asarray(out, np.float64) - ref) <= MATMUL_REL * bound)
-    assert np.all(np.asarray(out)[expert_of_row == experts] == 0)
+    assert_equals_decode_then_matmul(out, rows, group_sizes, extra, blocks, scales, MATMUL_REL)
 
 
 def test_grouped_matmul_rejects_width_not_divisible_by_tile():
