@@ -2,8 +2,10 @@
 
 `registry` is the one source of truth for each expert's name, router id and argument names;
 `underwriting` holds the built-in commercial real estate formulas (DSCR, LTV, cap rate, debt yield,
-annual debt service, NOI projection), registered when this package is imported. Adding an expert is one
-decorated function: `@deterministic_expert(name="...", expert_id=38, args=("a", "b"))`.
+annual debt service, NOI projection), registered when this package is imported; `double_word` the exact
+arithmetic they are built from. Adding an expert is one decorated function:
+`@deterministic_expert(name="...", expert_id=40, args=("a", "b"))`; `ratio(numerator, denominator,
+scale)` is the built-ins' exact quotient (0.0 where the denominator is <= 0) for a formula of one's own.
 """
 
 from .registry import (
@@ -15,7 +17,7 @@ from .registry import (
     registered_experts,
     resolve_experts,
 )
-from .underwriting import annual_debt_service, cap_rate, debt_yield, dscr, ltv, noi_projection
+from .underwriting import annual_debt_service, cap_rate, debt_yield, dscr, ltv, noi_projection, ratio
 
 __all__ = [
     "DeterministicExpert",
@@ -29,6 +31,7 @@ __all__ = [
     "get_expert",
     "ltv",
     "noi_projection",
+    "ratio",
     "registered_experts",
     "resolve_experts",
 ]

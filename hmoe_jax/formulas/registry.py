@@ -107,10 +107,12 @@ def deterministic_expert(
                 )
         if not arg_names:
             raise ValueError(f"expert {name!r} takes no arguments")
-        if name in _REGISTRY:
-            raise ValueError(f"deterministic expert name {name!r} is already registered")
+        existing = _REGISTRY.get(name)
+        if existing is not None and not _same_declaration(existing, expert_id, arg_names, fn):
+            raise ValueError(f"deterministic expert name {name!r} is already registered (id {existing.expert_id}, "
+                             f"arguments {existing.arg_names})")
         for other in _REGISTRY.values():
-            if other.expert_id == expert_id:
+            if other.expert_id == expert_id and other.name != name:
                 raise ValueError(
                     f"expert {name!r}: expert_id {expert_id} is already used by {other.name!r}"
                 )
@@ -124,6 +126,15 @@ def deterministic_expert(
         return fn
 
     return register
+
+
+def _same_declaration(existing: DeterministicExpert, expert_id: int, arg_names: tuple[str, ...],
+                      fn: Callable[..., jax.Array]) -> bool:
+    """Whether a registration repeats one already made: a domain module imported a second time (a
+    `.py` domain loaded again under another module name, a notebook re-running a cell) declares the
+    same expert again; the new function replaces the old. A different id or argument list is a clash."""
+    return (existing.expert_id == expert_id and existing.arg_names == arg_names
+            and existing.fn.__qualname__ == fn.__qualname__)
 
 
 def _unregister(name: str) -> None:
