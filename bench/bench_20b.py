@@ -59,7 +59,7 @@ def _peak_rss() -> int:
 
 def _data(work: Path) -> dict[str, Path]:
     """The data set, its first 32 training and first 16 eval prompts."""
-    from hmoe_jax.data import scenarios
+    from hmoe_jax.domains.cre import generator as scenarios
     from hmoe_jax.runtime.files import write_json_atomically
 
     full = work / "data"
@@ -75,7 +75,7 @@ def _data(work: Path) -> dict[str, Path]:
 
 def _ensure_tokenizer(hf: Path, work: Path) -> None:
     from hmoe_jax.checkpoint import synthetic
-    from hmoe_jax.data.negatives import NEGATIVE_PROMPTS
+    from hmoe_jax.domains.cre.negatives import NEGATIVE_PROMPTS
 
     if (hf / "tokenizer.json").is_file():
         return

@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=None,
                    help="prompts per forward, a multiple of the data devices (default: 8, rounded up to one)")
     p.add_argument("--overwrite", action="store_true")
+    arguments.add_domain_argument(p)
     arguments.add_model_options(p)
     arguments.add_mesh_arguments(p)
     arguments.add_distributed_arguments(p)
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
     from hmoe_jax.checkpoint.loading import from_pretrained
     from hmoe_jax.checkpoint.location import CheckpointError, resolve_checkpoint
     from hmoe_jax.checkpoint.tokenizer import load_tokenizer
-    from hmoe_jax.data.scenarios import load_scenarios
+    from hmoe_jax.domains import load_records
     from hmoe_jax.evaluation.baselines import run_baselines, write_results
     from hmoe_jax.model.config import ConfigError
     from hmoe_jax.runtime.sharding import make_mesh
@@ -77,7 +78,8 @@ def main(argv=None) -> int:
                 formats = ["raw"]  # the default: both where the checkpoint has a chat format it can read
                 if info.is_coordinator:
                     print(f"note: raw prompts only: {e}", file=sys.stderr)
-        scenarios = load_scenarios(args.data)[: args.n]
+        scenarios, domain = load_records(args.data, args.domain)
+        scenarios = scenarios[: args.n]
         mesh = make_mesh(data=-1, expert=args.mesh_expert, tensor=args.mesh_tensor)
         model = from_pretrained(checkpoint, arguments.options_from_args(args), mesh=mesh)
         bars = []
@@ -87,7 +89,7 @@ def main(argv=None) -> int:
             return bars[-1].update
 
         try:
-            results, generations = run_baselines(model, tokenizer, scenarios, args.styles,
+            results, generations = run_baselines(model, tokenizer, domain, scenarios, args.styles,
                                                  new_tokens=args.new_tokens, mesh=mesh, progress=progress,
                                                  batch_size=arguments.batch_size_for(args.batch_size, mesh),
                                                  formats=formats, chat=chat)

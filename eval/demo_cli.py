@@ -1,12 +1,15 @@
 """`python -m eval demo`: the whole Hybrid MoE pipeline in one command.
 
 Without --model it builds a small random gpt-oss checkpoint in the real HF format (MXFP4 experts,
-a BPE tokenizer trained on the data set's prompts), so everything runs offline in minutes on a CPU;
+a byte-level BPE tokenizer trained on the domain's prompts), so everything runs offline in minutes on a CPU;
 with --model PATH it runs on that checkpoint (e.g. the real gpt-oss-20b, layer 12). Stages, each the
 same library call its own command makes:
 
-    checkpoint -> convert (--keep-mxfp4) -> train data -> precompute (train, eval) -> train probes
-    -> hybrid model -> eval hybrid -> report [-> train hybrid: end-to-end training, with --hybrid-training]
+    train data -> checkpoint -> convert (--keep-mxfp4) -> precompute (train, eval) -> train probes
+    -> hybrid model -> eval hybrid -> train hybrid (end to end; --no-hybrid-training skips it) -> report
+
+--domain picks the domain (default: CRE, the reference's): a built-in name (cre, circuits), an installed
+entry point, a module or a .py file.
 
 Every stage writes under --out and is skipped when its output is already complete, so an interrupted
 demo resumes where it stopped.
@@ -38,10 +41,11 @@ def main(argv=None) -> int:
     p.add_argument("--n-train", type=int, default=3000)
     p.add_argument("--n-eval", type=int, default=500)
     p.add_argument("--seed", type=int, default=0, help="seed of the demo model's random weights")
-    p.add_argument("--hybrid-training", action="store_true",
-                   help="also train the hybrid layer's router rows and projections end to end on 240 training "
-                        "scenarios (one epoch) and report before vs after on 64 held-out ones (about a minute more "
-                        "on the demo model)")
+    p.add_argument("--no-hybrid-training", dest="hybrid_training", action="store_false",
+                   help="skip end-to-end training of the hybrid layer's router rows and projections (by default "
+                        "they train on 240 training records, one epoch, reported before vs after on 64 held-out "
+                        "ones: about a minute on the demo model)")
+    arguments.add_domain_argument(p)
     arguments.add_model_options(p)
     args = p.parse_args(argv)
     from hmoe_jax.checkpoint.location import resolve_checkpoint
@@ -54,7 +58,7 @@ def main(argv=None) -> int:
         return 1
     settings = DemoSettings(model=model, layer=args.layer, epochs=args.epochs, n_train=args.n_train,
                             n_eval=args.n_eval, seed=args.seed, hybrid_training=args.hybrid_training,
-                            options=arguments.options_from_args(args))
+                            options=arguments.options_from_args(args), domain=args.domain)
     try:
         report = run_demo(args.out, settings, log=lambda msg: print(msg, flush=True))
     except (OSError, ValueError) as e:  # every stage's errors name the file and what is wrong with it

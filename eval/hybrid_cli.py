@@ -27,7 +27,8 @@ def main(argv=None) -> int:
     p.add_argument("--probes", type=user_path, required=True, help="a run directory of `python -m train probes`")
     p.add_argument("--data", type=user_path, required=True, help="eval.json")
     p.add_argument("--train", type=user_path,
-                   help="train.json for the constant-predictor baseline (default: regenerated, seed 42)")
+                   help="train.json for the constant-predictor baseline (default: the domain's generator, seed 42, "
+                        "3000 records: for CRE the reference's train set)")
     p.add_argument("--out", type=user_path, required=True)
     p.add_argument("--batch-size", type=int, default=None,
                    help="prompts per forward, a multiple of the data devices (default: 8, rounded up to one)")
@@ -35,6 +36,7 @@ def main(argv=None) -> int:
                    help="a run directory of `python -m train hybrid`: its trained router rows and projections "
                         "replace the initial ones")
     p.add_argument("--overwrite", action="store_true")
+    arguments.add_domain_argument(p)
     arguments.add_model_options(p)
     arguments.add_mesh_arguments(p)
     arguments.add_distributed_arguments(p)
@@ -49,7 +51,7 @@ def main(argv=None) -> int:
         info = distributed.initialize(args)
         mesh = make_mesh(data=-1, expert=args.mesh_expert, tensor=args.mesh_tensor)
         checkpoint = resolve_checkpoint(args.model, args.revision)
-        evaluate_and_write(checkpoint, args.probes, args.data, args.out, train_path=args.train,
+        evaluate_and_write(checkpoint, args.probes, args.data, args.out, train_path=args.train, domain=args.domain,
                            batch_size=arguments.batch_size_for(args.batch_size, mesh),
                            hybrid_params=args.hybrid_params, mesh=mesh, options=arguments.options_from_args(args),
                            overwrite=args.overwrite)

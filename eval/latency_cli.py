@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-format", choices=("raw", "chat"), default="raw",
                    help="raw prompts (as the reference timed) or the checkpoint's chat template")
     p.add_argument("--out", type=user_path, default="latency_out")
+    arguments.add_domain_argument(p)
     arguments.add_model_options(p)
     args = p.parse_args(argv)
     from hmoe_jax.checkpoint.location import CheckpointError, resolve_checkpoint
@@ -41,7 +42,8 @@ def main(argv=None) -> int:
         checkpoint = resolve_checkpoint(args.model, args.revision)
         res = latency.measure_latency(checkpoint, probes=args.probes, layer=args.layer, n_prompts=args.n_prompts,
                                       new_tokens=args.new_tokens, torch_reference=not args.no_torch,
-                                      options=arguments.options_from_args(args), prompt_format=args.prompt_format)
+                                      options=arguments.options_from_args(args), prompt_format=args.prompt_format,
+                                      domain=args.domain)
     except (FileNotFoundError, ArtifactError, CheckpointError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

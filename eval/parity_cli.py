@@ -23,9 +23,10 @@ def _prompts(args) -> list[str]:
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts) or not prompts:
             raise ValueError(f"{args.prompts}: expected a JSON list of strings or one prompt per line")
         return prompts
-    from hmoe_jax.data.scenarios import EVAL_ID_OFFSET, eval_seed, generate_scenarios
+    from hmoe_jax.domains import load_domain
 
-    return [s["input_prompt"] for s in generate_scenarios(args.n_prompts, eval_seed(42), EVAL_ID_OFFSET)]
+    # The CRE eval set's first prompts (its generator at seed 43): any text will do for parity.
+    return [r["input_prompt"] for r in load_domain("cre").generate(args.n_prompts, 43)]
 
 
 def main(argv=None) -> int:

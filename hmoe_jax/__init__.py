@@ -6,10 +6,11 @@ needs, and the pipeline's commands call it. The layers, each importing only from
 
     runtime     RunOptions, meshes and sharding rules, multi-host, host memory, atomic files
     formulas    the deterministic experts: exact formulas and their registry
+    domains     a domain's metrics, data generator, records, router negatives; built in: cre, circuits
     kernels     Pallas GPU kernels (sink attention, MXFP4 grouped expert matmul)
     model       gpt-oss in Flax NNX: layers, MoE dispatch, the transformer, generation
     checkpoint  checkpoint layouts, from_pretrained, conversion, tokenizer
-    data        the CRE data set and its scoring, prompts as model inputs, the feature store
+    data        scoring, prompts as model inputs, the feature store
     hybrid      the hybrid layer, the probe MLP, trained artifacts, the hybrid model's inference
     training    precompute, probe training, end-to-end hybrid training
     evaluation  hybrid evaluation, generation baselines, latency, parity, the demo

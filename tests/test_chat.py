@@ -11,9 +11,9 @@ from eval import baselines_cli
 from hmoe_jax.checkpoint import synthetic
 from hmoe_jax.checkpoint.chat import ChatFormat, final_answer
 from hmoe_jax.checkpoint.location import CheckpointError
-from hmoe_jax.data import scenarios as data
+from hmoe_jax.domains.cre import generator as data
 
-CONFIG = synthetic.tiny_config(vocab_size=256, hidden_size=64, num_hidden_layers=2)
+CONFIG = synthetic.tiny_config(vocab_size=320, hidden_size=64, num_hidden_layers=2)
 PROMPTS = ["What is the DSCR for NOI $1,250,000 and annual debt service $1,000,000?",
            "Loan 7,500,000; value 10,000,000.\nLTV?", "x"]
 

@@ -1,4 +1,5 @@
-"""The synthetic CRE data set: byte-exact reproduction of the reference, schema checks, the CLI."""
+"""Data files: the CRE data set's byte-exact reproduction of the reference, the domain-neutral record
+checks, the CLI."""
 
 import hashlib
 import json
@@ -6,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from hmoe_jax.data import scenarios as data
+from hmoe_jax.domains import DomainError, read_records
+from hmoe_jax.domains.cre import generator as data
 from train.data_cli import main as data_main
 
 REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -50,65 +52,112 @@ def test_eval_is_drawn_from_the_train_seed_plus_one_with_ids_from_10000():
     assert (first["id"], last["id"]) == ("cre_10000", "cre_10499")
 
 
-def test_generated_files_pass_schema_validation(dataset_dir):
-    assert len(data.load_scenarios(dataset_dir / "train.json")) == 3000
-    assert len(data.load_scenarios(dataset_dir / "eval.json")) == 500
+def test_generated_files_pass_the_record_checks_and_record_no_domain(dataset_dir):
+    train, recorded = read_records(dataset_dir / "train.json")
+    assert len(train) == 3000 and recorded is None  # a bare list: the reference's own format
+    assert len(read_records(dataset_dir / "eval.json")[0]) == 500
 
 
-def _drop_noi(scenarios):
-    del scenarios[1]["financials"]["noi"]
+def _drop_output(records):
+    del records[1]["computation_markers"][0]["output"]
 
 
-def _price_as_string(scenarios):
-    scenarios[1]["financials"]["purchase_price"] = "$1,000,000"
+def _input_as_string(records):
+    records[1]["computation_markers"][0]["inputs"]["loan"] = "$1,000,000"
 
 
-def _unknown_expert(scenarios):
-    scenarios[1]["computation_markers"][0]["expert"] = "irr"
+def _unknown_expert(records):
+    records[1]["computation_markers"][0]["expert"] = "irr"
 
 
-def _units_as_boolean(scenarios):
-    scenarios[1]["property"]["units"] = True
+def _input_as_boolean(records):
+    records[1]["computation_markers"][0]["inputs"]["loan"] = True
 
 
-def _wrong_expert_args(scenarios):
-    scenarios[1]["computation_markers"][0]["inputs"] = {"x": 1}
+def _wrong_expert_args(records):
+    records[1]["computation_markers"][0]["inputs"] = {"x": 1}
+
+
+def _missing_argument(records):
+    del records[1]["computation_markers"][0]["inputs"]["value"]
+
+
+def _infinite_input(records):
+    records[1]["computation_markers"][0]["inputs"]["loan"] = float("inf")
+
+
+def _nan_output(records):
+    records[1]["computation_markers"][0]["output"] = float("nan")
+
+
+def _duplicate_id(records):
+    records[2]["id"] = records[1]["id"]
+
+
+def _empty_prompt(records):
+    records[1]["input_prompt"] = "  "
+
+
+def _wrong_expert_id(records):
+    records[1]["computation_markers"][0]["expert_id"] = 7
+
+
+def _ltv_first(records):
+    # Record 1 of this seed is a complexity-1 question or not; make its first marker ltv either way.
+    records[1]["computation_markers"] = [{"expert": "ltv", "inputs": {"loan": 1.0, "value": 2.0}, "output": 50.0}]
 
 
 @pytest.mark.parametrize(
     "corrupt, expected_message",
     [
-        (_drop_noi, "scenario 'cre_10001': missing key 'financials.noi'"),
-        (_price_as_string, "key 'financials.purchase_price' must be a number, got a string"),
+        (_drop_output, "record 'cre_10001': missing key 'computation_markers[0].output'"),
+        (_input_as_string, "key 'computation_markers[0].inputs.loan' must be a number, got a string"),
         (_unknown_expert, "key 'computation_markers[0].expert': unknown expert 'irr'"),
-        (_units_as_boolean, "key 'property.units' must be an integer or null, got a boolean"),
+        (_input_as_boolean, "key 'computation_markers[0].inputs.loan' must be a number, got a boolean"),
         (_wrong_expert_args, "expert 'ltv' takes ['loan', 'value'], got ['x']"),
+        (_missing_argument, "(missing ['value'])"),
+        (_infinite_input, "key 'computation_markers[0].inputs.loan' is inf"),
+        (_nan_output, "key 'computation_markers[0].output' is nan"),
+        (_duplicate_id, "record 'cre_10001': id 'cre_10001' is also record #1's"),
+        (_empty_prompt, "key 'input_prompt' is empty"),
+        (_wrong_expert_id, "7 does not match expert 'ltv' (id 33)"),
     ],
 )
-def test_schema_errors_name_the_file_scenario_and_key(tmp_path, corrupt, expected_message):
-    scenarios = data.generate_scenarios(3, 43, data.EVAL_ID_OFFSET)
-    corrupt(scenarios)
+def test_record_errors_name_the_file_record_and_key(tmp_path, corrupt, expected_message):
+    records = data.generate_scenarios(3, 43, data.EVAL_ID_OFFSET)
+    _ltv_first(records)
+    corrupt(records)
     path = tmp_path / "eval.json"
-    path.write_text(json.dumps(scenarios))
-    with pytest.raises(ValueError) as err:
-        data.load_scenarios(path)
+    # allow_nan: Python's json writes NaN/Infinity, which a hand-made file may hold too.
+    path.write_text(json.dumps(records))
+    with pytest.raises(DomainError) as err:
+        read_records(path)
     assert str(path) in str(err.value)
     assert expected_message in str(err.value)
+
+
+def test_only_the_neutral_keys_are_required(tmp_path):
+    record = {"id": "a", "input_prompt": "LTV of a $1 loan on $2?",
+              "computation_markers": [{"expert": "ltv", "inputs": {"loan": 1, "value": 2}, "output": 50.0}]}
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps([record]))
+    assert read_records(path) == ([record], None)
 
 
 @pytest.mark.parametrize(
     "content, expected_message",
     [
         ('[{"id": "cre_00000",', "not valid JSON"),
-        ('{"id": "cre_00000"}', "expected a list of scenarios, got an object"),
-        ('[{}, 3]', "scenario #0: missing key 'id'"),
+        ('{"id": "cre_00000"}', "an object that is not a 'hmoe-jax-records' file"),
+        ('[{}, 3]', "record #0: missing key 'id'"),
+        ('{"format": "hmoe-jax-records", "version": 1, "domain": "x", "records": []}', "key 'domain' must be"),
     ],
 )
 def test_file_level_errors_name_the_problem(tmp_path, content, expected_message):
     path = tmp_path / "train.json"
     path.write_text(content)
     with pytest.raises(ValueError) as err:
-        data.load_scenarios(path)
+        read_records(path)
     assert str(err.value).startswith(f"{path}: ")
     assert expected_message in str(err.value)
 
@@ -129,7 +178,17 @@ def test_cli_overwrites_with_flag(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path.parent)
     argv = ["--out", tmp_path.name, "--seed", "7", "--n-train", "2", "--n-eval", "3", "--overwrite"]
     assert data_main(argv) == 0
-    assert len(data.load_scenarios(tmp_path / "train.json")) == 2
-    assert [s["id"] for s in data.load_scenarios(tmp_path / "eval.json")] == [
+    assert len(read_records(tmp_path / "train.json")[0]) == 2
+    assert [s["id"] for s in read_records(tmp_path / "eval.json")[0]] == [
         "cre_10000", "cre_10001", "cre_10002"
     ]
+
+
+def test_cli_writes_another_domain_and_records_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert data_main(["--domain", "circuits", "--out", "d", "--n-train", "5", "--n-eval", "4"]) == 0
+    train, recorded = read_records(tmp_path / "d" / "train.json")
+    held_out, _ = read_records(tmp_path / "d" / "eval.json")
+    assert recorded == {"name": "circuits", "module": "hmoe_jax.domains.circuits"}
+    assert len(train) == 5 and len(held_out) == 4
+    assert not {r["id"] for r in train} & {r["id"] for r in held_out}

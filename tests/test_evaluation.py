@@ -8,13 +8,14 @@ import pytest
 
 from eval import hybrid_cli
 from hmoe_jax.checkpoint import synthetic
-from hmoe_jax.data import scenarios as data
 from hmoe_jax.data.features import FeatureStore
+from hmoe_jax.domains import read_records
+from hmoe_jax.domains.cre import generator as data
 from hmoe_jax.evaluation import hybrid as evaluation
 from hmoe_jax.hybrid.inference import build_hybrid_model, hybrid_predictions
 from train import precompute_cli, probes_cli
 
-CONFIG = synthetic.tiny_config(vocab_size=256, hidden_size=64, num_hidden_layers=3)
+CONFIG = synthetic.tiny_config(vocab_size=320, hidden_size=64, num_hidden_layers=3)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def test_integrated_forward_equals_the_probe_ensemble_route(pipeline):
     is the fold-probe median, its formulas the registry's: both routes give the same predictions."""
     model, layer = build_hybrid_model(pipeline["ckpt"], pipeline["run"])
     assert layer == 1
-    scenarios = data.load_scenarios(pipeline["eval"])
+    scenarios = read_records(pipeline["eval"])[0]
     from hmoe_jax.checkpoint.tokenizer import load_tokenizer
 
     integrated = hybrid_predictions(model, layer, load_tokenizer(pipeline["ckpt"]),
@@ -62,7 +63,7 @@ def test_layerwise_and_truncated_loading_give_the_same_predictions(pipeline):
     whole model's one-program forward, to float32 rounding."""
     from hmoe_jax.checkpoint.tokenizer import load_tokenizer
 
-    prompts = [s["input_prompt"] for s in data.load_scenarios(pipeline["eval"])][:12]
+    prompts = [s["input_prompt"] for s in read_records(pipeline["eval"])[0]][:12]
     tokenizer = load_tokenizer(pipeline["ckpt"])
     whole, layer = build_hybrid_model(pipeline["ckpt"], pipeline["run"])
     truncated, _ = build_hybrid_model(pipeline["ckpt"], pipeline["run"], through_hybrid_layer=True)
@@ -88,7 +89,7 @@ def test_eval_hybrid_writes_summary_report_and_plots_and_refuses_to_overwrite(pi
     for protocol in ("reference", "honest"):
         for method in ("hybrid", "constant_median"):
             ltv = summary["scores"][protocol][method]["ltv"]
-            assert set(ltv) >= {"n", "within_10", "within_20", "median_pct_error", "by_complexity"}
+            assert set(ltv) >= {"n", "within_10", "within_20", "median_pct_error", "by_group"}
     assert summary["scores"]["reference"]["hybrid"]["dscr"]["n"] == 40
     assert summary["scores"]["honest"]["hybrid"]["dscr"]["n"] < 40
     report = (out / "report.md").read_text()
@@ -112,7 +113,7 @@ def test_eval_hybrid_writes_summary_report_and_plots_and_refuses_to_overwrite(pi
 
 
 def test_probes_of_another_hidden_size_are_refused(pipeline, tmp_path, capsys):
-    other = synthetic.write_hf_checkpoint(tmp_path / "other", synthetic.tiny_config(hidden_size=32, vocab_size=256))
+    other = synthetic.write_hf_checkpoint(tmp_path / "other", synthetic.tiny_config(hidden_size=32, vocab_size=320))
     (other / "tokenizer.json").write_bytes((pipeline["ckpt"] / "tokenizer.json").read_bytes())
     code = hybrid_cli.main(["--model", str(other), "--probes", str(pipeline["run"]), "--data", str(pipeline["eval"]),
                             "--out", str(tmp_path / "r")])

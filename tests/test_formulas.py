@@ -415,7 +415,9 @@ def test_noi_projection_domain():
 
 
 _TYPICAL_ARGUMENTS = {"noi": 6e5, "ads": 5e5, "loan": 7e6, "value": 1e7, "price": 1e7,
-                      "principal": 7e6, "rate": 0.065, "years": 30.0, "growth": 0.03}
+                      "principal": 7e6, "rate": 0.065, "years": 30.0, "growth": 0.03,
+                      # the circuits domain's (registered once any test has loaded it)
+                      "v_in": 12.0, "r_top": 4.7e3, "r_bottom": 1e4, "resistance": 2.2e3, "capacitance": 4.7e-5}
 
 
 @pytest.mark.parametrize("name", [e.name for e in registered_experts()])

@@ -503,11 +503,17 @@ def test_overflowing_formulas_and_huge_probe_outputs_stay_finite_with_finite_gra
     np.testing.assert_array_equal(np.asarray(result), [np.inf, -np.inf])
     np.testing.assert_array_equal(np.asarray(encoded), [SIGN_LOG_LIMIT, -SIGN_LOG_LIMIT])
 
+    from hmoe_jax.domains import linear, sign_log
     from hmoe_jax.hybrid.layer import decode_arguments
 
-    raw = decode_arguments(jnp.asarray([[[1e3], [-1e3], [2.0]]], jnp.float32))
+    huge = jnp.asarray([[[1e3], [-1e3], [2.0]]], jnp.float32)
+    raw = decode_arguments(huge, [sign_log()] * 3)
     assert np.isfinite(np.asarray(raw)).all()
     assert float(raw[0, 0]) == pytest.approx(math.expm1(SIGN_LOG_LIMIT), rel=1e-6)
+    # Each argument decodes in its own probe's space, clipped there too.
+    raw = decode_arguments(huge, [sign_log(unit=1e-6), linear(5.0, 2.0), sign_log()])
+    np.testing.assert_allclose(np.asarray(raw[0]), [math.expm1(SIGN_LOG_LIMIT) * 1e-6,
+                                                    -SIGN_LOG_LIMIT * 2.0 + 5.0, math.expm1(2.0)], rtol=1e-6)
 
 
 # ------------------------------------------------------------------ training: what moves and what does not

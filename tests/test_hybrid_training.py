@@ -22,15 +22,22 @@ from flax import nnx
 from hmoe_jax import formulas
 from hmoe_jax.checkpoint import synthetic
 from hmoe_jax.checkpoint.tokenizer import load_tokenizer
-from hmoe_jax.data import scenarios as data
-from hmoe_jax.data import scoring
+from hmoe_jax.domains import load_domain, read_records
+from hmoe_jax.domains.cre import generator as data
 from hmoe_jax.hybrid import artifacts, probe
 from hmoe_jax.hybrid.artifacts import PROBES_DIR, PROBES_FILE
 from hmoe_jax.hybrid.inference import build_hybrid_model
 from hmoe_jax.runtime.options import RunOptions
 from hmoe_jax.training import hybrid as ht
 
-CONFIG = synthetic.tiny_config(vocab_size=256, hidden_size=64, num_hidden_layers=3)
+CRE = load_domain("cre")
+
+
+def _records(path):
+    return read_records(path)[0]
+
+
+CONFIG = synthetic.tiny_config(vocab_size=512, hidden_size=64, num_hidden_layers=3)
 LAYER = 1
 FOLDS = 2
 REPO = Path(__file__).resolve().parents[1]
@@ -64,9 +71,9 @@ def write_random_probe_run(run_dir: Path, hidden: int, layer: int, seed: int = 0
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("hybrid_training")
     train_json, eval_json = data.write_dataset(root / "data", n_train=8, n_eval=4)
-    scenarios = data.load_scenarios(train_json) + data.load_scenarios(eval_json)
+    scenarios = _records(train_json) + _records(eval_json)
     ckpt = synthetic.write_hf_checkpoint(root / "ckpt", CONFIG, seed=7)
-    synthetic.write_tokenizer(ckpt, [s["input_prompt"] for s in scenarios] + [ht.answer_text(s) for s in scenarios],
+    synthetic.write_tokenizer(ckpt, [s["input_prompt"] for s in scenarios] + [CRE.answer_text(s) for s in scenarios],
                               CONFIG)
     probes = write_random_probe_run(root / "probes", CONFIG["hidden_size"], LAYER)
     return dict(root=root, ckpt=ckpt, probes=probes, train=train_json, eval=eval_json)
@@ -86,9 +93,9 @@ def run(setup, out, settings=SETTINGS, **kwargs):
     """The library's run, evaluating the held-out answer loss only (the commands' full evaluation,
     with routing, formula scores and generation, is tested in the slow tests)."""
     model = build(setup)
-    return model, ht.train_run(out, model, load_tokenizer(setup["ckpt"]), data.load_scenarios(setup["train"]),
-                               data.load_scenarios(setup["eval"]), ["What is the capital of Peru?"] * 6, settings,
-                               {"test": True}, n_generate=0, full_evaluation=False, **kwargs)
+    return model, ht.train_run(out, model, load_tokenizer(setup["ckpt"]), _records(setup["train"]),
+                               _records(setup["eval"]), ["What is the capital of Peru?"] * 6, settings,
+                               {"test": True}, domain=CRE, n_generate=0, full_evaluation=False, **kwargs)
 
 
 # ------------------------------------------------------------------ pieces without a model
@@ -96,10 +103,10 @@ def run(setup, out, settings=SETTINGS, **kwargs):
 
 def test_answer_text_is_the_structured_format_and_parses_back_to_the_ground_truth():
     for s in data.generate_scenarios(40, 5, 0):
-        text = ht.answer_text(s)
-        asked = ht.answer_metrics(s)
+        text = CRE.answer_text(s)
+        asked = CRE.asked(s)
         assert len(text.splitlines()) == len(asked) == (1 if s["complexity"] == 1 else 4)
-        parsed = scoring.parse_metrics(text)
+        parsed = CRE.parse_answer(text)
         for m, v in parsed.items():
             assert (v == pytest.approx(s["ground_truth"][m])) if m in asked else math.isnan(v), (m, text)
 
@@ -135,7 +142,7 @@ def test_block_by_block_gradient_equals_the_one_program_gradient(setup):
         blockwise = ht.HybridTrainer(model, SETTINGS, total_steps=1)
     assert blockwise.objective.layerwise and not whole.objective.layerwise
     tok = load_tokenizer(setup["ckpt"])
-    ex = ht.encode_scenarios(tok, data.load_scenarios(setup["train"]), whole.experts, CONFIG["vocab_size"])
+    ex = ht.encode_scenarios(CRE, tok, _records(setup["train"]), whole.experts, CONFIG["vocab_size"])
     batch = ht.make_batch(ex, np.arange(4), 4, SETTINGS.bucket, 0)
     negatives = ht.negatives_batch([np.array([5, 6, 7]), np.array([9, 3])], 0, 4, 8, 0, 0)
     params = whole.init_state()["params"]
@@ -186,7 +193,7 @@ def test_gradients_are_nonzero_and_match_finite_differences_in_float64(setup):
         rows.bias[...] = jnp.full(rows.bias.shape, 3.0, rows.bias.dtype)
         trainer = ht.HybridTrainer(model, SETTINGS, total_steps=1)
         tok = load_tokenizer(setup["ckpt"])
-        ex = ht.encode_scenarios(tok, data.load_scenarios(setup["train"]), trainer.experts, CONFIG["vocab_size"])
+        ex = ht.encode_scenarios(CRE, tok, _records(setup["train"]), trainer.experts, CONFIG["vocab_size"])
         batch = ht.make_batch(ex, np.arange(4), 4, SETTINGS.bucket, 0)
         negatives = ht.negatives_batch([np.array([5, 6, 7])], 0, 4, 8, 0, 0)
         params = trainer.init_state()["params"]
@@ -307,7 +314,7 @@ def test_cli_trains_evaluates_before_and_after_and_eval_hybrid_loads_the_trained
 
 @pytest.mark.parametrize("case, match", [
     ("missing probes", "no trained probes"),
-    ("empty data", "no scenarios"),
+    ("empty data", "no records"),
     ("missing data", "no such data file"),
     ("bad lr", "learning_rate"),
 ])

@@ -26,8 +26,8 @@ from hmoe_jax.checkpoint.location import checkpoint_fingerprint
 from hmoe_jax.checkpoint.tokenizer import load_tokenizer
 from hmoe_jax.data import features
 from hmoe_jax.data.features import StoreError, router_negative_prompts, scenario_prompts
-from hmoe_jax.data.negatives import NEGATIVE_PROMPTS
 from hmoe_jax.data.prompts import bucket_length, left_pad, length_sorted_batches, tokenize
+from hmoe_jax.domains.cre.negatives import NEGATIVE_PROMPTS
 from hmoe_jax.runtime.options import RunOptions
 from hmoe_jax.training.precompute import pooled_features, precompute_features
 from train.precompute_cli import main as precompute_main
@@ -69,7 +69,8 @@ def test_features_from_padded_batches_equal_each_prompt_alone(checkpoint, store)
     alone, unpadded, within 1e-5 relative."""
     model = from_pretrained(checkpoint / "ckpt")
     tokens = tokenize(load_tokenizer(checkpoint / "ckpt"),
-                                 scenario_prompts(checkpoint / "data" / "train.json").prompts, 128)
+                                 scenario_prompts(checkpoint / "data" / "train.json").prompts,
+                      synthetic.tiny_config()["vocab_size"])
     # The most padded prompt of every other batch (each alone is one compile, so not all of them).
     padding = {}
     for rows in length_sorted_batches(store.metadata["token_counts"], BATCH)[::2]:
@@ -95,7 +96,9 @@ def test_store_records_ids_targets_model_and_layers(checkpoint, store):
     assert meta["model_fingerprint"] == checkpoint_fingerprint(checkpoint / "ckpt")
     for i, s in enumerate(scenarios):
         markers = {m["expert"]: m for m in s["computation_markers"]}
-        for expert, args in ((e.name, e.arg_names) for e in formulas.registered_experts()):
+        # The domain's experts (CRE's four); annual_debt_service and noi_projection markers are not its targets.
+        assert set(meta["targets"]) == {"dscr", "ltv", "cap_rate", "debt_yield"}
+        for expert, args in ((e, formulas.get_expert(e).arg_names) for e in meta["targets"]):
             marker = markers.get(expert)
             assert meta["targets"][expert]["output"][i] == (marker["output"] if marker else None)
             for arg in args:
@@ -200,7 +203,7 @@ def test_tokenizer_beside_the_checkpoint_reads_as_transformers_reads_it(checkpoi
     from transformers import AutoTokenizer
 
     prompts = scenario_prompts(checkpoint / "data" / "train.json").prompts[:5]
-    ours = tokenize(load_tokenizer(checkpoint / "ckpt"), prompts, 128)
+    ours = tokenize(load_tokenizer(checkpoint / "ckpt"), prompts, synthetic.tiny_config()["vocab_size"])
     theirs = AutoTokenizer.from_pretrained(checkpoint / "ckpt")(prompts)["input_ids"]
     assert [list(t) for t in ours] == theirs
 

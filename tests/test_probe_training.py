@@ -20,7 +20,8 @@ import pytest
 
 from hmoe_jax import formulas, make_mesh
 from hmoe_jax.data import features as precompute
-from hmoe_jax.data import scenarios as data
+from hmoe_jax.domains import domain_origin, load_domain
+from hmoe_jax.domains.cre import generator as data
 from hmoe_jax.hybrid import artifacts
 from hmoe_jax.hybrid.probe import decode, encode, probe_apply
 from hmoe_jax.training import probes as probe_training
@@ -34,6 +35,7 @@ LAYER = 1
 RUN_ARGS = ["--experts", "ltv", "--epochs", "8", "--folds", "2", "--seeds", "2", "--checkpoint-every", "1"]
 # float32 training of the same member two ways (different programs, batching, device counts).
 SAME_MEMBER_REL = 1e-5
+CRE = load_domain("cre")
 
 
 def write_store(path, n, *, kind="scenarios", seed=0, fingerprint="0123456789abcdef", shift=0.0, nan_row=None):
@@ -49,9 +51,11 @@ def write_store(path, n, *, kind="scenarios", seed=0, fingerprint="0123456789abc
         features[nan_row, 3] = np.nan
     if kind == "scenarios":
         prompts = precompute.PromptSet(kind, [s["id"] for s in scenarios], [s["input_prompt"] for s in scenarios],
-                                       precompute.scenario_targets(scenarios), "synthetic", "0" * 64)
+                                       precompute.record_targets(CRE, scenarios), "synthetic", "0" * 64,
+                                       domain_origin(CRE))
     else:
-        prompts = precompute.PromptSet(kind, [f"neg_{i:04d}" for i in range(n)], ["?"] * n, None, "synthetic", "1" * 64)
+        prompts = precompute.PromptSet(kind, [f"neg_{i:04d}" for i in range(n)], ["?"] * n, None, "synthetic", "1" * 64,
+                                       domain_origin(CRE))
     meta = precompute.store_metadata(prompts, path / "model", [LAYER], HIDDEN, [1] * n, dtype="float32",
                                      batch_size=8, bucket=32, fingerprint=fingerprint)
     store = precompute.create_store(path, meta)
@@ -178,7 +182,7 @@ def test_loaded_probes_reproduce_the_reported_test_scores(finished_run):
     results = json.loads((run / probe_training.RESULTS_FILE).read_text())
     features = store.features(LAYER)
     protocol = Protocol(folds=2, seeds=2, epochs=8)
-    for task in probe_training.probe_tasks(store, ("ltv",)):
+    for task in probe_training.probe_tasks(store, CRE, ("ltv",)):
         params = probes[task.key]
         assert params["w1"].shape == (2, HIDDEN, 512)
         for k, split in enumerate(split_task(task, protocol)):
@@ -284,6 +288,6 @@ def test_router_classifier_separates_cre_prompts_from_negatives(tmp_path, monkey
                         "--epochs", "30", "--folds", "2", "--seeds", "1", "--checkpoint-every", "30"]) == 0
     results = json.loads((run / probe_training.RESULTS_FILE).read_text())
     assert results["metric"] == "balanced_accuracy"
-    assert results["tasks"]["router/cre_prompt"]["honest"]["mean"] > 0.9
+    assert results["tasks"]["router/asks_for_a_metric"]["honest"]["mean"] > 0.9
     assert "balanced accuracy" in (run / "accuracy.md").read_text()
     assert set(artifacts.load_probes(run)) == {probe_training.ROUTER_TASK}

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-LAYERS = ("runtime", "formulas", "kernels", "model", "checkpoint", "data", "hybrid", "training", "evaluation")
+LAYERS = ("runtime", "formulas", "domains", "kernels", "model", "checkpoint", "data", "hybrid", "training",
+          "evaluation")
 
 
 def test_ruff_finds_nothing():

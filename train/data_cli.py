@@ -1,20 +1,25 @@
-"""`python -m train data`: write the synthetic CRE data sets (train.json and eval.json).
+"""`python -m train data`: write a domain's data sets (train.json and eval.json).
 
-The defaults reproduce the reference files: `--seed` is the train seed and eval uses `--seed + 1`,
-so `--seed 42` writes train from seed 42 and eval from seed 43.
+The train split is the domain's generator at `--seed`, the eval split at `--seed + 1`. For the default
+domain (CRE) the defaults reproduce the reference files byte for byte: train from seed 42, eval from 43.
+Another domain's files record it, so later stages find it without --domain (a built-in or installed
+one; a domain loaded from a .py file is named again with --domain).
 """
 
 import argparse
+import sys
 
-from hmoe_jax.data import scenarios as data
+from hmoe_jax.runtime.arguments import add_domain_argument
 from hmoe_jax.runtime.files import user_path
+
+TRAIN_SEED = 42
 
 
 def _parser():
     parser = argparse.ArgumentParser(
         prog="python -m train data",
-        description="Generate the synthetic CRE underwriting data sets.",
-        epilog="example: python -m train data --out data",
+        description="Generate a domain's synthetic data sets (default: CRE underwriting, the reference's).",
+        epilog="example: python -m train data --out data  |  python -m train data --domain circuits --out data",
     )
     parser.add_argument(
         "--out", type=user_path, required=True, help="directory for train.json and eval.json"
@@ -22,16 +27,17 @@ def _parser():
     parser.add_argument(
         "--seed",
         type=int,
-        default=data.TRAIN_SEED,
+        default=TRAIN_SEED,
         help="train seed; eval uses seed + 1 (default %(default)s, the reference)",
     )
     parser.add_argument(
-        "--n-train", type=int, default=3000, help="train scenarios (default %(default)s)"
+        "--n-train", type=int, default=3000, help="train records (default %(default)s)"
     )
     parser.add_argument(
-        "--n-eval", type=int, default=500, help="eval scenarios (default %(default)s)"
+        "--n-eval", type=int, default=500, help="eval records (default %(default)s)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing data set files")
+    add_domain_argument(parser)
     return parser
 
 
@@ -40,17 +46,28 @@ def main(argv):
 
     Exits with status 2 (argparse's usage error) when a data set file already exists in --out and
     --overwrite is not given: a regenerated file with other settings would silently replace the one
-    a trained probe was fitted on.
+    a trained probe was fitted on. A domain that cannot be loaded, or whose generator writes records
+    that do not fit, exits 2 with the reason; nothing is written then.
     """
+    from hmoe_jax.domains import EVAL_FILE, TRAIN_FILE, DomainError, load_domain, write_dataset
+
     parser = _parser()
     args = parser.parse_args(argv)
+    for name in ("n_train", "n_eval"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
 
-    targets = [args.out / data.TRAIN_FILE, args.out / data.EVAL_FILE]
+    targets = [args.out / TRAIN_FILE, args.out / EVAL_FILE]
     existing = [str(path) for path in targets if path.exists()]
     if existing and not args.overwrite:
         parser.error(f"refusing to overwrite {', '.join(existing)}; pass --overwrite to replace")
 
-    train_path, eval_path = data.write_dataset(args.out, args.seed, args.n_train, args.n_eval)
-    print(f"wrote {args.n_train} train scenarios (seed {args.seed}) to {train_path}")
-    print(f"wrote {args.n_eval} eval scenarios (seed {data.eval_seed(args.seed)}) to {eval_path}")
+    try:
+        domain = load_domain(args.domain)
+        train_path, eval_path = write_dataset(domain, args.out, args.seed, args.n_train, args.n_eval)
+    except (DomainError, ValueError) as err:
+        print(f"train data: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.n_train} {domain.name} train records (seed {args.seed}) to {train_path}")
+    print(f"wrote {args.n_eval} {domain.name} eval records (seed {args.seed + 1}) to {eval_path}")
     return 0

@@ -44,6 +44,7 @@ def _parser():
     p.add_argument("--bucket", type=int, default=32, help="sequence lengths are padded to a multiple of this")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")
+    arguments.add_domain_argument(p)
     arguments.add_model_options(p)
     return p
 
@@ -63,7 +64,7 @@ def main(argv):
             checkpoint_every=args.checkpoint_every)
         checkpoint = resolve_checkpoint(args.model, args.revision)
         inputs = hybrid.Inputs(checkpoint, args.probes, args.data, args.eval, n_train=args.n_train, n_eval=args.n_eval,
-                               n_generate=args.n_generate)
+                               n_generate=args.n_generate, domain=args.domain)
         result = hybrid.run_from_files(inputs, args.out, settings, options=arguments.options_from_args(args))
     except (ArtifactError, StoreError, CheckpointError, ConfigError, FileNotFoundError, ValueError) as err:
         print(f"train hybrid: error: {err}", file=sys.stderr)

@@ -26,13 +26,14 @@ def _parser():
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", type=user_path, help="data set file (train.json or eval.json)")
     source.add_argument("--router-negatives", action="store_true",
-                        help="the library's fixed non-computational prompts (router classifier negatives)")
+                        help="the domain's non-computational prompts (router classifier negatives)")
     parser.add_argument("--layer", type=int, nargs="+", required=True,
                         help="hidden_states index (or indices) to store; 12 in the paper")
     parser.add_argument("--out", type=user_path, required=True, help="feature store directory")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="prompts per forward (default 8 per data device)")
     parser.add_argument("--bucket", type=int, default=32, help="padded lengths are multiples of this (default 32)")
+    arguments.add_domain_argument(parser)
     arguments.add_model_options(parser)
     arguments.add_mesh_arguments(parser)
     arguments.add_distributed_arguments(parser)
@@ -53,7 +54,8 @@ def main(argv):
     try:
         info = distributed.initialize(args)
         model = resolve_checkpoint(args.model, args.revision)
-        prompt_set = router_negative_prompts() if args.router_negatives else scenario_prompts(args.data)
+        prompt_set = (router_negative_prompts(args.domain) if args.router_negatives
+                      else scenario_prompts(args.data, args.domain))
         mesh = make_mesh(data=-1, expert=args.mesh_expert, tensor=args.mesh_tensor)
         store = precompute_features(
             model, prompt_set, args.layer, args.out, mesh=mesh,

@@ -34,6 +34,7 @@ def add_protocol_options(parser):
                         help="checkpoint the store must come from (refused otherwise)")
     parser.add_argument("--mesh-tensor", type=int, default=1,
                         help="devices splitting each member's minibatch; the rest split the ensemble (default 1)")
+    arguments.add_domain_argument(parser)
     arguments.add_distributed_arguments(parser)
 
 
@@ -56,7 +57,7 @@ def _parser():
     parser.add_argument("--out", type=user_path, required=True, help="run directory")
     add_protocol_options(parser)
     parser.add_argument("--experts", nargs="+", default=None,
-                        help="experts to train probes for (default: dscr ltv cap_rate debt_yield)")
+                        help="experts to train probes for (default: the domain's; CRE: dscr ltv cap_rate debt_yield)")
     parser.add_argument("--no-direct", action="store_true", help="skip the probes that read results directly")
     return parser
 
@@ -64,14 +65,17 @@ def _parser():
 def main(argv):
     args = _parser().parse_args(argv)
     from hmoe_jax.data.features import StoreError
+    from hmoe_jax.domains import DomainError
     from hmoe_jax.runtime import distributed
     from hmoe_jax.training import probes
 
     try:
         distributed.initialize(args)
         run = probes.train_probes_on_store(args.store, args.out, probes.Protocol(**protocol_settings(args)),
-                                           store_choice(args), experts=args.experts, direct=not args.no_direct)
-    except (StoreError, probes.ProbeTrainingError, distributed.DistributedError, FileNotFoundError) as err:
+                                           store_choice(args), experts=args.experts, direct=not args.no_direct,
+                                           domain=args.domain)
+    except (StoreError, probes.ProbeTrainingError, DomainError, distributed.DistributedError,
+            FileNotFoundError) as err:
         print(f"train probes: error: {err}", file=sys.stderr)
         return 1
     if distributed.is_coordinator():

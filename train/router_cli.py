@@ -1,11 +1,12 @@
-"""`python -m train router`: the reference's router classifier, CRE prompts against negatives.
+"""`python -m train router`: the reference's router classifier, a domain's prompts against its negatives.
 
     python -m train precompute --model CKPT --router-negatives --layer 12 --out NEG_STORE
     python -m train router --store STORE --negatives NEG_STORE --out RUN
 
-Positives are the data set's prompts, negatives the library's unrelated and qualitative (no
-computation) questions; trained with the probe protocol and the reference's classifier MLP, scored by
-balanced accuracy. Writes RUN/accuracy.md, RUN/results.json, RUN/curves.png and RUN/probes.
+Positives are the data set's prompts, negatives the domain's unrelated and qualitative (no
+computation) questions (CRE's: questions in the same vocabulary that ask for no number); trained
+with the probe protocol and the reference's classifier MLP, scored by balanced accuracy. Writes
+RUN/accuracy.md, RUN/results.json, RUN/curves.png and RUN/probes.
 """
 
 import argparse
@@ -29,14 +30,17 @@ def _parser():
 def main(argv):
     args = _parser().parse_args(argv)
     from hmoe_jax.data.features import StoreError
+    from hmoe_jax.domains import DomainError
     from hmoe_jax.runtime import distributed
     from hmoe_jax.training import probes
 
     try:
         distributed.initialize(args)
         run = probes.train_router_on_stores(args.store, args.negatives, args.out,
-                                            probes.router_protocol(**protocol_settings(args)), store_choice(args))
-    except (StoreError, probes.ProbeTrainingError, distributed.DistributedError, FileNotFoundError) as err:
+                                            probes.router_protocol(**protocol_settings(args)), store_choice(args),
+                                            domain=args.domain)
+    except (StoreError, probes.ProbeTrainingError, DomainError, distributed.DistributedError,
+            FileNotFoundError) as err:
         print(f"train router: error: {err}", file=sys.stderr)
         return 1
     if distributed.is_coordinator():

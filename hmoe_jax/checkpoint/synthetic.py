@@ -62,7 +62,7 @@ def tiny_config(**overrides: Any) -> dict[str, Any]:
     config = dict(
         model_type="gpt_oss",
         architectures=["GptOssForCausalLM"],
-        vocab_size=128,
+        vocab_size=320,  # room for a byte-level tokenizer (`write_tokenizer`): 256 bytes, specials, merges
         hidden_size=64,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -232,14 +232,22 @@ CHAT_TEMPLATE = """\
 """
 
 
+# Bytes a byte-level tokenizer must spell on its own (each is one token before any merge).
+BYTE_ALPHABET_SIZE = 256
+
+
 def write_tokenizer(out_dir: str | Path, texts: list[str], config: dict[str, Any] | None = None, *,
                     chat: bool = True) -> Path:
-    """Train a small BPE tokenizer on `texts` and save it as `tokenizer.json` + `tokenizer_config.json`
-    beside a tiny checkpoint, so the pipeline reads it exactly as it reads gpt-oss's own tokenizer.
+    """Train a small byte-level BPE tokenizer on `texts` and save it as `tokenizer.json` +
+    `tokenizer_config.json` beside a tiny checkpoint, so the pipeline reads it exactly as it reads
+    gpt-oss's own tokenizer.
 
-    The vocabulary is at most the config's `vocab_size` (every id is a row of the embedding); the
-    config's pad/bos/eos ids get named special tokens. Digits are split one per token, as in
-    gpt-oss's tokenizer, so amounts reach the model digit by digit. Like gpt-oss's, it adds no BOS.
+    Byte-level, as gpt-oss's is: every string encodes, and decodes back to itself, whatever characters
+    the training texts held (a character-level BPE silently drops one it never saw: "E = ½ m v²" came
+    back as "E   m v"). Its 256 byte symbols, the special tokens and the merges learned on `texts` fit
+    in the config's `vocab_size` (every id is a row of the embedding), which must therefore leave room
+    for them. The config's pad/bos/eos ids get named special tokens. Digits are split one per token
+    before the bytes are, so amounts reach the model digit by digit. Like gpt-oss's, it adds no BOS.
     With `chat`, harmony's special tokens follow those and `CHAT_TEMPLATE` is saved as
     `chat_template.jinja`, where `transformers` and `checkpoint.chat` read a checkpoint's template.
     """
@@ -250,20 +258,21 @@ def write_tokenizer(out_dir: str | Path, texts: list[str], config: dict[str, Any
     if [token_id for token_id, _ in specials] != list(range(len(specials))):
         raise ValueError(f"special token ids must be 0..{len(specials) - 1} for a trained tokenizer, got {specials}")
     vocab_size = config["vocab_size"]
-    if chat:  # the template's own words are part of what the tokenizer must spell
+    if chat:  # the template's own words are part of what the tokenizer learns to merge
         specials += [(len(specials) + i, name) for i, name in enumerate(HARMONY_TOKENS)]
         texts = list(texts) + [_template_words()]
-    alphabet = sorted(set("".join(texts)) | {"▁"})
-    if len(specials) + len(alphabet) > vocab_size:
-        raise ValueError(f"{len(alphabet)} distinct characters and {len(specials)} special tokens do not fit in "
-                         f"vocab_size {vocab_size}")
+    if len(specials) + BYTE_ALPHABET_SIZE > vocab_size:
+        raise ValueError(f"a byte-level tokenizer needs vocab_size >= {len(specials) + BYTE_ALPHABET_SIZE} "
+                         f"({BYTE_ALPHABET_SIZE} bytes + {len(specials)} special tokens), got {vocab_size}")
 
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(),
-                                                       pre_tokenizers.Digits(individual_digits=True)])
-    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[name for _, name in specials],
-                                  initial_alphabet=alphabet, show_progress=False)
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator(texts, trainer)
 
     out_dir = Path(out_dir)

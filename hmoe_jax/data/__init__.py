@@ -1,2 +1,2 @@
-"""The data the pipeline runs on: the synthetic CRE data set and its scoring, the router negatives,
-prompts as model inputs, and the feature store."""
+"""The data the pipeline runs on: scoring a domain's predictions, prompts as model inputs, and the
+feature store. (The data sets themselves are a domain's: `hmoe_jax.domains`.)"""

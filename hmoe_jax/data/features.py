@@ -25,10 +25,8 @@ import numpy as np
 import tensorstore as ts
 
 from ..checkpoint.location import checkpoint_fingerprint
-from ..formulas import registered_experts
+from ..domains import OUTPUT, Domain, domain_origin, load_domain, load_records
 from ..runtime.files import user_path, write_json_atomically
-from . import scenarios as data
-from .negatives import NEGATIVE_PROMPTS
 
 FORMAT = "hmoe-jax-features"
 FORMAT_VERSION = 1
@@ -38,7 +36,7 @@ DONE_ARRAY = "done.zarr"
 # Rows per stored chunk: one chunk is ~0.7 MB of gpt-oss-20b features per layer.
 ROWS_PER_CHUNK = 64
 # Metadata fields that identify what a store holds; a resumed run must agree on all of them.
-IDENTITY_FIELDS = ("format", "version", "kind", "source_sha256", "model_fingerprint", "layers", "poolings",
+IDENTITY_FIELDS = ("format", "version", "kind", "domain", "source_sha256", "model_fingerprint", "layers", "poolings",
                    "hidden_size", "dtype", "batch_size", "bucket", "scenario_ids", "token_counts")
 
 
@@ -48,8 +46,8 @@ class StoreError(ValueError):
 
 @dataclass(frozen=True)
 class PromptSet:
-    """What a store's rows are: ids, raw prompts, regression targets (None for router negatives) and
-    where they came from (`kind` "scenarios" or "router_negatives")."""
+    """What a store's rows are: ids, raw prompts, regression targets (None for router negatives), where
+    they came from (`kind` "scenarios" or "router_negatives") and their domain."""
 
     kind: str
     ids: list[str]
@@ -57,55 +55,57 @@ class PromptSet:
     targets: dict[str, dict[str, list[float | None]]] | None
     source: str
     source_sha256: str
+    domain: dict[str, str]  # the domain's origin (`domains.domain_origin`)
 
 
-def scenario_targets(scenarios: Sequence[dict[str, Any]]) -> dict[str, dict[str, list[float | None]]]:
-    """{expert: {argument or "output": one value per scenario}} read from the computation markers;
-    None where a scenario has no marker for the expert (its probes never see that scenario)."""
+def record_targets(domain: Domain, records: Sequence[dict[str, Any]]) -> dict[str, dict[str, list[float | None]]]:
+    """{expert: {argument or "output": one value per record}} of the domain's experts, read from the
+    records' own computation markers; None where a record has no marker for the expert (its probes
+    never see that record)."""
     targets: dict[str, dict[str, list[float | None]]] = {
-        e.name: {name: [] for name in (*e.arg_names, "output")} for e in registered_experts()
+        m.expert: {name: [] for name in (*m.spec.arg_names, OUTPUT)} for m in domain.metrics
     }
-    for scenario in scenarios:
-        markers = {m["expert"]: m for m in scenario["computation_markers"]}
+    for record in records:
+        markers = {m["expert"]: m for m in record["computation_markers"]}
         for expert, columns in targets.items():
             marker = markers.get(expert)
             for name, column in columns.items():
                 if marker is None:
                     column.append(None)
                 else:
-                    column.append(marker["output"] if name == "output" else marker["inputs"][name])
+                    column.append(marker["output"] if name == OUTPUT else marker["inputs"][name])
     return targets
 
 
-def scenario_prompts(path: str | Path) -> PromptSet:
-    """The prompts of a data set file (checked against the schema by `data.load_scenarios`)."""
+def scenario_prompts(path: str | Path, domain: str | Domain | None = None) -> PromptSet:
+    """The prompts of a data file and its domain's targets (records checked by `domains.read_records`)."""
     path = user_path(path)
-    scenarios = data.load_scenarios(path)
-    if not scenarios:
-        raise StoreError(f"{path}: the data set holds no scenarios")
-    ids = [s["id"] for s in scenarios]
-    if len(set(ids)) != len(ids):
-        raise StoreError(f"{path}: scenario ids are not unique")
+    records, domain = load_records(path, domain)
+    if not records:
+        raise StoreError(f"{path}: the data set holds no records")
     return PromptSet(
         kind="scenarios",
-        ids=ids,
-        prompts=[s["input_prompt"] for s in scenarios],
-        targets=scenario_targets(scenarios),
+        ids=[r["id"] for r in records],
+        prompts=[r["input_prompt"] for r in records],
+        targets=record_targets(domain, records),
         source=str(path),
         source_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+        domain=domain_origin(domain),
     )
 
 
-def router_negative_prompts() -> PromptSet:
-    """The router classifier's negatives: the library's fixed list of non-computational questions."""
-    text = "\n".join(NEGATIVE_PROMPTS)
+def router_negative_prompts(domain: str | Domain | None = None) -> PromptSet:
+    """The router classifier's negatives: the domain's non-computational questions."""
+    domain = load_domain(domain)
+    text = "\n".join(domain.negatives)
     return PromptSet(
         kind="router_negatives",
-        ids=[f"neg_{i:04d}" for i in range(len(NEGATIVE_PROMPTS))],
-        prompts=list(NEGATIVE_PROMPTS),
+        ids=[f"neg_{i:04d}" for i in range(len(domain.negatives))],
+        prompts=list(domain.negatives),
         targets=None,
-        source="hmoe_jax.data.negatives",
+        source=f"domain {domain.name}: negatives",
         source_sha256=hashlib.sha256(text.encode()).hexdigest(),
+        domain=domain_origin(domain),
     )
 
 
@@ -238,6 +238,7 @@ def store_metadata(prompt_set: PromptSet, checkpoint: Path, layers: Sequence[int
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "kind": prompt_set.kind,
+        "domain": prompt_set.domain,
         "source": prompt_set.source,
         "source_sha256": prompt_set.source_sha256,
         "model_path": str(user_path(checkpoint).resolve()),

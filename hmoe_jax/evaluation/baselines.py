@@ -6,8 +6,9 @@ structured) and reaches the model in one or both prompt formats:
 - `chat`: the text as a user message in the checkpoint's own chat template (gpt-oss is a chat model
   trained on harmony), generation stopping at the end of the assistant's turn, and only the final
   channel's text scored (`checkpoint.chat`).
-Answers come from the KV-cache generator (`model.generate`), are parsed with the reference's regexes and
-sanity ranges (`data.scoring.parse_metrics`) and scored under both protocols.
+Answers come from the KV-cache generator (`model.generate`), are read back by the domain (each metric's
+label pattern and sanity range, `Domain.parse_answer`, the reference's way) and scored under both
+protocols. The structured style asks for the domain's own answer lines.
 """
 
 from __future__ import annotations
@@ -22,27 +23,28 @@ import numpy as np
 from ..checkpoint.chat import ChatFormat, final_answer
 from ..data import scoring
 from ..data.prompts import pad_token_id, prompt_batches, tokenize
+from ..domains import Domain
 from ..model.generate import generate
 from ..runtime import distributed
 from ..runtime.files import user_path, write_json_atomically, write_text_atomically
 from ..runtime.sharding import batch_sharding
 
 PROMPT_FORMATS = ("raw", "chat")
+# The reference's styles; "structured" appends the domain's answer lines (`Domain.structured_instruction`;
+# for CRE "Answer in exactly this format:\nDSCR: <number>\nLTV: <number>%\n...").
 PROMPT_STYLES: Mapping[str, str] = {
     "zeroshot": "{prompt}\n",
     "cot": "{prompt}\nLet's think step by step, showing each calculation, then state the final values.\n",
-    "structured": (
-        "{prompt}\nAnswer in exactly this format:\nDSCR: <number>\nLTV: <number>%\n"
-        "Cap rate: <number>%\nDebt yield: <number>%\n"
-    ),
+    "structured": "{prompt}\n{instruction}",
 }
 
 
-def format_prompt(prompt: str, style: str) -> str:
+def format_prompt(prompt: str, style: str, domain: Domain) -> str:
     try:
-        return PROMPT_STYLES[style].format(prompt=prompt)
+        template = PROMPT_STYLES[style]
     except KeyError:
         raise ValueError(f"unknown prompt style {style!r}; choose from {sorted(PROMPT_STYLES)}") from None
+    return template.format(prompt=prompt, instruction=domain.structured_instruction())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,14 +93,14 @@ def read_answer(ids: list[int], tokenizer, chat: ChatFormat | None, stop) -> Ans
                   final.terminated)
 
 
-def score_style(scenarios: Sequence[Mapping[str, Any]], texts: Sequence[str]) -> dict[str, Any]:
+def score_style(domain: Domain, scenarios: Sequence[Mapping[str, Any]], texts: Sequence[str]) -> dict[str, Any]:
     """One style's generated answers, parsed and scored under both protocols."""
-    parsed = [scoring.parse_metrics(t) for t in texts]
-    preds = {m: np.array([x[m] for x in parsed]) for m in scoring.METRICS}
-    return {protocol: scoring.score(scenarios, preds, protocol) for protocol in scoring.PROTOCOLS}
+    parsed = [domain.parse_answer(t) for t in texts]
+    preds = {m: np.array([x[m] for x in parsed]) for m in domain.experts}
+    return {protocol: scoring.score(domain, scenarios, preds, protocol) for protocol in scoring.PROTOCOLS}
 
 
-def run_baselines(model, tokenizer, scenarios: Sequence[Mapping[str, Any]], styles: Sequence[str], *,
+def run_baselines(model, tokenizer, domain: Domain, scenarios: Sequence[Mapping[str, Any]], styles: Sequence[str], *,
                   new_tokens: int, batch_size: int, formats: Sequence[str] = ("raw",), chat: ChatFormat | None = None,
                   mesh=None, progress: Callable[[str], Callable[[int], None] | None] | None = None
                   ) -> tuple[dict, dict]:
@@ -120,12 +122,13 @@ def run_baselines(model, tokenizer, scenarios: Sequence[Mapping[str, Any]], styl
     generations: dict[str, dict] = {f: {} for f in formats}
     for prompt_format in formats:
         for style in styles:
-            prompts = [format_prompt(s["input_prompt"], style) for s in scenarios]
+            prompts = [format_prompt(s["input_prompt"], style, domain) for s in scenarios]
             start = time.perf_counter()
             answers = generate_answers(model, tokenizer, prompts, new_tokens, batch_size, mesh=mesh,
                                        chat=chat if prompt_format == "chat" else None,
                                        progress=progress(f"{prompt_format}/{style}") if progress else None)
-            result = {**score_style(scenarios, [a.text for a in answers]), "seconds": time.perf_counter() - start}
+            result = {**score_style(domain, scenarios, [a.text for a in answers]),
+                      "seconds": time.perf_counter() - start}
             if prompt_format == "chat":
                 result["final_channel_share"] = float(np.mean([a.final_channel for a in answers]))
             results[prompt_format][style] = result

@@ -28,9 +28,9 @@ from ..checkpoint.chat import ChatFormat
 from ..checkpoint.loading import from_pretrained
 from ..checkpoint.location import CheckpointError, locate_checkpoint, resolve_checkpoint
 from ..checkpoint.tokenizer import load_tokenizer
-from ..data import scenarios as data
 from ..data.prompts import bucket_length, pad_token_id, prompt_batches, tokenize
-from ..hybrid.artifacts import hybrid_layer_of
+from ..domains import Domain, load_domain, resolve_domain
+from ..hybrid.artifacts import hybrid_layer_of, probe_run_identity
 from ..hybrid.inference import make_hybrid_from_run
 from ..hybrid.layer import HybridConfig, make_hybrid
 from ..model.generate import generate
@@ -73,13 +73,17 @@ def torch_reference_fits(config) -> tuple[bool, str]:
 
 def measure_latency(checkpoint: str | Path, *, probes: str | Path | None = None, layer: int | None = None,
                     n_prompts: int = 20, new_tokens: int = 256, torch_reference: bool = True,
-                    options: RunOptions | None = None, prompt_format: str = "raw") -> dict[str, Any]:
-    """Every timing (seconds per prompt) and the prompts' setup; see the module doc."""
+                    options: RunOptions | None = None, prompt_format: str = "raw",
+                    domain: str | Domain | None = None) -> dict[str, Any]:
+    """Every timing (seconds per prompt) and the prompts' setup; see the module doc. The prompts are the
+    domain's (its generator at the reference's eval seed, 43); with `probes`, the probe run's domain."""
     if prompt_format not in ("raw", "chat"):
         raise ValueError(f"unknown prompt format {prompt_format!r}; choose raw or chat")
     checkpoint = resolve_checkpoint(checkpoint)
+    domain = (resolve_domain(domain, probe_run_identity(probes).get("domain"), f"probe run {probes}")
+              if probes is not None else load_domain(domain))
     chat = ChatFormat.of(checkpoint) if prompt_format == "chat" else None
-    prompts = [s["input_prompt"] for s in data.generate_scenarios(n_prompts, data.eval_seed(42), data.EVAL_ID_OFFSET)]
+    prompts = [r["input_prompt"] for r in domain.generate(n_prompts, 43)]
     tokenizer = load_tokenizer(checkpoint)
     model = from_pretrained(checkpoint, options)
     c = model.config

@@ -30,6 +30,7 @@ from flax import nnx
 from ..checkpoint.convert import DTYPES, ConversionSummary, resolve_dtype
 from ..checkpoint.flax_format import open_converted, write_flax_checkpoint
 from ..checkpoint.location import CheckpointError
+from ..domains import OUTPUT, SIGN_LOG, Scaling
 from ..runtime import distributed
 from ..runtime.files import atomic_directory, user_path, write_json_atomically
 from .layer import HybridMoE, ProjectionParam, RouterRowParam
@@ -40,7 +41,7 @@ PROBES_FILE = "probes.json"
 PARAMS_DIR = "hybrid_params"
 PARAMS_FILE = "hybrid_params.json"
 # Target name of a probe that reads an expert's result directly from the hidden state.
-DIRECT = "output"
+DIRECT = OUTPUT
 # What `train hybrid` trains: router rows and projections. Extraction probes and gpt-oss stay frozen.
 TRAINABLE = nnx.Any(RouterRowParam, ProjectionParam)
 
@@ -114,6 +115,21 @@ def _probe_record(run_dir: Path) -> dict[str, Any]:
 def probe_run_identity(run_dir: str | Path) -> dict[str, Any]:
     """What the probes of a run read: model fingerprint and path, layer, pooling, store."""
     return _probe_record(user_path(run_dir))["identity"]
+
+
+def probe_run_scalings(run_dir: str | Path) -> dict[tuple[str, str], Scaling]:
+    """Each probe's target space, {(expert, argument or "output"): Scaling}; sign-log for a run that
+    recorded none (every run before domains could scale a target otherwise)."""
+    record = _probe_record(user_path(run_dir))
+    recorded = record.get("scalings", {})
+    return {(group, name): Scaling.from_dict(recorded[f"{group}/{name}"]) if f"{group}/{name}" in recorded
+            else SIGN_LOG for group, name in record["probes"]}
+
+
+def probe_run_experts(run_dir: str | Path) -> tuple[str, ...]:
+    """The experts a run has argument probes for, in the run's (its domain's) order."""
+    names = [group for group, name in _probe_record(user_path(run_dir))["probes"] if name != DIRECT]
+    return tuple(dict.fromkeys(names))
 
 
 def extraction_probes(run_dir: str | Path) -> dict[str, dict[str, dict[str, jax.Array]]]:

@@ -20,13 +20,20 @@ import numpy as np
 from ..checkpoint.loading import from_pretrained
 from ..checkpoint.location import locate_checkpoint, resolve_checkpoint
 from ..data.prompts import pad_token_id, prompt_batches, tokenize
-from ..formulas import default_expert_names
+from ..formulas import get_expert, registered_experts
 from ..model.config import load_config
 from ..model.transformer import GptOssForCausalLM, default_position_ids, run
 from ..runtime import distributed
 from ..runtime.options import RunOptions
 from ..runtime.sharding import batch_sharding, shard_model
-from .artifacts import ArtifactError, extraction_probes, load_hybrid_params, probe_run_identity
+from .artifacts import (
+    ArtifactError,
+    extraction_probes,
+    load_hybrid_params,
+    probe_run_experts,
+    probe_run_identity,
+    probe_run_scalings,
+)
 from .layer import HybridConfig, make_hybrid
 
 
@@ -38,17 +45,26 @@ def build_hybrid_model(checkpoint: str | Path, run_dir: str | Path, *, options: 
     to the hybrid layer (no head): all that reading the hybrid layer's outputs needs."""
     checkpoint = resolve_checkpoint(checkpoint)
     layer = int(probe_run_identity(run_dir)["layer"])
-    n_layers = load_config(locate_checkpoint(checkpoint).path).num_hidden_layers
+    config = load_config(locate_checkpoint(checkpoint).path)
+    n_layers = config.num_hidden_layers
     if not 0 <= layer < n_layers:
         raise ArtifactError(f"{run_dir}: probes read layer {layer}, outside the model's 0..{n_layers - 1}")
+    # Before any weight is read: the run's experts must be loaded and clear of the neural experts' ids.
+    clashes = [f"{e} (id {get_expert(e).expert_id})" for e in _registered_run_experts(run_dir)
+               if get_expert(e).expert_id < config.num_local_experts]
+    if clashes:
+        raise ArtifactError(f"{run_dir}: expert id(s) of {', '.join(clashes)} collide with the model's neural experts "
+                            f"0..{config.num_local_experts - 1}: register them with an expert_id >= "
+                            f"{config.num_local_experts}")
     model = from_pretrained(checkpoint, options, mesh=mesh, num_layers=layer + 1 if through_hybrid_layer else None)
     return make_hybrid_from_run(model, run_dir, hybrid_params=hybrid_params, mesh=mesh), layer
 
 
 def make_hybrid_from_run(model: GptOssForCausalLM, run_dir: str | Path, *, hybrid_params: str | Path | None = None,
                          mesh=None) -> GptOssForCausalLM:
-    """`model` (in place) with the layer a probe run read made hybrid: the run's experts, their fold
-    probes loaded, extraction by the run's pooling; with `hybrid_params` (a `train hybrid` run
+    """`model` (in place) with the layer a probe run read made hybrid: the run's experts (registered:
+    its domain is loaded), their fold probes loaded, each argument decoded by its probe's scaling,
+    extraction by the run's pooling; with `hybrid_params` (a `train hybrid` run
     directory), its trained router rows and projections replace the initial ones."""
     identity = probe_run_identity(run_dir)
     layer = int(identity["layer"])
@@ -57,11 +73,14 @@ def make_hybrid_from_run(model: GptOssForCausalLM, run_dir: str | Path, *, hybri
     if some["w1"].shape[-2] != model.config.hidden_size:
         raise ArtifactError(f"{run_dir}: probes read {some['w1'].shape[-2]}-dim features but the model has "
                             f"hidden size {model.config.hidden_size}")
+    experts = _registered_run_experts(run_dir)
+    scalings = probe_run_scalings(run_dir)
     config = HybridConfig(
         layers=(layer,),
-        experts=tuple(e for e in default_expert_names() if e in probes),
+        experts=experts,
         extraction_input="causal_mean" if identity.get("pooling", "mean") == "mean" else "token",
         ensemble_size=int(some["w1"].shape[0]),
+        argument_scalings=tuple(scalings[(e, a)] for e in experts for a in get_expert(e).arg_names),
     )
     make_hybrid(model, config, probes={layer: probes})
     if hybrid_params is not None:
@@ -70,6 +89,18 @@ def make_hybrid_from_run(model: GptOssForCausalLM, run_dir: str | Path, *, hybri
         # The hybrid layer's new parameters (router rows, probes) join the model on the mesh.
         shard_model(model, mesh)
     return model
+
+
+def _registered_run_experts(run_dir) -> tuple[str, ...]:
+    """The experts a probe run has probes for, every one registered (its domain loaded)."""
+    experts = probe_run_experts(run_dir)
+    known = {e.name for e in registered_experts()}
+    missing = [e for e in experts if e not in known]
+    if missing:
+        domain = probe_run_identity(run_dir).get("domain", {}).get("name", "cre")
+        raise ArtifactError(f"{run_dir}: its probes are for expert(s) {missing} of domain {domain!r}, which are not "
+                            "registered in this process: load the domain first (--domain)")
+    return experts
 
 
 def _last_token_outputs(info):

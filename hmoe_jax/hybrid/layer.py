@@ -49,9 +49,12 @@ E+d the d-th configured deterministic expert, ``HybridMoE.router_slot(name)``; f
 default experts the slots are the registry ids 32..35), and, keyed by expert name, ``arguments``
 [n_args] (raw units), ``results`` (the exact formula value) and ``selected`` (bool).
 
+Each argument's probe speaks its target's training space (`HybridConfig.argument_scalings`: sign-log
+unless the domain scales it otherwise, `domains.scaling`), decoded back to raw units before the formula.
+
 Numerical guards (no inf or NaN from a deterministic expert reaches the residual stream): probe
-outputs are clipped to |v| <= SIGN_LOG_LIMIT before decoding (|argument| <= 2.35e17, far beyond any
-real value and finite in float32), and a formula result is clipped to the same limit after encoding;
+outputs are clipped to |v| <= SIGN_LOG_LIMIT before decoding (for sign-log, |argument| <= 2.35e17 units,
+far beyond any real value and finite in float32), and a formula result is clipped to the same limit after encoding;
 where a formula overflows (a non-finite result of finite arguments) it is saturated at the limit and
 re-evaluated on harmless arguments for the gradient, so that lane has gradient 0, not inf * 0 = NaN.
 `results` in the layer info keep the formula's own value (inf or NaN there).
@@ -75,6 +78,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .. import formulas
+from ..domains import SIGN_LOG, Scaling
 from ..formulas import DeterministicExpert
 from ..model.layers import MoE
 from . import probe
@@ -121,6 +125,8 @@ class HybridConfig:
     probe_hidden, projection_hidden: hidden widths of the extraction probes and projection MLPs.
     ensemble_size: probes per argument (e.g. the reference's 5 fold probes); their decoded outputs
         are combined by the median, as the reference's inference does.
+    argument_scalings: each argument's probe target space (`domains.Scaling`), one per argument in
+        `det_args` order (expert by expert, arguments in registry order); empty: sign-log for all.
     """
 
     layers: tuple[int, ...] = (12,)
@@ -133,9 +139,10 @@ class HybridConfig:
     probe_hidden: tuple[int, int] = probe.PROBE_HIDDEN
     projection_hidden: tuple[int, int] = (128, 512)
     ensemble_size: int = 1
+    argument_scalings: tuple[Scaling, ...] = ()
 
     def __post_init__(self):
-        for name in ("layers", "experts", "probe_hidden", "projection_hidden"):
+        for name in ("layers", "experts", "probe_hidden", "projection_hidden", "argument_scalings"):
             value = getattr(self, name)
             if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
                 raise TypeError(f"HybridConfig.{name} must be a list, got {value!r}")
@@ -149,7 +156,15 @@ class HybridConfig:
             raise ValueError(f"HybridConfig.layers lists layer(s) {repeated} more than once")
         if not self.experts:
             raise ValueError("HybridConfig.experts is empty: a hybrid layer needs at least one deterministic expert")
-        formulas.resolve_experts(self.experts)  # unknown names, repeated names or ids: ValueError now
+        specs = formulas.resolve_experts(self.experts)  # unknown names, repeated names or ids: ValueError now
+        scalings = tuple(Scaling.from_dict(x) if isinstance(x, Mapping) else x for x in self.argument_scalings)
+        if any(not isinstance(x, Scaling) for x in scalings):
+            raise TypeError(f"HybridConfig.argument_scalings must be Scaling objects, got {self.argument_scalings!r}")
+        n_args = sum(e.num_args for e in specs)
+        if scalings and len(scalings) != n_args:
+            raise ValueError(f"HybridConfig.argument_scalings has {len(scalings)} entries; the experts "
+                             f"{self.experts} take {n_args} arguments")
+        object.__setattr__(self, "argument_scalings", scalings)
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"unknown normalization {self.normalization!r}; choose from {NORMALIZATIONS}")
         if self.extraction_input not in EXTRACTION_INPUTS:
@@ -177,8 +192,16 @@ class HybridConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: tuples become lists; `from_dict(to_dict())` gives the config back."""
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["argument_scalings"] = [x.to_dict() for x in self.argument_scalings]
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @property
+    def scalings(self) -> tuple[Scaling, ...]:
+        """One scaling per argument (`argument_scalings`, or sign-log for every argument)."""
+        if self.argument_scalings:
+            return self.argument_scalings
+        return (SIGN_LOG,) * sum(e.num_args for e in formulas.resolve_experts(self.experts))
 
 
 def load_hybrid_config(path: str | Path) -> HybridConfig:
@@ -291,9 +314,14 @@ class ArgumentExtraction(nnx.Module):
         return out.reshape(features.shape[0], a, m)
 
 
-def decode_arguments(sign_log: jax.Array) -> jax.Array:
-    """Probe outputs [N, args, members] -> raw arguments [N, args]: clip, decode, median over members."""
-    values = probe.decode(jnp.clip(sign_log, -SIGN_LOG_LIMIT, SIGN_LOG_LIMIT))
+def decode_arguments(encoded: jax.Array, scalings: Sequence[Scaling]) -> jax.Array:
+    """Probe outputs [N, args, members], argument a in `scalings[a]`'s space -> raw arguments [N, args]:
+    clip, decode, median over members."""
+    clipped = jnp.clip(encoded, -SIGN_LOG_LIMIT, SIGN_LOG_LIMIT)
+    if all(x == SIGN_LOG for x in scalings):  # the reference's case, one op for all
+        values = probe.decode(clipped)
+    else:
+        values = jnp.stack([x.decode(clipped[:, a]) for a, x in enumerate(scalings)], axis=1)
     return values[..., 0] if values.shape[-1] == 1 else jnp.median(values, axis=-1)
 
 
@@ -391,7 +419,7 @@ class HybridMoE(nnx.Module):
 
     def compute_experts(self, features: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """features [N, H] -> (arguments [N, args] raw, results [N, D], encoded results [N, D])."""
-        arguments = decode_arguments(self.extraction(features))
+        arguments = decode_arguments(self.extraction(features), self.config.scalings)
         results, encoded = [], []
         for e, start, stop in zip(self.det_experts, self.arg_offsets[:-1], self.arg_offsets[1:]):
             r, c = exact_formula(e, arguments[:, start:stop])
@@ -517,6 +545,11 @@ def make_hybrid(model, config: HybridConfig | None = None, *, rngs: nnx.Rngs | N
             raise ValueError(f"layer {i} is already hybrid")
         if not isinstance(mlp, MoE):
             raise ValueError(f"layer {i}'s mlp is a {type(mlp).__name__}, not the gpt-oss MoE")
+    neural = model.config.num_local_experts
+    clashes = [f"{e.name} (id {e.expert_id})" for e in formulas.resolve_experts(config.experts) if e.expert_id < neural]
+    if clashes:
+        raise ValueError(f"deterministic expert id(s) of {', '.join(clashes)} collide with the model's neural experts "
+                         f"0..{neural - 1}: register them with an expert_id >= {neural}")
     probes = dict(probes or {})
     extra = sorted(set(probes) - set(config.layers))
     if extra:

@@ -86,3 +86,13 @@ def batch_size_for(requested: int | None, mesh, per_device: int = 8) -> int:
     """`requested`, or `per_device` prompts rounded up to a multiple of the mesh's data devices."""
     data_devices = mesh.shape["data"]
     return requested or data_devices * -(-per_device // data_devices)
+
+
+DOMAIN_HELP = ("the domain: a built-in name (cre, the default; circuits), an installed entry point "
+               "(hmoe_jax.domains), a module (pkg.mod or pkg.mod:ATTR) or a .py file; default: the one "
+               "the input records (a recorded .py file is never run unless named here)")
+
+
+def add_domain_argument(parser: argparse.ArgumentParser) -> None:
+    """`--domain`, as every command takes it (resolved by `domains.load_domain` / `resolve_domain`)."""
+    parser.add_argument("--domain", default=None, metavar="DOMAIN", help=DOMAIN_HELP)

@@ -8,9 +8,9 @@ expert (the new router rows, `RouterRowParam`) and *how its exact result enters 
 
 Objective, per scenario (`prompt` -> its numeric answers):
 
-    answer text   "DSCR: 1.894\\nLTV: 55.48%\\nCap rate: 7.75%\\nDebt yield: 13.96%" for the metrics
-                  the scenario's markers ask for, in the structured baseline's format (so
-                  `data.scoring.parse_metrics` reads a generated answer back)
+    answer text   the domain's answer line of each metric the record's markers ask for (CRE:
+                  "DSCR: 1.894\\nLTV: 55.48%\\nCap rate: 7.75%\\nDebt yield: 13.96%"), in the structured
+                  baseline's format (so `Domain.parse_answer` reads a generated answer back)
     sequence      tokens(prompt) + tokens("\\n" + answer), left-padded, positions from the mask
     answer loss   teacher-forced next-token cross-entropy on the answer tokens only (mean per token),
                   back-propagated through every frozen block after the hybrid layer and lm_head
@@ -18,7 +18,7 @@ Objective, per scenario (`prompt` -> its numeric answers):
                   z_d = det_logit_d - (k-th largest neural logit) at the prompt's last token, the
                   token whose formula results are the hybrid's predictions: z_d > 0 means expert d
                   enters the top-k there. Label 1 for the experts the scenario's markers name, 0 for
-                  the others and for every expert on router-negative prompts (`data.negatives`);
+                  the others and for every expert on the domain's router-negative prompts;
                   the term is the mean of the positive-prompt and negative-prompt BCEs.
 
 Why the router term matters: at the paper's init (new rows ~ N(0, 0.01^2), bias -2) a deterministic
@@ -63,23 +63,13 @@ from tqdm import tqdm
 
 from ..checkpoint.location import checkpoint_fingerprint, resolve_checkpoint
 from ..checkpoint.tokenizer import load_tokenizer
-from ..data import scenarios as data
 from ..data import scoring
-from ..data.negatives import NEGATIVE_PROMPTS
 from ..data.prompts import bucket_length, left_pad, pad_token_id, prompt_batches, tokenize
-from ..hybrid.artifacts import TRAINABLE, ArtifactError, hybrid_layer_of, save_hybrid_params
+from ..domains import EVAL_FILE, Domain, domain_origin, load_records, resolve_domain
+from ..hybrid.artifacts import TRAINABLE, ArtifactError, hybrid_layer_of, probe_run_identity, save_hybrid_params
 from ..hybrid.inference import build_hybrid_model, hybrid_predictions
 from ..runtime.files import claim_run_dir, user_path, write_json_atomically, write_text_atomically
 from .objective import Objective, differentiable_backend
-
-# The structured baseline's labels (`evaluation.baselines.PROMPT_STYLES["structured"]`), and the data
-# set's rounding.
-ANSWER_FORMATS: Mapping[str, str] = {
-    "dscr": "DSCR: {:.3f}",
-    "ltv": "LTV: {:.2f}%",
-    "cap_rate": "Cap rate: {:.2f}%",
-    "debt_yield": "Debt yield: {:.2f}%",
-}
 
 RUN_FILE = "run.json"
 BEFORE_FILE = "before.json"
@@ -126,17 +116,6 @@ class Settings:
 # ------------------------------------------------------------------ examples
 
 
-def answer_metrics(scenario: Mapping[str, Any]) -> list[str]:
-    """The metrics a scenario asks for: those its markers name, in `scoring.METRICS` order."""
-    named = {m["expert"] for m in scenario["computation_markers"]}
-    return [m for m in scoring.METRICS if m in named]
-
-
-def answer_text(scenario: Mapping[str, Any]) -> str:
-    """The scenario's answer, one line per asked metric, as the structured baseline asks for it."""
-    return "\n".join(ANSWER_FORMATS[m].format(scenario["ground_truth"][m]) for m in answer_metrics(scenario))
-
-
 @dataclass
 class Examples:
     """Tokenised scenarios: prompt and answer ids, and per configured expert a 0/1 router label."""
@@ -158,16 +137,16 @@ def _encode(tokenizer, texts: Sequence[str], vocab_size: int, what: str) -> list
     return tokenize(tokenizer, texts, vocab_size, what=what, error=HybridTrainingError)
 
 
-def encode_scenarios(tokenizer, scenarios: Sequence[Mapping[str, Any]], experts: Sequence[str], vocab_size: int,
-                     where: str = "data") -> Examples:
-    """Scenarios that ask for at least one metric, tokenised (prompt raw, as the probes read it; the
-    answer after a newline)."""
-    kept = [s for s in scenarios if answer_metrics(s)]
+def encode_scenarios(domain: Domain, tokenizer, scenarios: Sequence[Mapping[str, Any]], experts: Sequence[str],
+                     vocab_size: int, where: str = "data") -> Examples:
+    """Records that ask for at least one of the domain's metrics, tokenised (prompt raw, as the probes
+    read it; the domain's answer text after a newline)."""
+    kept = [s for s in scenarios if domain.asked(s)]
     if not kept:
-        raise HybridTrainingError(f"{where}: no scenario asks for any of {list(scoring.METRICS)}: nothing to train on")
+        raise HybridTrainingError(f"{where}: no record asks for any of {list(domain.experts)}: nothing to train on")
     prompts = _encode(tokenizer, [s["input_prompt"] for s in kept], vocab_size, f"{where}: prompt")
-    answers = _encode(tokenizer, ["\n" + answer_text(s) for s in kept], vocab_size, f"{where}: answer")
-    labels = np.asarray([[float(e in answer_metrics(s)) for e in experts] for s in kept], np.float32)
+    answers = _encode(tokenizer, ["\n" + domain.answer_text(s) for s in kept], vocab_size, f"{where}: answer")
+    labels = np.asarray([[float(e in domain.asked(s)) for e in experts] for s in kept], np.float32)
     return Examples([s["id"] for s in kept], prompts, answers, labels)
 
 
@@ -314,18 +293,18 @@ class HybridTrainer:
 # ------------------------------------------------------------------ evaluation before / after
 
 
-def evaluate_params(trainer: HybridTrainer, params, tokenizer, examples: Examples,
+def evaluate_params(trainer: HybridTrainer, params, tokenizer, examples: Examples, domain: Domain,
                     scenarios: Sequence[Mapping[str, Any]], negative_prompts: Sequence[str], *,
                     n_generate: int = 0, new_tokens: int = 64, full: bool = True) -> dict[str, Any]:
     """What the hybrid model with `params` achieves on held-out data (`full=False`: the answer loss only).
 
     - answer_loss / answer_token_accuracy: teacher-forced, on the answer tokens;
     - routing at each prompt's last token (`hybrid.inference.hybrid_predictions`): per expert, the share
-      of CRE prompts that ask for it routed to it, of those that do not, and of held-out negatives;
+      of the domain's prompts that ask for it routed to it, of those that do not, and of held-out negatives;
     - formula: the exact-formula predictions scored within 20% (they read the frozen probes, so
       training cannot change them: reported to show it does not);
     - generated: greedy answers of the first `n_generate` scenarios, parsed as the generation
-      baselines are (`data.scoring.parse_metrics`), scored within 20% (honest protocol) and parse rate.
+      baselines are (`Domain.parse_answer`), scored within 20% (honest protocol) and parse rate.
     """
     by_id = {s["id"]: s for s in scenarios}
     kept = [by_id[i] for i in examples.ids]
@@ -346,30 +325,31 @@ def evaluate_params(trainer: HybridTrainer, params, tokenizer, examples: Example
         for expert in trainer.experts:
             routing[expert]["negatives"] = float(np.asarray(neg[expert]).mean())
     out["routing"] = routing
-    formula = {m: pred["results"][m] for m in scoring.METRICS if m in pred["results"]}
-    out["formula_within_20"] = {p: {m: v["within_20"] for m, v in scoring.score(kept, formula, p).items()}
+    formula = {m: pred["results"][m] for m in domain.experts if m in pred["results"]}
+    out["formula_within_20"] = {p: {m: v["within_20"] for m, v in scoring.score(domain, kept, formula, p).items()}
                                 for p in scoring.PROTOCOLS}
     out["_formula_results"] = {m: np.asarray(v).tolist() for m, v in formula.items()}
     if n_generate > 0:
-        out["generated"] = _generated_answers(trainer, params, tokenizer, examples, kept, n_generate, new_tokens)
+        out["generated"] = _generated_answers(trainer, params, tokenizer, examples, domain, kept, n_generate,
+                                              new_tokens)
     return out
 
 
-def _generated_answers(trainer, params, tokenizer, examples: Examples, kept, n_generate: int,
+def _generated_answers(trainer, params, tokenizer, examples: Examples, domain: Domain, kept, n_generate: int,
                        new_tokens: int) -> dict[str, Any]:
     n = min(n_generate, len(examples))
     sub = Examples(examples.ids[:n], examples.prompts[:n], examples.answers[:n], examples.labels[:n])
     texts = trainer.generate_answers(params, sub, tokenizer, new_tokens)
-    parsed = [scoring.parse_metrics(t) for t in texts]
-    preds = {m: np.asarray([p[m] for p in parsed]) for m in scoring.METRICS}
-    scores = scoring.score(kept[:n], preds, "honest")
-    asked = {m: [m in answer_metrics(s) for s in kept[:n]] for m in scoring.METRICS}
+    parsed = [domain.parse_answer(t) for t in texts]
+    preds = {m: np.asarray([p[m] for p in parsed]) for m in domain.experts}
+    scores = scoring.score(domain, kept[:n], preds, "honest")
+    asked = {m: [m in domain.asked(s) for s in kept[:n]] for m in domain.experts}
     return {
         "n": n,
         "within_20_honest": {m: v["within_20"] for m, v in scores.items()},
         "parsed_rate": {m: float(np.mean([not math.isnan(p[m]) for p, a in zip(parsed, asked[m]) if a]))
-                        if any(asked[m]) else math.nan for m in scoring.METRICS},
-        "examples": [{"id": examples.ids[i], "target": answer_text(kept[i]), "generated": texts[i]}
+                        if any(asked[m]) else math.nan for m in domain.experts},
+        "examples": [{"id": examples.ids[i], "target": domain.answer_text(kept[i]), "generated": texts[i]}
                      for i in range(min(3, n))],
     }
 
@@ -412,10 +392,11 @@ class _Data:
     negatives_length: int
 
 
-def _prepare_data(model, tokenizer, train_scenarios, eval_scenarios, negative_prompts, settings: Settings) -> _Data:
+def _prepare_data(model, tokenizer, domain: Domain, train_scenarios, eval_scenarios, negative_prompts,
+                  settings: Settings) -> _Data:
     experts, vocab = model.layers[hybrid_layer_of(model)].mlp.expert_names, model.config.vocab_size
-    train = encode_scenarios(tokenizer, train_scenarios, experts, vocab, "training data")
-    held_out = encode_scenarios(tokenizer, eval_scenarios, experts, vocab, "held-out data")
+    train = encode_scenarios(domain, tokenizer, train_scenarios, experts, vocab, "training data")
+    held_out = encode_scenarios(domain, tokenizer, eval_scenarios, experts, vocab, "held-out data")
     neg_train, neg_eval = split_negatives(list(negative_prompts))
     use_router = settings.router_weight > 0
     if use_router and not neg_train:
@@ -459,6 +440,7 @@ def train_run(
     settings: Settings,
     identity: Mapping[str, Any],
     *,
+    domain: Domain,
     n_generate: int = 32,
     full_evaluation: bool = True,
     on_step: Callable[[int, int, dict], None] | None = None,
@@ -471,19 +453,19 @@ def train_run(
     run_dir = user_path(run_dir)
     layer = hybrid_layer_of(model)
     experts = model.layers[layer].mlp.expert_names
-    inputs = _prepare_data(model, tokenizer, train_scenarios, eval_scenarios, negative_prompts, settings)
+    inputs = _prepare_data(model, tokenizer, domain, train_scenarios, eval_scenarios, negative_prompts, settings)
     batches_per_epoch = len(epoch_batches(inputs.train.lengths, settings.batch_size, settings.bucket, settings.seed, 0))
     total = settings.epochs * batches_per_epoch
     record = json.loads(json.dumps({"identity": dict(identity), "settings": dataclasses.asdict(settings),
-                                    "layer": layer, "experts": list(experts), "n_train": len(inputs.train),
-                                    "n_held_out": len(inputs.held_out), "n_generate": n_generate,
-                                    "full_evaluation": full_evaluation}))
+                                    "domain": domain_origin(domain), "layer": layer, "experts": list(experts),
+                                    "n_train": len(inputs.train), "n_held_out": len(inputs.held_out),
+                                    "n_generate": n_generate, "full_evaluation": full_evaluation}))
     claim_run_dir(run_dir, record, run_file=RUN_FILE, error=HybridTrainingError, kind="hybrid training run")
 
     trainer = HybridTrainer(model, settings, total)
     new_tokens = int(max(len(a) for a in inputs.held_out.answers)) + 4
     evaluate = functools.partial(evaluate_params, trainer, tokenizer=tokenizer, examples=inputs.held_out,
-                                 scenarios=eval_scenarios, negative_prompts=inputs.held_out_negatives,
+                                 domain=domain, scenarios=eval_scenarios, negative_prompts=inputs.held_out_negatives,
                                  n_generate=n_generate, new_tokens=new_tokens, full=full_evaluation)
     before = _evaluate_once(run_dir / BEFORE_FILE, lambda: evaluate(trainer.initial_params), log)
     state, progress = _train(trainer, inputs, settings, total, batches_per_epoch, run_dir, before, on_step, log)
@@ -623,13 +605,13 @@ def report_markdown(summary: Mapping[str, Any]) -> str:
         lines.append(f"| routed to {expert} at the last prompt token: prompts asking for it / not / negatives | "
                      f"{_pct(rb['asked'])} / {_pct(rb['not_asked'])} / {_pct(rb.get('negatives'))} | "
                      f"{_pct(ra['asked'])} / {_pct(ra['not_asked'])} / {_pct(ra.get('negatives'))} |")
-    for m in scoring.METRICS if "formula_within_20" in a else ():
+    for m in summary["experts"] if "formula_within_20" in a else ():
         fb, fa = b["formula_within_20"]["honest"].get(m), a["formula_within_20"]["honest"].get(m)
         if fb is not None:
             lines.append(f"| {m}: exact-formula prediction within 20% (honest) | {_num(fb)} | {_num(fa)} |")
     if "generated" in a:
         gb, ga = b["generated"], a["generated"]
-        for m in scoring.METRICS:
+        for m in summary["experts"]:
             lines.append(f"| {m}: generated answer within 20% (honest, first {ga['n']}) / parsed | "
                          f"{_num(gb['within_20_honest'].get(m))} / {_pct(gb['parsed_rate'][m])} | "
                          f"{_num(ga['within_20_honest'].get(m))} / {_pct(ga['parsed_rate'][m])} |")
@@ -657,7 +639,8 @@ def report_markdown(summary: Mapping[str, Any]) -> str:
 @dataclass(frozen=True)
 class Inputs:
     """Where `train hybrid` reads from: the checkpoint, the probe run, the training and held-out
-    scenarios (`eval_path` None: eval.json beside the training data) and how many of each it uses."""
+    records (`eval_path` None: eval.json beside the training data), how many of each it uses, and the
+    domain as named on the command line (None: the one the data and the probe run record)."""
 
     model: str | Path
     probes: str | Path
@@ -666,13 +649,14 @@ class Inputs:
     n_train: int | None = None
     n_eval: int = 200
     n_generate: int = 32
+    domain: str | Domain | None = None
 
 
 def run_from_files(inputs: Inputs, out: str | Path, settings: Settings, *, options=None,
                    log: Callable[[str], None] = lambda msg: None) -> RunOutput:
     """Build the hybrid model from the probe run (`hybrid.inference.build_hybrid_model`), then
     `train_run` into `out` with a progress bar over steps; everything the run reads is checked first."""
-    train, held_out, paths = _read_inputs(inputs)
+    train, held_out, paths, domain = _read_inputs(inputs)
     tokenizer = load_tokenizer(paths["model"])
     model, _ = build_hybrid_model(paths["model"], paths["probes"], options=options)
     identity = {"model": str(paths["model"].resolve()), "model_fingerprint": checkpoint_fingerprint(paths["model"]),
@@ -689,14 +673,14 @@ def run_from_files(inputs: Inputs, out: str | Path, settings: Settings, *, optio
         bar.update(done - bar.n)
 
     try:
-        return train_run(out, model, tokenizer, train, held_out, NEGATIVE_PROMPTS, settings, identity,
+        return train_run(out, model, tokenizer, train, held_out, domain.negatives, settings, identity, domain=domain,
                          n_generate=inputs.n_generate, on_step=on_step,
                          log=lambda msg: (bar.write(msg, file=sys.stderr), log(msg)))
     finally:
         bar.close()
 
 
-def _read_inputs(inputs: Inputs) -> tuple[list, list, dict[str, Path]]:
+def _read_inputs(inputs: Inputs) -> tuple[list, list, dict[str, Path], Domain]:
     for name in ("n_eval", "n_generate", "n_train"):
         value = getattr(inputs, name)
         if value is not None and value < (0 if name == "n_generate" else 1):
@@ -706,15 +690,17 @@ def _read_inputs(inputs: Inputs) -> tuple[list, list, dict[str, Path]]:
     if not paths["data"].is_file():
         raise FileNotFoundError(f"{paths['data']}: no such data file")
     paths["eval"] = (user_path(inputs.eval_path) if inputs.eval_path is not None
-                     else paths["data"].parent / data.EVAL_FILE)
+                     else paths["data"].parent / EVAL_FILE)
     if not paths["eval"].is_file():
         raise FileNotFoundError(f"{paths['eval']}: no held-out data file (pass --eval)")
     if not (paths["probes"] / "probes.json").is_file():
         raise FileNotFoundError(f"{paths['probes']}: no trained probes (probes.json missing; run "
                                 "`python -m train probes`)")
-    train = data.load_scenarios(paths["data"])[:inputs.n_train]
-    held_out = data.load_scenarios(paths["eval"])[:inputs.n_eval]
-    for scenarios, path in ((train, paths["data"]), (held_out, paths["eval"])):
-        if not scenarios:
-            raise HybridTrainingError(f"{path}: no scenarios")
-    return train, held_out, paths
+    train, domain = load_records(paths["data"], inputs.domain)
+    held_out, _ = load_records(paths["eval"], domain)
+    resolve_domain(domain, probe_run_identity(paths["probes"]).get("domain"), f"probe run {paths['probes']}")
+    train, held_out = train[:inputs.n_train], held_out[:inputs.n_eval]
+    for records, path in ((train, paths["data"]), (held_out, paths["eval"])):
+        if not records:
+            raise HybridTrainingError(f"{path}: no records")
+    return train, held_out, paths, domain

@@ -3,27 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
-# The paper's R^2 (log space, mean over folds, optimistic selection), for comparison in the table.
-PAPER_R2 = {
-    "dscr/noi": "0.885 +- 0.183", "dscr/ads": "0.980", "cap_rate/noi": "0.975", "cap_rate/price": "0.982",
-    "ltv/loan": "0.982", "ltv/value": "0.983", "debt_yield/loan": "0.983", "debt_yield/noi": "0.977",
-    "dscr/output": "0.46 to 0.56", "cap_rate/output": "0.46 to 0.56", "debt_yield/output": "0.46 to 0.56",
-    "ltv/output": "-0.50",
-}
-
-_METRIC_LABELS = {"r2_signlog": "R^2 (sign-log space)", "balanced_accuracy": "balanced accuracy"}
+_METRIC_LABELS = {"r2": "R^2 (in each target's training space: its scaling column)",
+                  "balanced_accuracy": "balanced accuracy"}
 
 
 def _mean_std(entry: dict[str, Any]) -> str:
     return f"{entry['mean']:.3f} +- {entry['std']:.3f}"
 
 
-def score_table(results: dict[str, Any]) -> str:
-    """Markdown: one row per task, honest and optimistic scores as mean +- std over folds."""
+def score_table(results: dict[str, Any], published: Mapping[str, str] | None = None) -> str:
+    """Markdown: one row per task, honest and optimistic scores as mean +- std over folds, and the
+    domain's `published` scores per task (the paper's, for CRE) where it has them."""
     metric = _METRIC_LABELS[results["metric"]]
     protocol = results["protocol"]
     tasks = results["tasks"]
@@ -36,13 +30,16 @@ def score_table(results: dict[str, Any]) -> str:
         "- optimistic (the reference's protocol): the seed that scores best on the reported fold itself.",
         "",
     ]
-    with_paper = results["metric"] == "r2_signlog"
-    header = "| task | scenarios | honest | optimistic |" + (" paper (optimistic) |" if with_paper else "")
+    regression = results["metric"] == "r2"
+    with_paper = regression and bool(published)
+    header = ("| task | scenarios |" + (" scaling |" if regression else "") + " honest | optimistic |"
+              + (" paper (optimistic) |" if with_paper else ""))
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for name, entry in tasks.items():
-        row = f"| {name} | {entry['scenarios']} | {_mean_std(entry['honest'])} | {_mean_std(entry['optimistic'])} |"
+        row = (f"| {name} | {entry['scenarios']} |" + (f" {entry.get('scaling') or 'sign-log'} |" if regression else "")
+               + f" {_mean_std(entry['honest'])} | {_mean_std(entry['optimistic'])} |")
         if with_paper:
-            row += f" {PAPER_R2.get(name, '')} |"
+            row += f" {published.get(name, '')} |"
         lines.append(row)
     return "\n".join(lines) + "\n"
 
@@ -60,7 +57,7 @@ def plot_curves(results: dict[str, Any], path: str | Path) -> None:
     epochs = [point["epoch"] for point in curve]
     validation = np.asarray([point["validation"] for point in curve], np.float64)  # [checkpoints, members]
 
-    regression = results["metric"] == "r2_signlog"
+    regression = results["metric"] == "r2"
     if regression:
         # An untrained probe's R^2 is hugely negative; clipping keeps the useful range readable.
         validation = np.maximum(validation, -1.0)

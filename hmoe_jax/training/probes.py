@@ -1,9 +1,10 @@
 """The paper's probe protocol, trained as one jitted program over the whole ensemble.
 
-Protocol (`spec/hybrid-moe.md`): for each task (an argument of an expert, or an expert's output read
+Protocol (the paper's): for each task (an argument of an expert, or an expert's output read
 directly), take only the scenarios whose markers contain the expert; split them into K folds by a
 permutation seeded 42 (the last fold takes the remainder); for every fold and seed train the probe
-MLP on sign-log targets with Huber(1), AdamW(1e-3, weight decay 0.01) and a cosine schedule stepped
+MLP on scaled targets (sign-log unless the domain scales an argument otherwise:
+`domains.scaling`) with Huber(1), AdamW(1e-3, weight decay 0.01) and a cosine schedule stepped
 per epoch, in shuffled minibatches of 64 with dropout.
 
 Every (task, fold, seed) is one member of an ensemble. Members are stacked on a leading axis and the
@@ -33,7 +34,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,9 +45,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ..checkpoint.location import checkpoint_fingerprint
 from ..data.features import FeatureStore, StoreError
-from ..formulas import default_expert_names, get_expert
+from ..domains import Domain, Scaling, domain_origin, resolve_domain
 from ..hybrid.artifacts import DIRECT, save_probes
-from ..hybrid.probe import PROBE_DROPOUT, PROBE_HIDDEN, encode, probe_apply, probe_init
+from ..hybrid.probe import PROBE_DROPOUT, PROBE_HIDDEN, probe_apply, probe_init
 from ..runtime import distributed
 from ..runtime.files import claim_run_dir, user_path, write_json_atomically
 from ..runtime.sharding import make_mesh, partition_spec
@@ -55,7 +56,7 @@ from . import probe_report
 # The reference's router classifier: Linear(d,128) SiLU Dropout(0.1) Linear(128,32) SiLU Linear(32,1).
 ROUTER_HIDDEN = (128, 32)
 ROUTER_DROPOUT = (0.1, 0.0)
-ROUTER_TASK = ("router", "cre_prompt")
+ROUTER_TASK = ("router", "asks_for_a_metric")
 
 RUN_FILE = "run.json"
 RESULTS_FILE = "results.json"
@@ -104,11 +105,13 @@ def router_protocol(**overrides: Any) -> Protocol:
 @dataclass(frozen=True)
 class Task:
     """One probe to train: `rows` of the feature matrix it learns from and their `targets`, already
-    in training space (sign-log values for regression, 0/1 labels for classification)."""
+    in training space (`scaling`'s values for regression, 0/1 labels for classification, whose
+    scaling is None)."""
 
     key: tuple[str, str]
     rows: np.ndarray
     targets: np.ndarray
+    scaling: Scaling | None = None
 
     @property
     def name(self) -> str:
@@ -119,34 +122,39 @@ class Task:
 # Tasks and splits
 
 
-def probe_tasks(store: FeatureStore, experts: Sequence[str] | None = None, direct: bool = True) -> list[Task]:
-    """Argument probes of `experts` (default: the registry's active ones; arguments in registry
-    order), then their direct-output probes. Each task keeps only the scenarios whose markers contain
-    its expert."""
+def probe_tasks(store: FeatureStore, domain: Domain, experts: Sequence[str] | None = None,
+                direct: bool = True) -> list[Task]:
+    """Argument probes of `experts` (default: the domain's; arguments in registry order), then their
+    direct-output probes, each on its target's scaling (`Metric.scaling_of`). Each task keeps only the
+    records whose markers contain its expert."""
     if store.metadata["kind"] != "scenarios":
         raise ProbeTrainingError(f"{store.path}: holds {store.metadata['kind']}, not scenarios with targets")
-    experts = default_expert_names() if experts is None else tuple(experts)
+    experts = domain.experts if experts is None else tuple(experts)
     targets = store.metadata["targets"]
     unknown = [e for e in experts if e not in targets]
     if unknown:
-        raise ProbeTrainingError(f"{store.path}: no targets for expert(s) {unknown}")
-    keys = ([(e, a) for e in experts for a in get_expert(e).arg_names]
+        raise ProbeTrainingError(f"{store.path}: no targets for expert(s) {unknown}; its experts: {list(targets)}")
+    keys = ([(e, a) for e in experts for a in domain.metric(e).spec.arg_names]
             + ([(e, DIRECT) for e in experts] if direct else []))
     tasks = []
     for expert, name in keys:
         column = targets[expert][name]
         rows = np.asarray([i for i, v in enumerate(column) if v is not None], np.int64)
+        if rows.size == 0:
+            raise ProbeTrainingError(f"{store.path}: no record has a computation marker for {expert!r}: "
+                                     f"nothing to train its probes on")
         values = np.asarray([column[i] for i in rows], np.float64)
         if not np.isfinite(values).all():
             bad = [store.scenario_ids[r] for r in rows[~np.isfinite(values)]][:5]
             raise ProbeTrainingError(f"non-finite {expert}/{name} targets for {bad}")
-        tasks.append(Task((expert, name), rows, np.asarray(encode(values), np.float32)))
+        scaling = domain.metric(expert).scaling_of(name)
+        tasks.append(Task((expert, name), rows, np.asarray(scaling.encode(values), np.float32), scaling))
     return tasks
 
 
 def router_task(positives: FeatureStore, negatives: FeatureStore, layer: int,
                 pooling: str = "mean") -> tuple[np.ndarray, list[str], Task]:
-    """The router classifier's data: (features, ids, task) with the CRE prompts labelled 1 and the
+    """The router classifier's data: (features, ids, task) with the domain's prompts labelled 1 and its
     negatives 0. Both stores must hold features of the same model."""
     if positives.metadata["kind"] != "scenarios" or negatives.metadata["kind"] != "router_negatives":
         raise ProbeTrainingError(f"router training needs a scenario store and a router-negatives store, got "
@@ -473,6 +481,7 @@ def select_and_summarize(tasks: Sequence[Task], ensemble: Ensemble, protocol: Pr
         optimistic = np.max(np.nan_to_num(test, nan=-np.inf), axis=1)
         by_task[task.name] = {
             "scenarios": int(len(task.rows)),
+            "scaling": None if task.scaling is None else str(task.scaling),
             "folds": folds,
             "selected_seed": honest_seed.tolist(),
             "validation": val.tolist(),
@@ -573,7 +582,7 @@ def _train_with_checkpoints(trainer: EnsembleTrainer, run_dir: Path, protocol: P
 
 
 def _metric_name(protocol: Protocol) -> str:
-    return "r2_signlog" if protocol.loss == "huber" else "balanced_accuracy"
+    return "r2" if protocol.loss == "huber" else "balanced_accuracy"
 
 
 def _save_selected_probes(run_dir: Path, params, tasks, ensemble, protocol, summary, identity, input_dim) -> None:
@@ -588,6 +597,7 @@ def _save_selected_probes(run_dir: Path, params, tasks, ensemble, protocol, summ
     save_probes(run_dir, probes, {
         "identity": identity, "input_dim": input_dim, "hidden": list(protocol.hidden),
         "folds": len(summary[tasks[0].name]["folds"]), "loss": protocol.loss,
+        "scalings": {t.name: t.scaling.to_dict() for t in tasks if t.scaling is not None},
         "selected_seed": {t.name: summary[t.name]["selected_seed"] for t in tasks}})
 
 
@@ -613,23 +623,30 @@ def check_expected_model(store: FeatureStore, checkpoint: str | Path | None) -> 
                          f"({store.metadata['model_fingerprint']}), not of {checkpoint}")
 
 
-def store_identity(store: FeatureStore, layer: int, pooling: str) -> dict[str, Any]:
+def store_domain(store: FeatureStore, domain: str | Domain | None) -> Domain:
+    """The domain of a store's records: `domain` as named on the command line (it must be the one the
+    store records), else the recorded one."""
+    return resolve_domain(domain, store.metadata.get("domain"), f"feature store {store.path}")
+
+
+def store_identity(store: FeatureStore, layer: int, pooling: str, domain: Domain) -> dict[str, Any]:
     """What a run's probes read, recorded with them (`hybrid.artifacts.probe_run_identity`)."""
     return {"store": str(store.path.resolve()), "model_path": store.metadata["model_path"],
             "model_fingerprint": store.metadata["model_fingerprint"], "source_sha256": store.metadata["source_sha256"],
-            "layer": layer, "pooling": pooling}
+            "layer": layer, "pooling": pooling, "domain": domain_origin(domain)}
 
 
 def train_and_report(out: str | Path, features: np.ndarray, scenario_ids: Sequence[str], tasks: Sequence[Task],
                      protocol: Protocol, identity: dict[str, Any], *, table_name: str, mesh_tensor: int = 1,
-                     checkpoint_every: int = 10, on_epochs: Callable[[int, int], None] | None = None) -> RunResult:
+                     checkpoint_every: int = 10, on_epochs: Callable[[int, int], None] | None = None,
+                     published: Mapping[str, str] | None = None) -> RunResult:
     """Train (or resume) on a mesh over every device (`mesh_tensor` of them splitting each member's
     minibatch), then write the score table `out/table_name` and `out/curves.png` (process 0)."""
     out = user_path(out)
     run = train_run(out, features, scenario_ids, tasks, protocol, identity, make_mesh(data=-1, tensor=mesh_tensor),
                     checkpoint_every=checkpoint_every, on_epochs=on_epochs)
     if distributed.is_coordinator():
-        (out / table_name).write_text(probe_report.score_table(run.results))
+        (out / table_name).write_text(probe_report.score_table(run.results, published))
         probe_report.plot_curves(run.results, out / "curves.png")
     # Every file is written before any process returns.
     distributed.sync("hmoe_jax.training.probes.reported")
@@ -668,34 +685,41 @@ class StoreChoice:
     checkpoint_every: int = 10
 
 
-def _train_reported(out, features, ids, tasks, protocol, identity, choice: StoreChoice, table_name: str) -> RunResult:
+def _train_reported(out, features, ids, tasks, protocol, identity, choice: StoreChoice, table_name: str,
+                    published: Mapping[str, str] | None = None) -> RunResult:
     bar = EpochBar(protocol.epochs, out)
     try:
         return train_and_report(out, features, ids, tasks, protocol, identity, table_name=table_name,
-                                mesh_tensor=choice.mesh_tensor, checkpoint_every=choice.checkpoint_every, on_epochs=bar)
+                                mesh_tensor=choice.mesh_tensor, checkpoint_every=choice.checkpoint_every, on_epochs=bar,
+                                published=published)
     finally:
         bar.close()
 
 
 def train_probes_on_store(store_path: str | Path, out: str | Path, protocol: Protocol, choice: StoreChoice, *,
-                          experts: Sequence[str] | None = None, direct: bool = True) -> RunResult:
+                          experts: Sequence[str] | None = None, direct: bool = True,
+                          domain: str | Domain | None = None) -> RunResult:
     """`train probes`: the argument (and direct-output) probes on one layer of a scenario store, with a
-    progress bar; writes `out/r2.md`, `out/curves.png`, `out/results.json` and the probes."""
+    progress bar; writes `out/r2.md`, `out/curves.png`, `out/results.json` and the probes. `domain`:
+    as named on the command line (default: the store's)."""
     store = FeatureStore.open(store_path)
     check_expected_model(store, choice.expect_model)
+    domain = store_domain(store, domain)
     layer = store_layer(store, choice.layer)
-    tasks = probe_tasks(store, experts, direct=direct)
+    tasks = probe_tasks(store, domain, experts, direct=direct)
     return _train_reported(out, store.features(layer, choice.pooling), store.scenario_ids, tasks, protocol,
-                           store_identity(store, layer, choice.pooling), choice, "r2.md")
+                           store_identity(store, layer, choice.pooling, domain), choice, "r2.md", domain.published_r2)
 
 
 def train_router_on_stores(store_path: str | Path, negatives_path: str | Path, out: str | Path, protocol: Protocol,
-                           choice: StoreChoice) -> RunResult:
-    """`train router`: the reference's router classifier, CRE prompts against the negatives' features;
-    writes `out/accuracy.md`, `out/curves.png`, `out/results.json` and the classifier."""
+                           choice: StoreChoice, *, domain: str | Domain | None = None) -> RunResult:
+    """`train router`: the reference's router classifier, the domain's prompts against its negatives'
+    features; writes `out/accuracy.md`, `out/curves.png`, `out/results.json` and the classifier."""
     positives, negatives = FeatureStore.open(store_path), FeatureStore.open(negatives_path)
     check_expected_model(positives, choice.expect_model)
+    domain = store_domain(positives, domain)
+    store_domain(negatives, domain)  # the negatives must be the same domain's
     layer = store_layer(positives, choice.layer)
     features, ids, task = router_task(positives, negatives, layer, choice.pooling)
-    identity = {**store_identity(positives, layer, choice.pooling), "negatives": str(negatives.path.resolve())}
+    identity = {**store_identity(positives, layer, choice.pooling, domain), "negatives": str(negatives.path.resolve())}
     return _train_reported(out, features, ids, [task], protocol, identity, choice, "accuracy.md")

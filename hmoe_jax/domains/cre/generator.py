@@ -1,6 +1,6 @@
-"""The synthetic commercial real estate (CRE) underwriting data set.
+"""The synthetic commercial real estate (CRE) underwriting data set: the built-in domain's generator.
 
-`generate_scenarios` follows `spec/data.md` draw for draw, so the reference data sets come back byte
+`generate_scenarios` follows the reference's recipe draw for draw, so the reference data sets come back byte
 for byte: train is seed 42 with ids cre_00000..cre_02999, eval is seed 43 (the train seed + 1) with
 ids cre_10000..cre_10499. Both are written with `json.dump(scenarios, f, indent=2)`.
 
@@ -8,11 +8,11 @@ Any change to the order of draws, to a rounding, or to the key order of a record
 the tests pin both reference files.
 """
 
-import json
 import random
 
-from ..formulas import get_expert, registered_experts
-from ..runtime.files import user_path, write_json_atomically
+from ...formulas import get_expert
+from ...runtime.files import user_path, write_json_atomically
+from ..records import EVAL_FILE, TRAIN_FILE
 
 # The reference generator's vocabulary (`shared/reference/generator_vocab.json`), embedded so the
 # package reproduces the data set on its own. List order matters: `random.choice` indexes into it.
@@ -44,8 +44,6 @@ VOCAB = {
     },
 }
 
-TRAIN_FILE = "train.json"
-EVAL_FILE = "eval.json"
 TRAIN_SEED = 42
 # Eval ids start here so they can never collide with train ids.
 EVAL_ID_OFFSET = 10_000
@@ -280,135 +278,3 @@ def write_dataset(out_dir, seed=TRAIN_SEED, n_train=3000, n_eval=500):
     write_json_atomically(train_path, generate_scenarios(n_train, seed, 0))
     write_json_atomically(eval_path, generate_scenarios(n_eval, eval_seed(seed), EVAL_ID_OFFSET))
     return train_path, eval_path
-
-
-# What `load_scenarios` enforces: the type (or types) of each key, a dict per nested record.
-# Money is checked as a number rather than an int so that hand-made files with 1.5e6 still load.
-_NUMBER = (int, float)
-_SCENARIO_SCHEMA = {
-    "id": str,
-    "complexity": int,
-    "property": {
-        "name": str,
-        "type": str,
-        "location": str,
-        "units": (int, type(None)),
-        "sqft": (int, type(None)),
-    },
-    "financials": {
-        "purchase_price": _NUMBER,
-        "loan_amount": _NUMBER,
-        "interest_rate": _NUMBER,
-        "amortization_years": int,
-        "gpr": _NUMBER,
-        "vacancy_rate": _NUMBER,
-        "egi": _NUMBER,
-        "opex": _NUMBER,
-        "noi": _NUMBER,
-        "noi_growth_rate": _NUMBER,
-    },
-    "ground_truth": {
-        "annual_debt_service": _NUMBER,
-        "dscr": _NUMBER,
-        "cap_rate": _NUMBER,
-        "ltv": _NUMBER,
-        "debt_yield": _NUMBER,
-        "noi_year_3": _NUMBER,
-        "noi_year_5": _NUMBER,
-    },
-    "input_prompt": str,
-    "computation_markers": list,
-}
-_MARKER_SCHEMA = {"expert": str, "expert_id": int, "inputs": dict, "output": _NUMBER}
-_OPTIONAL_MARKER_SCHEMA = {"order": int, "depends_on": str}
-
-# How the schema's Python types read in an error about a JSON file.
-_JSON_NAMES = {
-    bool: "a boolean",
-    int: "an integer",
-    float: "a number",
-    str: "a string",
-    list: "a list",
-    dict: "an object",
-    type(None): "null",
-}
-
-
-def _check_type(value, expected, key):
-    # bool is a subclass of int in Python, but `true` is never a count or an amount.
-    if isinstance(value, bool) or not isinstance(value, expected):
-        wanted = "a number" if expected == _NUMBER else " or ".join(
-            _JSON_NAMES[t] for t in (expected if isinstance(expected, tuple) else (expected,))
-        )
-        raise ValueError(f"key {key!r} must be {wanted}, got {_JSON_NAMES[type(value)]}")
-
-
-def _check_record(record, schema, prefix=""):
-    for key, expected in schema.items():
-        where = prefix + key
-        if key not in record:
-            raise ValueError(f"missing key {where!r}")
-        if isinstance(expected, dict):
-            _check_type(record[key], dict, where)
-            _check_record(record[key], expected, where + ".")
-        else:
-            _check_type(record[key], expected, where)
-
-
-def _check_marker(marker, where):
-    _check_type(marker, dict, where)
-    _check_record(marker, _MARKER_SCHEMA, where + ".")
-    for key, expected in _OPTIONAL_MARKER_SCHEMA.items():
-        if key in marker:
-            _check_type(marker[key], expected, f"{where}.{key}")
-    known = {e.name: e for e in registered_experts()}
-    expert = known.get(marker["expert"])
-    if expert is None:
-        raise ValueError(
-            f"key '{where}.expert': unknown expert {marker['expert']!r} (known: {', '.join(known)})"
-        )
-    if marker["expert_id"] != expert.expert_id:
-        raise ValueError(
-            f"key '{where}.expert_id': {marker['expert_id']} does not match expert {expert.name!r} "
-            f"(id {expert.expert_id})"
-        )
-    inputs = marker["inputs"]
-    if set(inputs) != set(expert.arg_names):
-        raise ValueError(
-            f"key '{where}.inputs': expert {expert.name!r} takes {list(expert.arg_names)}, "
-            f"got {list(inputs)}"
-        )
-    for arg in expert.arg_names:
-        _check_type(inputs[arg], _NUMBER, f"{where}.inputs.{arg}")
-
-
-def load_scenarios(path):
-    """Read a data set file and check every scenario against the schema of `generate_scenarios`.
-
-    Raises ValueError naming the file, the scenario (its id, or its index when the id is unusable)
-    and the offending key.
-    """
-    path = user_path(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            scenarios = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(scenarios, list):
-        got = _JSON_NAMES[type(scenarios)]
-        raise ValueError(f"{path}: expected a list of scenarios, got {got}")
-
-    for index, scenario in enumerate(scenarios):
-        if not isinstance(scenario, dict):
-            raise ValueError(
-                f"{path}: scenario #{index} must be an object, got {_JSON_NAMES[type(scenario)]}"
-            )
-        has_id = isinstance(scenario.get("id"), str)
-        label = f"scenario {scenario['id']!r}" if has_id else f"scenario #{index}"
-        try:
-            _check_record(scenario, _SCENARIO_SCHEMA)
-            for i, marker in enumerate(scenario["computation_markers"]):
-                _check_marker(marker, f"computation_markers[{i}]")
-        except ValueError as err:
-            raise ValueError(f"{path}: {label}: {err}") from None
-    return scenarios
