@@ -27,7 +27,6 @@ from hmoe_jax.domains import (
     sign_log,
     write_dataset,
 )
-from hmoe_jax.formulas import registry
 from hmoe_jax.hybrid.layer import SIGN_LOG_LIMIT, exact_formula
 
 CRE = load_domain("cre")
@@ -292,15 +291,6 @@ def test_the_synthetic_tokenizer_round_trips_arbitrary_unicode(tmp_path):
 def test_a_vocabulary_too_small_for_bytes_is_refused(tmp_path):
     with pytest.raises(ValueError, match="a byte-level tokenizer needs vocab_size >= 266"):
         synthetic.write_tokenizer(tmp_path, ["x"], synthetic.tiny_config(vocab_size=200))
-
-
-@pytest.fixture
-def scratch_expert_names():
-    names: list[str] = []
-    yield names
-    for name in names:
-        if name in registry._REGISTRY:
-            registry._unregister(name)
 
 
 def test_record_json_keeps_unicode(tmp_path):

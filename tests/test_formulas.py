@@ -551,16 +551,6 @@ def test_resolve_experts_rejects_shared_ids(monkeypatch):
         resolve_experts(["dscr", "dscr_clone"])
 
 
-@pytest.fixture
-def scratch_expert_names():
-    """Names registered by a test; unregistered afterwards even if the test fails."""
-    names: list[str] = []
-    yield names
-    for name in names:
-        if name in registry._REGISTRY:
-            registry._unregister(name)
-
-
 def test_new_expert_is_one_decorated_function(scratch_expert_names):
     scratch_expert_names.append("interest_only_payment")
 

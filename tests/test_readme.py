@@ -6,6 +6,7 @@ The virtual environment and the install are the one this suite runs in (`sys.exe
 `.venv/bin/python` under `.ci/run`); what follows `.venv/bin/python` runs word for word."""
 
 import configparser
+import json
 import re
 import shlex
 import subprocess
@@ -85,3 +86,38 @@ def test_the_chat_baselines_run_on_the_demo_model(demo_run):
     assert run.returncode == 0, run.stderr[-3000:]
     report = (cwd / "baselines_out" / "baselines.md").read_text()
     assert "within 10% (raw)" in report and "within 10% (chat)" in report
+
+
+def your_own_domain() -> tuple[str, list[str]]:
+    """The README's user domain (its one Python block) and its commands (its one bash block)."""
+    section = README.split("## Your own domain", 1)[1].split("\n## ", 1)[0]
+    code = re.findall(r"```python\n(.*?)\n```", section, re.S)
+    bash = re.findall(r"```bash\n(.*?)\n```", section, re.S)
+    assert len(code) == 1 and len(bash) == 1, "'Your own domain' holds one python and one bash block"
+    return code[0], [line for line in bash[0].splitlines() if line.strip()]
+
+
+def test_the_readme_user_domain_runs_through_every_command(tmp_path_factory):
+    """The domain exactly as the README prints it, saved in an empty directory, through the demo and then
+    every stage's command, each as written (relative paths, a .py domain named on each)."""
+    code, commands = your_own_domain()
+    assert len(code.splitlines()) <= 50, "the README's user domain is at most 50 lines"
+    cwd = tmp_path_factory.mktemp("own_domain")
+    (cwd / "my_domain.py").write_text(code + "\n")
+    for command in commands:
+        argv = shlex.split(command)
+        assert argv[0] == ".venv/bin/python", command
+        run = subprocess.run([sys.executable, *argv[1:]], cwd=cwd, capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0, f"{command}\n{run.stderr[-3000:]}"
+    summary = json.loads((cwd / "results" / "summary.json").read_text())
+    assert summary["domain"] == "mine" and summary["metrics"] == ["kinetic_energy", "monthly_payment"]
+    for method in ("hybrid", "constant_median"):
+        assert set(summary["scores"]["honest"][method]) == {"kinetic_energy", "monthly_payment"}
+    assert "monthly_payment/monthly_rate" in (cwd / "probes" / "r2.md").read_text()
+    assert "sign-log of y / 0.001" in (cwd / "probes" / "r2.md").read_text()
+    for report in ("demo_mine/results/report.md", "demo_mine/hybrid_training/report.md", "hybrid/report.md"):
+        assert (cwd / report).is_file(), report
+    # The recorded file is not run again by itself: a later stage without --domain says what to pass.
+    run = subprocess.run([sys.executable, "-m", "train", "probes", "--store", "store", "--out", "probes2",
+                          "--epochs", "1"], cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1 and "pass --domain" in run.stderr and "my_domain.py" in run.stderr

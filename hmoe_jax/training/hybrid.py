@@ -592,9 +592,9 @@ def report_markdown(summary: Mapping[str, Any]) -> str:
         f"Model `{summary['identity'].get('model')}`, probes `{summary['identity'].get('probes')}`, hybrid layer "
         f"{summary['layer']}, experts {', '.join(summary['experts'])}. Trained: router rows and projection MLPs + "
         f"output scales ({summary['trainable_parameters']:,} parameters); frozen: gpt-oss and the extraction probes. "
-        f"{summary['n_train']} training scenarios, {s['epochs']} epoch(s), {summary['steps']} steps of batch "
+        f"{summary['n_train']} training records, {s['epochs']} epoch(s), {summary['steps']} steps of batch "
         f"{s['batch_size']}, AdamW lr {s['learning_rate']} (cosine), router weight {s['router_weight']}. Held out: "
-        f"{summary['n_held_out']} scenarios.", "",
+        f"{summary['n_held_out']} records.", "",
         "| held-out measure | before | after |", "|---|---:|---:|",
         f"| answer-token cross-entropy (nats/token) | {b['answer_loss']:.4f} | {a['answer_loss']:.4f} |",
         f"| answer-token top-1 accuracy (teacher forced) | {_pct(b['answer_token_accuracy'])} | "
