@@ -130,8 +130,9 @@ def resolve_domain(spec: str | Domain | None, recorded: Mapping[str, Any] | None
     if spec is not None:
         domain = load_domain(spec)
         if recorded is not None and domain.name != recorded["name"]:
-            raise DomainError(f"{where} was made with domain {recorded['name']!r}, not {domain.name!r} (--domain "
-                              f"{spec}); leave --domain out, or name the domain it was made with")
+            advice = ("" if isinstance(spec, Domain) else
+                      f" (--domain {spec}); leave --domain out, or name the domain it was made with")
+            raise DomainError(f"{where} was made with domain {recorded['name']!r}, not {domain.name!r}{advice}")
         return domain
     if recorded is None:
         return load_domain(DEFAULT)

@@ -116,11 +116,14 @@ def run_demo(out: str | Path, settings: DemoSettings, log: Callable[[str], None]
 
     trained = out / "hybrid_training"
     if settings.hybrid_training:
-        inputs = hybrid_training.Inputs(model, run, train_json, eval_json, n_train=240, n_eval=64, n_generate=0,
-                                        domain=domain)
+        # A short run: a quarter of the training records (at most 240), one epoch, at most 64 held out.
+        n_train = min(240, max(8, settings.n_train // 4))
+        inputs = hybrid_training.Inputs(model, run, train_json, eval_json, n_train=n_train,
+                                        n_eval=min(64, settings.n_eval), n_generate=0, domain=domain)
         stage("hybrid training: python -m train hybrid (router rows + projections, end to end)",
               (trained / "report.md").is_file(),
-              lambda: hybrid_training.run_from_files(inputs, trained, hybrid_training.Settings(bucket=64),
+              # One length bucket of 256 tokens: a demo prompt and its answer fit, so the step compiles once.
+              lambda: hybrid_training.run_from_files(inputs, trained, hybrid_training.Settings(bucket=256),
                                                      options=settings.options))
     return _reports(out, run, results, trained if settings.hybrid_training else None, demo, epochs)
 
