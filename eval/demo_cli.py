@@ -43,8 +43,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the demo model's random weights")
     p.add_argument("--no-hybrid-training", dest="hybrid_training", action="store_false",
                    help="skip end-to-end training of the hybrid layer's router rows and projections (by default "
-                        "they train on 240 training records, one epoch, reported before vs after on 64 held-out "
-                        "ones: about a minute on the demo model)")
+                        "they train on a quarter of the training records, at most 240, one epoch, reported before "
+                        "vs after on at most 64 held-out ones)")
     arguments.add_domain_argument(p)
     arguments.add_model_options(p)
     args = p.parse_args(argv)
