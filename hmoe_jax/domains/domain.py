@@ -27,7 +27,7 @@ import re
 import string
 from typing import Any, Callable, Mapping, Sequence
 
-from ..formulas import DeterministicExpert, get_expert
+from ..formulas import DeterministicExpert, check_router_ids, get_expert
 from .scaling import SIGN_LOG, Scaling
 
 Record = Mapping[str, Any]
@@ -234,11 +234,10 @@ class Domain:
 
     def check_router_ids(self, num_neural_experts: int) -> None:
         """The experts' router ids must not name one of the model's neural experts (0..E-1)."""
-        clashes = [f"{m.expert} (id {m.spec.expert_id})" for m in self.metrics if m.spec.expert_id < num_neural_experts]
-        if clashes:
-            raise DomainError(f"domain {self.name!r}: expert id(s) of {', '.join(clashes)} collide with the model's "
-                              f"neural experts 0..{num_neural_experts - 1}; register them with an expert_id >= "
-                              f"{num_neural_experts}")
+        try:
+            check_router_ids(self.experts, num_neural_experts)
+        except ValueError as err:
+            raise DomainError(f"domain {self.name!r}: {err}") from None
 
     # ---------------------------------------------------------------- records
 

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 from ..formulas import registered_experts
 from ..runtime.files import user_path, write_json_atomically
 from .domain import Domain, DomainError
-from .loading import resolve_domain
+from .loading import domain_origin, resolve_domain
 
 FORMAT = "hmoe-jax-records"
 FORMAT_VERSION = 1
@@ -198,5 +198,5 @@ def write_dataset(domain: Domain, out_dir: str | Path, seed: int, n_train: int, 
         raise DomainError(f"domain {domain.name!r}: seeds {seed} and {seed + 1} generate the same id(s) "
                           f"{shared[:5]}: make ids depend on the seed")
     out_dir.mkdir(parents=True, exist_ok=True)
-    origin = dict(domain.origin) if domain.origin is not None else {"name": domain.name}
+    origin = domain_origin(domain)
     return (write_records(out_dir / TRAIN_FILE, train, origin), write_records(out_dir / EVAL_FILE, held_out, origin))

@@ -10,6 +10,7 @@ scale)` is the built-ins' exact quotient (0.0 where the denominator is <= 0) for
 
 from .registry import (
     DeterministicExpert,
+    check_router_ids,
     default_expert_names,
     deterministic_expert,
     evaluate,
@@ -20,6 +21,7 @@ from .registry import (
 from .underwriting import annual_debt_service, cap_rate, debt_yield, dscr, ltv, noi_projection, ratio
 
 __all__ = [
+    "check_router_ids",
     "DeterministicExpert",
     "annual_debt_service",
     "cap_rate",

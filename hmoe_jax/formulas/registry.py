@@ -195,6 +195,15 @@ def resolve_experts(names: Iterable[str]) -> tuple[DeterministicExpert, ...]:
     return experts
 
 
+def check_router_ids(names: Iterable[str], num_neural_experts: int) -> None:
+    """``ValueError`` naming the experts whose router id lies among a model's neural experts
+    ``0..num_neural_experts - 1`` (a deterministic slot must not shadow one)."""
+    clashes = [f"{e.name} (id {e.expert_id})" for e in resolve_experts(names) if e.expert_id < num_neural_experts]
+    if clashes:
+        raise ValueError(f"expert id(s) of {', '.join(clashes)} collide with the model's neural experts "
+                         f"0..{num_neural_experts - 1}: register them with an expert_id >= {num_neural_experts}")
+
+
 def evaluate(expert: DeterministicExpert | str, args: jax.Array) -> jax.Array:
     """Apply ``expert`` to an argument tensor ``[..., n_args]`` (columns in ``expert.arg_names``
     order) and return the values ``[...]``."""

@@ -20,7 +20,7 @@ import numpy as np
 from ..checkpoint.loading import from_pretrained
 from ..checkpoint.location import locate_checkpoint, resolve_checkpoint
 from ..data.prompts import pad_token_id, prompt_batches, tokenize
-from ..formulas import get_expert, registered_experts
+from ..formulas import check_router_ids, get_expert, registered_experts
 from ..model.config import load_config
 from ..model.transformer import GptOssForCausalLM, default_position_ids, run
 from ..runtime import distributed
@@ -50,12 +50,10 @@ def build_hybrid_model(checkpoint: str | Path, run_dir: str | Path, *, options: 
     if not 0 <= layer < n_layers:
         raise ArtifactError(f"{run_dir}: probes read layer {layer}, outside the model's 0..{n_layers - 1}")
     # Before any weight is read: the run's experts must be loaded and clear of the neural experts' ids.
-    clashes = [f"{e} (id {get_expert(e).expert_id})" for e in _registered_run_experts(run_dir)
-               if get_expert(e).expert_id < config.num_local_experts]
-    if clashes:
-        raise ArtifactError(f"{run_dir}: expert id(s) of {', '.join(clashes)} collide with the model's neural experts "
-                            f"0..{config.num_local_experts - 1}: register them with an expert_id >= "
-                            f"{config.num_local_experts}")
+    try:
+        check_router_ids(_registered_run_experts(run_dir), config.num_local_experts)
+    except ValueError as err:
+        raise ArtifactError(f"{run_dir}: {err}") from None
     model = from_pretrained(checkpoint, options, mesh=mesh, num_layers=layer + 1 if through_hybrid_layer else None)
     return make_hybrid_from_run(model, run_dir, hybrid_params=hybrid_params, mesh=mesh), layer
 

@@ -545,11 +545,7 @@ def make_hybrid(model, config: HybridConfig | None = None, *, rngs: nnx.Rngs | N
             raise ValueError(f"layer {i} is already hybrid")
         if not isinstance(mlp, MoE):
             raise ValueError(f"layer {i}'s mlp is a {type(mlp).__name__}, not the gpt-oss MoE")
-    neural = model.config.num_local_experts
-    clashes = [f"{e.name} (id {e.expert_id})" for e in formulas.resolve_experts(config.experts) if e.expert_id < neural]
-    if clashes:
-        raise ValueError(f"deterministic expert id(s) of {', '.join(clashes)} collide with the model's neural experts "
-                         f"0..{neural - 1}: register them with an expert_id >= {neural}")
+    formulas.check_router_ids(config.experts, model.config.num_local_experts)
     probes = dict(probes or {})
     extra = sorted(set(probes) - set(config.layers))
     if extra:
