@@ -6,7 +6,8 @@ with --model PATH it runs on that checkpoint (e.g. the real gpt-oss-20b, layer 1
 same library call its own command makes:
 
     train data -> checkpoint -> convert (--keep-mxfp4) -> precompute (train, eval) -> train probes
-    -> hybrid model -> eval hybrid -> train hybrid (end to end; --no-hybrid-training skips it) -> report
+    -> hybrid model -> eval hybrid -> train hybrid (end to end: by default on the demo model only;
+    --hybrid-training / --no-hybrid-training choose) -> report
 
 --domain picks the domain (default: CRE, the reference's): a built-in name (cre, circuits), an installed
 entry point, a module or a .py file.
@@ -41,10 +42,13 @@ def main(argv=None) -> int:
     p.add_argument("--n-train", type=int, default=3000)
     p.add_argument("--n-eval", type=int, default=500)
     p.add_argument("--seed", type=int, default=0, help="seed of the demo model's random weights")
-    p.add_argument("--no-hybrid-training", dest="hybrid_training", action="store_false",
-                   help="skip end-to-end training of the hybrid layer's router rows and projections (by default "
-                        "they train on a quarter of the training records, at most 240, one epoch, reported before "
-                        "vs after on at most 64 held-out ones)")
+    training = p.add_mutually_exclusive_group()
+    training.add_argument("--hybrid-training", dest="hybrid_training", action="store_true", default=None,
+                          help="train the hybrid layer's router rows and projections end to end on a quarter of the "
+                               "training records (at most 240, one epoch), reported before vs after on at most 64 "
+                               "held-out ones (default: on for the demo model, off with --model)")
+    training.add_argument("--no-hybrid-training", dest="hybrid_training", action="store_false",
+                          help="skip that, also on the demo model")
     arguments.add_domain_argument(p)
     arguments.add_model_options(p)
     args = p.parse_args(argv)
