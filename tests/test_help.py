@@ -11,6 +11,7 @@ COMMANDS = {
     "python -m train probes": "train.probes_cli:main",
     "python -m train router": "train.router_cli:main",
     "python -m train hybrid": "train.hybrid_cli:main",
+    "python -m train lm": "train.lm_cli:main",
     "python -m eval hybrid": "eval.hybrid_cli:main",
     "python -m eval baselines": "eval.baselines_cli:main",
     "python -m eval latency": "eval.latency_cli:main",

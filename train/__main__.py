@@ -1,6 +1,7 @@
 """`python -m train STAGE [options]`: the stages of the training pipeline, run in this order.
 
     data        write the synthetic CRE data sets (train.json, eval.json)
+    lm          train a small gpt-oss language model from scratch on a domain's corpus (an HF checkpoint)
     precompute  store hidden-state features of the frozen model for a data set (or router negatives)
     probes      train the argument and direct-output probes on a feature store
     router      train the router classifier on CRE features against negative features
@@ -14,6 +15,7 @@ import sys
 
 STAGES = {
     "data": "train.data_cli",
+    "lm": "train.lm_cli",
     "precompute": "train.precompute_cli",
     "probes": "train.probes_cli",
     "router": "train.router_cli",
