@@ -2,6 +2,7 @@
 
     python -m train precompute --model CKPT --data DIR/train.json --layer 12 --out STORE
     python -m train precompute --model CKPT --router-negatives --layer 12 --out NEG_STORE
+    python -m train precompute --model CKPT --data DIR/train.json --layer 12 --out STORE --token-states
 
 Rerunning the same command after an interruption finishes the store; a different job into an
 existing store is refused.
@@ -33,6 +34,10 @@ def _parser():
     parser.add_argument("--batch-size", type=int, default=None,
                         help="prompts per forward (default 8 per data device)")
     parser.add_argument("--bucket", type=int, default=32, help="padded lengths are multiples of this (default 32)")
+    parser.add_argument("--token-states", action="store_true",
+                        help="also store every token's hidden state at the layers (tokens.zarr), which the "
+                             "attention extractor (train probes --extractor attention) reads; "
+                             "about max_tokens times the pooled features' size")
     arguments.add_domain_argument(parser)
     arguments.add_model_options(parser)
     arguments.add_mesh_arguments(parser)
@@ -60,7 +65,8 @@ def main(argv):
         store = precompute_features(
             model, prompt_set, args.layer, args.out, mesh=mesh,
             batch_size=args.batch_size or 8 * mesh.shape["data"], bucket=args.bucket,
-            options=arguments.options_from_args(args), progress=bars if info.is_coordinator else None)
+            options=arguments.options_from_args(args), progress=bars if info.is_coordinator else None,
+            token_states=args.token_states)
         distributed.sync("train.precompute.done")
     except (StoreError, ConfigError, CheckpointError, ValueError, FileNotFoundError) as err:
         print(f"train precompute: error: {err}", file=sys.stderr)

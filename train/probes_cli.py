@@ -1,10 +1,14 @@
 """`python -m train probes`: train the paper's probes on a feature store.
 
     python -m train probes --store STORE --out RUN [--layer 12] [--epochs 300 --folds 5 --seeds 3]
+    python -m train probes --store STORE --out RUN --extractor both   # a store with --token-states
 
 Writes RUN/r2.md (the score table), RUN/results.json, RUN/curves.png and the trained probes
 (RUN/probes, an orbax checkpoint read by `hmoe_jax.hybrid.artifacts.load_probes`). Checkpoints go to
 RUN/checkpoints: after an interruption, the same command resumes and ends with the same result.
+--extractor attention trains the attention-pooled extractor (`hmoe_jax.hybrid.attention`) on the store's
+token states instead; --extractor both trains the two into RUN/mean and RUN/attention on the same folds
+and seeds and writes RUN/extractors.md comparing them.
 
 Multi-host: start the same command on every host with --coordinator-address, --num-processes and
 --process-id (or their HMOE_* variables, or --distributed); the ensemble is split over every host's
@@ -42,7 +46,8 @@ def store_choice(args):
     from hmoe_jax.training.probes import StoreChoice
 
     return StoreChoice(layer=args.layer, pooling=args.pooling, expect_model=args.expect_model,
-                       mesh_tensor=args.mesh_tensor, checkpoint_every=args.checkpoint_every)
+                       mesh_tensor=args.mesh_tensor, checkpoint_every=args.checkpoint_every,
+                       extractor=getattr(args, "extractor", "mean"))
 
 
 def protocol_settings(args) -> dict:
@@ -59,6 +64,11 @@ def _parser():
     parser.add_argument("--experts", nargs="+", default=None,
                         help="experts to train probes for (default: the domain's; CRE: dscr ltv cap_rate debt_yield)")
     parser.add_argument("--no-direct", action="store_true", help="skip the probes that read results directly")
+    parser.add_argument("--extractor", choices=("mean", "attention", "both"), default="mean",
+                        help="mean: the probe MLP on the --pooling vector (the paper); attention: on each argument's "
+                             "learned-query attention pooling of the store's token states (precompute "
+                             "--token-states); both: the two into RUN/mean and RUN/attention and RUN/extractors.md "
+                             "(default %(default)s)")
     return parser
 
 
@@ -71,13 +81,13 @@ def main(argv):
 
     try:
         distributed.initialize(args)
-        run = probes.train_probes_on_store(args.store, args.out, probes.Protocol(**protocol_settings(args)),
-                                           store_choice(args), experts=args.experts, direct=not args.no_direct,
-                                           domain=args.domain)
+        train = probes.compare_extractors if args.extractor == "both" else probes.train_probes_on_store
+        run = train(args.store, args.out, probes.Protocol(**protocol_settings(args)), store_choice(args),
+                    experts=args.experts, direct=not args.no_direct, domain=args.domain)
     except (StoreError, probes.ProbeTrainingError, DomainError, distributed.DistributedError,
             FileNotFoundError) as err:
         print(f"train probes: error: {err}", file=sys.stderr)
         return 1
     if distributed.is_coordinator():
-        print((args.out / "r2.md").read_text())
+        print((args.out / (probes.COMPARISON_FILE if args.extractor == "both" else "r2.md")).read_text())
     return 0 if run else 1

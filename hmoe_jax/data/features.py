@@ -6,11 +6,17 @@ A feature store is a directory:
                     produced them, and how they were batched
     mean.zarr       float32 [prompts, layers, hidden]: hidden_states[layer] averaged over real tokens
     last.zarr       float32 [prompts, layers, hidden]: hidden_states[layer] at the last real token
+    tokens.zarr     optional (`precompute --token-states`; "tokens" in metadata `poolings`): float32
+                    [prompts, layers, max_tokens, hidden], hidden_states[layer] at every real token,
+                    left-aligned (a prompt's token i at position i) and zero past its `token_counts`
+                    entry; max_tokens = max(token_counts). What the attention extractor
+                    (`hybrid.attention`) trains on.
     done.zarr       uint8 [prompts]: 1 once a prompt's features are written
 
 `training.precompute` fills it; probe training reads it. Row chunks (`ROWS_PER_CHUNK`) are the unit of
 writing: in a multi-process run, chunk c belongs to process c mod N (`FeatureStore.owned_rows`), so no
-two processes ever write one file.
+two processes ever write one file; token states are chunked by the same rows (and one layer), so they
+follow the same ownership. Stores written before token states existed simply lack them.
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ from ..runtime.files import user_path, write_json_atomically
 FORMAT = "hmoe-jax-features"
 FORMAT_VERSION = 1
 POOLINGS = ("mean", "last")
+# The optional per-token array, listed in metadata `poolings` when a store holds it.
+TOKENS = "tokens"
+TOKEN_STATES_FLAG = "--token-states"
 METADATA_FILE = "metadata.json"
 DONE_ARRAY = "done.zarr"
 # Rows per stored chunk: one chunk is ~0.7 MB of gpt-oss-20b features per layer.
@@ -147,7 +156,8 @@ class FeatureStore:
         spec: dict[str, Any] = {"driver": "zarr3", "kvstore": kvstore}
         if create_shape is None:
             return ts.open(spec, open=True).result()
-        chunk = [min(ROWS_PER_CHUNK, create_shape[0]), *([1] if len(create_shape) == 3 else []), *create_shape[2:]]
+        # Rows, then one layer per chunk (pooled [n, layers, hidden] and token states [n, layers, tokens, hidden]).
+        chunk = [min(ROWS_PER_CHUNK, create_shape[0]), *([1] if len(create_shape) >= 3 else []), *create_shape[2:]]
         spec["metadata"] = {
             "shape": list(create_shape),
             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk}},
@@ -161,10 +171,34 @@ class FeatureStore:
             raise StoreError(f"{self.path}: the store is incomplete; rerun `train precompute` to finish it")
         if layer not in self.layers:
             raise StoreError(f"{self.path}: holds layers {self.layers}, not layer {layer}")
-        if pooling not in self.metadata["poolings"]:
-            raise StoreError(f"{self.path}: pooling {pooling!r} not in {self.metadata['poolings']}")
+        if pooling not in POOLINGS or pooling not in self.metadata["poolings"]:
+            pooled = [p for p in self.metadata["poolings"] if p in POOLINGS]
+            raise StoreError(f"{self.path}: pooling {pooling!r} not in the store's pooled features {pooled}")
         array = self._array(f"{pooling}.zarr")
         return np.asarray(array[:, self.layers.index(layer), :].read().result(), np.float32)
+
+    @property
+    def has_token_states(self) -> bool:
+        return TOKENS in self.metadata["poolings"]
+
+    @property
+    def max_tokens(self) -> int:
+        return max(self.metadata["token_counts"], default=0)
+
+    def token_states(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """(states float32 [prompts, max_tokens, hidden], counts int32 [prompts]) of one layer: every
+        real token's hidden state, left-aligned, zero past each prompt's count. StoreError, naming the
+        flag to rerun precompute with, for a store without them."""
+        if not self.has_token_states:
+            raise StoreError(f"{self.path}: holds no per-token hidden states (only {self.metadata['poolings']}), "
+                             f"which the attention extractor reads; rerun `python -m train precompute` with "
+                             f"{TOKEN_STATES_FLAG} into a new --out")
+        if not self.complete:
+            raise StoreError(f"{self.path}: the store is incomplete; rerun `train precompute` to finish it")
+        if layer not in self.layers:
+            raise StoreError(f"{self.path}: holds layers {self.layers}, not layer {layer}")
+        states = self._array(f"{TOKENS}.zarr")[:, self.layers.index(layer)].read().result()
+        return np.asarray(states, np.float32), np.asarray(self.metadata["token_counts"], np.int32)
 
     def done_rows(self) -> np.ndarray:
         return np.asarray(self._array(DONE_ARRAY).read().result(), bool)
@@ -180,11 +214,18 @@ class FeatureStore:
         """Which of `rows` a process writes: those of the chunks c with c mod process_count == process_index."""
         return (np.asarray(rows) // self.chunk_rows) % process_count == process_index
 
-    def write_batch(self, rows: np.ndarray, mean: np.ndarray, last: np.ndarray) -> None:
-        """Features first, then the done flags: a kill in between leaves the rows to be redone."""
+    def write_batch(self, rows: np.ndarray, mean: np.ndarray, last: np.ndarray,
+                    tokens: np.ndarray | None = None) -> None:
+        """Features first, then the done flags: a kill in between leaves the rows to be redone.
+        `tokens` [rows, layers, max_tokens, hidden]: required exactly when the store holds token states."""
         if len(rows) == 0:
             return
+        if (tokens is not None) != self.has_token_states:
+            raise StoreError(f"{self.path}: token states {'given' if tokens is not None else 'missing'} for a store "
+                             f"{'with' if self.has_token_states else 'without'} them")
         writes = [self._array("mean.zarr")[rows].write(mean), self._array("last.zarr")[rows].write(last)]
+        if tokens is not None:
+            writes.append(self._array(f"{TOKENS}.zarr")[rows].write(tokens))
         for w in writes:
             w.result()
         self._array(DONE_ARRAY)[rows].write(np.ones(len(rows), np.uint8)).result()
@@ -193,7 +234,8 @@ class FeatureStore:
         meta = self.metadata
         n, n_layers, hidden = len(meta["scenario_ids"]), len(meta["layers"]), meta["hidden_size"]
         for pooling in self.metadata["poolings"]:
-            self._array(f"{pooling}.zarr", (n, n_layers, hidden))
+            shape = (n, n_layers, max(self.max_tokens, 1), hidden) if pooling == TOKENS else (n, n_layers, hidden)
+            self._array(f"{pooling}.zarr", shape)
         self._array(DONE_ARRAY, (n,), dtype="uint8")
 
     def write_metadata(self) -> None:
@@ -232,8 +274,9 @@ def _check_metadata(metadata: Any, where: Path) -> None:
 
 def store_metadata(prompt_set: PromptSet, checkpoint: Path, layers: Sequence[int], hidden_size: int,
                    token_counts: Sequence[int], *, dtype: str, batch_size: int, bucket: int,
-                   fingerprint: str | None = None) -> dict[str, Any]:
-    """The metadata of a new, still empty store (`fingerprint` defaults to the checkpoint's)."""
+                   fingerprint: str | None = None, token_states: bool = False) -> dict[str, Any]:
+    """The metadata of a new, still empty store (`fingerprint` defaults to the checkpoint's;
+    `token_states`: the store also keeps every token's hidden state, `tokens.zarr`)."""
     return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -244,7 +287,7 @@ def store_metadata(prompt_set: PromptSet, checkpoint: Path, layers: Sequence[int
         "model_path": str(user_path(checkpoint).resolve()),
         "model_fingerprint": fingerprint if fingerprint is not None else checkpoint_fingerprint(checkpoint),
         "layers": list(layers),
-        "poolings": list(POOLINGS),
+        "poolings": list(POOLINGS) + ([TOKENS] if token_states else []),
         "hidden_size": hidden_size,
         "dtype": dtype,
         "batch_size": batch_size,

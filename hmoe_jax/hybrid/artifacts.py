@@ -6,8 +6,9 @@ Arrays are restored into shardings this process can address: a run directory wri
 processes (`runtime.distributed`) reads back on any process count, and a model's hybrid parameters are
 restored into the placement (device or mesh sharding) its own variables already have.
 
-    probe run     probes.json (what they read: identity, widths, folds, which probes) + probes/ (orbax,
-                  {expert: {argument or "output": params stacked over folds}})
+    probe run     probes.json (what they read: identity, extractor, widths, folds, which probes) + probes/
+                  (orbax, {expert: {argument or "output": params stacked over folds}}; an attention
+                  extractor's params add its `query` [folds, H], `hybrid.attention`)
     hybrid run    hybrid_params.json (layer, experts, shapes) + hybrid_params/ (orbax, the trained
                   `RouterRowParam` and `ProjectionParam` values keyed by their model path)
     probe .pt     the reference's `nn.Sequential` state dict -> a converted Flax checkpoint (`load_probe`)
@@ -33,6 +34,7 @@ from ..checkpoint.location import CheckpointError
 from ..domains import OUTPUT, SIGN_LOG, Scaling
 from ..runtime import distributed
 from ..runtime.files import atomic_directory, user_path, write_json_atomically
+from . import attention
 from .layer import HybridMoE, ProjectionParam, RouterRowParam
 from .probe import PARAM_NAMES
 
@@ -69,6 +71,18 @@ def _save(directory: Path, tree) -> None:
 # ------------------------------------------------------------------ probe runs
 
 
+def extractor_record(kind: str) -> dict[str, Any]:
+    """probes.json's `extractor`: "mean" (the probe MLP on the pooled vector named by identity
+    `pooling`) or "attention" (`hybrid.attention`: a query per probe over RMS-normed token states)."""
+    if kind == "mean":
+        return {"kind": "mean"}
+    if kind == "attention":
+        return {"kind": "attention", "query": attention.QUERY, "key_norm": "rms",
+                "key_norm_eps": attention.KEY_NORM_EPS, "score_scale": "1/sqrt(hidden)", "values": "token states",
+                "query_init": "zeros"}
+    raise ValueError(f"unknown extractor {kind!r}")
+
+
 def save_probes(run_dir: str | Path, probes: Mapping[tuple[str, str], Mapping[str, np.ndarray]],
                 record: Mapping[str, Any]) -> None:
     """The selected probes of a run, {(expert, argument or "output"): params with a leading fold axis},
@@ -97,6 +111,8 @@ def load_probes(run_dir: str | Path) -> dict[tuple[str, str], dict[str, jax.Arra
     for i, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:])):
         leaves[f"w{i + 1}"] = (meta["folds"], fan_in, fan_out)
         leaves[f"b{i + 1}"] = (meta["folds"], fan_out)
+    if probe_run_extractor(run_dir) == "attention":
+        leaves[attention.QUERY] = (meta["folds"], meta["input_dim"])
     abstract: dict[str, dict[str, dict[str, jax.ShapeDtypeStruct]]] = {}
     for group, name in meta["probes"]:
         abstract.setdefault(group, {})[name] = {
@@ -117,6 +133,11 @@ def probe_run_identity(run_dir: str | Path) -> dict[str, Any]:
     return _probe_record(user_path(run_dir))["identity"]
 
 
+def probe_run_extractor(run_dir: str | Path) -> str:
+    """"mean" or "attention": which extractor a run trained ("mean" for runs from before extractors)."""
+    return _probe_record(user_path(run_dir)).get("extractor", {"kind": "mean"})["kind"]
+
+
 def probe_run_scalings(run_dir: str | Path) -> dict[tuple[str, str], Scaling]:
     """Each probe's target space, {(expert, argument or "output"): Scaling}; sign-log for a run that
     recorded none (every run before domains could scale a target otherwise)."""
@@ -135,7 +156,8 @@ def probe_run_experts(run_dir: str | Path) -> tuple[str, ...]:
 def extraction_probes(run_dir: str | Path) -> dict[str, dict[str, dict[str, jax.Array]]]:
     """The argument probes of a run as the hybrid layer takes them: {expert: {argument: params}},
     fold-stacked, for `make_hybrid(..., probes={layer: extraction_probes(run)})` with
-    `HybridConfig(ensemble_size=<folds>)`. Direct-output probes are left out."""
+    `HybridConfig(ensemble_size=<folds>)` (and extraction_input "attention" for an attention
+    extractor's run, `probe_run_extractor`). Direct-output probes are left out."""
     grouped: dict[str, dict[str, dict[str, jax.Array]]] = {}
     for (expert, name), params in load_probes(run_dir).items():
         if name != DIRECT:

@@ -31,6 +31,7 @@ from .artifacts import (
     extraction_probes,
     load_hybrid_params,
     probe_run_experts,
+    probe_run_extractor,
     probe_run_identity,
     probe_run_scalings,
 )
@@ -62,7 +63,9 @@ def make_hybrid_from_run(model: GptOssForCausalLM, run_dir: str | Path, *, hybri
                          mesh=None) -> GptOssForCausalLM:
     """`model` (in place) with the layer a probe run read made hybrid: the run's experts (registered:
     its domain is loaded), their fold probes loaded, each argument decoded by its probe's scaling,
-    extraction by the run's pooling; with `hybrid_params` (a `train hybrid` run
+    extraction by the run's extractor (attention) or pooling (causal mean, or the token's own state);
+    the fold probes are the ensemble (median of decoded outputs), each fold with its own query for
+    attention; with `hybrid_params` (a `train hybrid` run
     directory), its trained router rows and projections replace the initial ones."""
     identity = probe_run_identity(run_dir)
     layer = int(identity["layer"])
@@ -76,7 +79,7 @@ def make_hybrid_from_run(model: GptOssForCausalLM, run_dir: str | Path, *, hybri
     config = HybridConfig(
         layers=(layer,),
         experts=experts,
-        extraction_input="causal_mean" if identity.get("pooling", "mean") == "mean" else "token",
+        extraction_input=_extraction_input(run_dir, identity),
         ensemble_size=int(some["w1"].shape[0]),
         argument_scalings=tuple(scalings[(e, a)] for e in experts for a in get_expert(e).arg_names),
     )
@@ -87,6 +90,12 @@ def make_hybrid_from_run(model: GptOssForCausalLM, run_dir: str | Path, *, hybri
         # The hybrid layer's new parameters (router rows, probes) join the model on the mesh.
         shard_model(model, mesh)
     return model
+
+
+def _extraction_input(run_dir, identity) -> str:
+    if probe_run_extractor(run_dir) == "attention":
+        return "attention"
+    return "causal_mean" if identity.get("pooling", "mean") == "mean" else "token"
 
 
 def _registered_run_experts(run_dir) -> tuple[str, ...]:

@@ -10,7 +10,10 @@ not move) and adds, for D deterministic experts:
     extraction        features = the block's input residual (= hidden_states[L] of layer L, what the
                       paper's probes read): the token's own vector ("token") or the mean over the real
                       tokens up to it ("causal_mean", which at a prompt's last token is the prompt
-                      mean-pool the probes were trained on); one probe MLP per argument (or an
+                      mean-pool the probes were trained on), or, per argument, its learned query's
+                      attention pooling over the real tokens up to it ("attention", `hybrid.attention`,
+                      at the last token the pooling the extractor was trained with); one probe MLP per
+                      argument (or an
                       ensemble, e.g. the reference's 5 fold probes, combined by the median of the
                       decoded outputs), in float32; outputs are sign-log values, decoded with
                       `probe.decode`
@@ -81,10 +84,10 @@ from .. import formulas
 from ..domains import SIGN_LOG, Scaling
 from ..formulas import DeterministicExpert
 from ..model.layers import MoE
-from . import probe
+from . import attention, probe
 
 NORMALIZATIONS = ("softmax", "sigmoid_sum")
-EXTRACTION_INPUTS = ("token", "causal_mean")
+EXTRACTION_INPUTS = ("token", "causal_mean", "attention")
 
 # Clip for sign-log values (probe outputs and encoded formula results). decode(40) = 2.35e17 lies far
 # beyond any real estate figure (<= ~1e9), so a trained probe is never clipped, while every decoded
@@ -117,8 +120,9 @@ class HybridConfig:
     layers: indices of the blocks whose MoE becomes hybrid (block L reads hidden_states[L]).
     experts: registered expert names (`formulas`), in router-slot order E, E+1, ...
     normalization: "softmax" over the top-k logits (gpt-oss) or "sigmoid_sum" (the reference).
-    extraction_input: "causal_mean" (mean of the block input over real tokens up to each token) or
-        "token" (the token's own block input).
+    extraction_input: "causal_mean" (mean of the block input over real tokens up to each token),
+        "token" (the token's own block input) or "attention" (each argument's query pools the block
+        input over the real tokens up to each token; its probes carry a `query`, `hybrid.attention`).
     router_init_std, router_bias_init: new router rows ~ N(0, std^2), bias constant (-inf disables
         the deterministic experts).
     output_scale_init: initial per-expert scale of the projection.
@@ -293,9 +297,12 @@ class ArgumentExtraction(nnx.Module):
     """
 
     def __init__(self, hidden_size: int, num_args: int, ensemble: int, probe_hidden: tuple[int, int], *, dtype,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, attention_queries: bool = False):
         p = _extraction_init(rngs.params(), num_args, ensemble, hidden_size, tuple(probe_hidden), dtype)
         axes = ("det_args", "probe_ensemble")
+        if attention_queries:
+            # Stored [H, args, members] like w1: all scores are one [N, H] x [H, args*members] matmul.
+            self.query = ExtractionParam(jnp.zeros((hidden_size, num_args, ensemble), dtype), axes=("embed", *axes))
         self.w1 = ExtractionParam(p["w1"], axes=("embed", *axes, "probe_hidden"))
         self.b1 = ExtractionParam(p["b1"], axes=(*axes, "probe_hidden"))
         self.w2 = ExtractionParam(p["w2"], axes=(*axes, "probe_hidden", "probe_hidden"))
@@ -312,6 +319,24 @@ class ArgumentExtraction(nnx.Module):
         in_axes = ({"w1": 1, "b1": 0, "w2": 0, "b2": 0, "w3": 0, "b3": 0}, None)
         out = jax.vmap(probe.probe_apply, in_axes=in_axes, out_axes=1)(params, features.astype(self.w1.dtype))
         return out.reshape(features.shape[0], a, m)
+
+    def attend(self, x: jax.Array, token_mask: jax.Array) -> jax.Array:
+        """Attention extraction: block input x [B, T, H], token_mask [B, T] -> sign-log probe outputs
+        [B*T, args, members], each (argument, member) pooling the real tokens up to each position
+        with its own query. The pooling runs after the probes' first matmul (a weighted average
+        commutes with it): [B, T, args*members, p1] is what the mean path holds too, never a pooled
+        [H] vector per (token, argument, member)."""
+        b, t, _ = x.shape
+        h, a, m, k1 = self.w1.shape
+        x = x.astype(self.w1.dtype)
+        scores = attention.attention_scores(self.query[...].reshape(h, a * m), x)  # [B, T, a*m]
+        first = jnp.dot(x.reshape(b * t, h), self.w1[...].reshape(h, a * m * k1), precision=_PRECISION)
+        pooled = attention.causal_attention_pool(scores, first.reshape(b, t, a * m, k1), token_mask)
+        flat = lambda p: p[...].reshape(a * m, *p.shape[2:])  # noqa: E731
+        params = {"b1": flat(self.b1), "w2": flat(self.w2), "b2": flat(self.b2), "w3": flat(self.w3),
+                  "b3": flat(self.b3)}
+        out = jax.vmap(probe.probe_head, in_axes=(0, 1), out_axes=1)(params, pooled.reshape(b * t, a * m, k1))
+        return out.reshape(b * t, a, m)
 
 
 def decode_arguments(encoded: jax.Array, scalings: Sequence[Scaling]) -> jax.Array:
@@ -394,7 +419,8 @@ class HybridMoE(nnx.Module):
         self.det_router = DeterministicRouterRows(hidden, d, std=config.router_init_std, bias=config.router_bias_init,
                                                   dtype=dtype, rngs=rngs)
         self.extraction = ArgumentExtraction(hidden, offsets[-1], config.ensemble_size, config.probe_hidden,
-                                             dtype=dtype, rngs=rngs)
+                                             dtype=dtype, rngs=rngs,
+                                             attention_queries=config.extraction_input == "attention")
         self.projection = ResultProjection(hidden, d, config.projection_hidden, output_scale=config.output_scale_init,
                                            dtype=dtype, rngs=rngs)
 
@@ -414,12 +440,29 @@ class HybridMoE(nnx.Module):
         return logits, topk_weights(top_values, self.config.normalization), indices
 
     def extraction_features(self, block_input: jax.Array, token_mask: jax.Array) -> jax.Array:
+        """The probes' [B, T, H] input for "causal_mean" and "token" ("attention" pools per argument:
+        `probe_outputs`)."""
         x = block_input.astype(self.extraction.w1.dtype)
         return causal_mean(x, token_mask) if self.config.extraction_input == "causal_mean" else x
 
+    def probe_outputs(self, block_input: jax.Array, token_mask: jax.Array) -> jax.Array:
+        """block_input [B, T, H], token_mask [B, T] -> sign-log probe outputs [B*T, args, members]."""
+        if self.config.extraction_input == "attention":
+            return self.extraction.attend(block_input, token_mask)
+        b, t, h = block_input.shape
+        return self.extraction(self.extraction_features(block_input, token_mask).reshape(b * t, h))
+
     def compute_experts(self, features: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """features [N, H] -> (arguments [N, args] raw, results [N, D], encoded results [N, D])."""
-        arguments = decode_arguments(self.extraction(features), self.config.scalings)
+        """Pooled features [N, H] -> (arguments [N, args] raw, results [N, D], encoded results [N, D]).
+        Not for "attention" extraction, whose probes pool the tokens themselves (`probe_outputs`)."""
+        if self.config.extraction_input == "attention":
+            raise ValueError("attention extraction reads the block input's tokens, not pooled features: "
+                             "use probe_outputs(block_input, token_mask) and experts_from_outputs")
+        return self.experts_from_outputs(self.extraction(features))
+
+    def experts_from_outputs(self, outputs: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Probe outputs [N, args, members] -> (arguments [N, args] raw, results [N, D], encoded [N, D])."""
+        arguments = decode_arguments(outputs, self.config.scalings)
         results, encoded = [], []
         for e, start, stop in zip(self.det_experts, self.arg_offsets[:-1], self.arg_offsets[1:]):
             r, c = exact_formula(e, arguments[:, start:stop])
@@ -445,8 +488,7 @@ class HybridMoE(nnx.Module):
         neural = self.experts(flat, jnp.where(is_neural, weights, 0), jnp.where(is_neural, indices, e),
                               token_mask=token_mask.reshape(n))
 
-        features = self.extraction_features(block_input, token_mask).reshape(n, h)
-        arguments, results, encoded = self.compute_experts(features)
+        arguments, results, encoded = self.experts_from_outputs(self.probe_outputs(block_input, token_mask))
         slots = jax.nn.one_hot(indices - e, d, dtype=encoded.dtype)  # [N, k, D]; neural slots are all-zero rows
         gate = jnp.einsum("nk,nkd->nd", weights.astype(encoded.dtype), slots)
         y = neural + self.projection(encoded, gate).astype(neural.dtype)
@@ -479,7 +521,7 @@ def _write_probes(current: dict[str, jax.Array], stacked: dict[str, jax.Array], 
     """`ArgumentExtraction`'s parameters with argument columns start.. replaced by `stacked` [args, ...]."""
     out = {}
     for name, value in stacked.items():
-        if name == "w1":  # stored [H, args, members, p1]
+        if name in ("w1", attention.QUERY):  # stored [H, args, members, (p1)]
             out[name] = jax.lax.dynamic_update_slice_in_dim(current[name], jnp.moveaxis(value, 2, 0), start, axis=1)
         else:
             out[name] = jax.lax.dynamic_update_slice_in_dim(current[name], value, start, axis=0)
@@ -491,9 +533,11 @@ def stack_probes(config: HybridConfig, hidden_size: int, expert: str, probes: Ma
     """Validate trained probes for one configured expert and stack them [args, members, ...].
 
     probes: {argument name: probe params} in `hybrid.probe`'s layout ({w1 [H, p1], b1, w2, b2, w3,
-    b3}), each with a leading ensemble axis of `config.ensemble_size` (optional when that is 1). An expert that is not
-    configured, argument names that are not the registry's (a different argument count included), or
-    shapes that do not fit the hidden size, probe widths or ensemble size: ValueError naming them.
+    b3}, plus `query` [H] for "attention" extraction, `hybrid.attention`), each with a leading ensemble
+    axis of `config.ensemble_size` (optional when that is 1). An expert that is not
+    configured, argument names that are not the registry's (a different argument count included),
+    probes of the other extractor, or shapes that do not fit the hidden size, probe widths or ensemble
+    size: ValueError naming them.
     """
     if expert not in config.experts:
         raise ValueError(f"probes given for {expert!r}, which is not a configured expert {config.experts}")
@@ -507,9 +551,19 @@ def stack_probes(config: HybridConfig, hidden_size: int, expert: str, probes: Ma
         )
     m, (k1, k2) = config.ensemble_size, config.probe_hidden
     shapes = {"w1": (hidden_size, k1), "b1": (k1,), "w2": (k1, k2), "b2": (k2,), "w3": (k2, 1), "b3": (1,)}
+    attending = config.extraction_input == "attention"
+    if attending:
+        shapes[attention.QUERY] = (hidden_size,)
     stacked = {name: [] for name in shapes}
     for arg in spec.arg_names:
         params = probes[arg]
+        if attending != (attention.QUERY in params):
+            raise ValueError(
+                f"probe {expert}/{arg}: " + ("has no attention query (a mean-pooled probe), but the config's "
+                                             "extraction_input is 'attention'" if attending else
+                                             "carries an attention query (an attention extractor), but the "
+                                             f"config's extraction_input is {config.extraction_input!r}, "
+                                             "not 'attention'"))
         if set(params) != set(shapes):
             raise ValueError(f"probe {expert}/{arg}: expected parameters {sorted(shapes)}, got {sorted(params)}")
         for name, shape in shapes.items():

@@ -35,6 +35,14 @@ def probe_init(key: jax.Array, input_dim: int, hidden: tuple[int, int] = PROBE_H
 def probe_apply(params: dict[str, jax.Array], x: jax.Array, dropout_key: jax.Array | None = None,
                 dropout: tuple[float, float] = PROBE_DROPOUT, precision=jax.lax.Precision.HIGHEST) -> jax.Array:
     """x [..., d] -> [..., output_dim]. Dropout only when `dropout_key` is given (training)."""
+    return probe_head(params, jnp.dot(x, params["w1"], precision=precision), dropout_key, dropout, precision)
+
+
+def probe_head(params: dict[str, jax.Array], first: jax.Array, dropout_key: jax.Array | None = None,
+               dropout: tuple[float, float] = PROBE_DROPOUT, precision=jax.lax.Precision.HIGHEST) -> jax.Array:
+    """The probe after its first matmul: `first` = x @ w1 (bias not yet added) -> [..., output_dim]. A
+    weighted average of inputs commutes with that linear map, so the hybrid layer pools `first`
+    (`attention.causal_attention_pool`) instead of [H]-wide inputs."""
 
     def drop(h, rate, key):
         if key is None or rate == 0.0:
@@ -43,7 +51,7 @@ def probe_apply(params: dict[str, jax.Array], x: jax.Array, dropout_key: jax.Arr
         return jnp.where(keep, h / (1.0 - rate), 0.0)
 
     k1, k2 = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-    h = jax.nn.silu(jnp.dot(x, params["w1"], precision=precision) + params["b1"])
+    h = jax.nn.silu(first + params["b1"])
     h = drop(h, dropout[0], k1)
     h = jax.nn.silu(jnp.dot(h, params["w2"], precision=precision) + params["b2"])
     h = drop(h, dropout[1], k2)

@@ -2,7 +2,9 @@
 
 Prompts are tokenised raw, sorted by length and cut into batches, each left-padded to a bucketed length
 (`data.prompts`). The forward stops at the deepest requested layer and pools there, so only
-[batch, layers, hidden] leaves the devices. The batch plan depends only on the prompts and the settings,
+[batch, layers, hidden] leaves the devices; with `token_states` the requested layers' states of every
+token leave too, left-aligned on the devices (a prompt's token i at position i), for the attention
+extractor (`hybrid.attention`). The batch plan depends only on the prompts and the settings,
 so a killed run resumes batch for batch and ends with the very bytes an uninterrupted run writes.
 
 Several processes (`runtime.distributed`, one per host) run the same batches as one program, each batch
@@ -34,30 +36,48 @@ from ..runtime.options import RunOptions
 from ..runtime.sharding import batch_sharding
 
 
-def _pool(hidden_states, attention_mask):
+def _pool(hidden_states, attention_mask, token_states: bool):
     hidden = jnp.stack(hidden_states, axis=1).astype(jnp.float32)  # [B, L, T, H]
     mask = attention_mask.astype(jnp.float32)[:, None, :, None]
     # Padded positions contribute exact zeros to the sum, so the mean is that of the real tokens alone.
     mean = jnp.sum(hidden * mask, axis=2) / jnp.sum(mask, axis=2)
     # Left padding puts every prompt's last real token at the last position.
-    return mean, hidden[:, :, -1]
+    if not token_states:
+        return mean, hidden[:, :, -1]
+    # Left-align: position j takes the prompt's j-th real token (left padding: position T - count + j),
+    # zero past its count, so the stored rows do not depend on the batch's padded length.
+    length = hidden.shape[2]
+    counts = jnp.sum(attention_mask, axis=1).astype(jnp.int32)
+    source = length - counts[:, None] + jnp.arange(length)[None, :]  # [B, T]
+    real = source < length
+    aligned = jnp.take_along_axis(hidden, jnp.where(real, source, 0)[:, None, :, None], axis=2)
+    return mean, hidden[:, :, -1], jnp.where(real[:, None, :, None], aligned, 0.0)
 
 
-_jitted_pool = jax.jit(_pool)
+_jitted_pool = jax.jit(_pool, static_argnums=2)
 
 
-def _pooled(model: GptOssForCausalLM, input_ids, attention_mask, layers: tuple[int, ...]):
+def _pooled(model: GptOssForCausalLM, input_ids, attention_mask, layers: tuple[int, ...], token_states: bool):
     stream = model.residual_stream(input_ids, attention_mask, default_position_ids(attention_mask), max(layers))
     kept = {i: x for i, x, _ in stream if i in layers}  # only the requested residuals are held
-    return _jitted_pool([kept[layer] for layer in layers], attention_mask)
+    return _jitted_pool([kept[layer] for layer in layers], attention_mask, token_states)
 
 
 def pooled_features(model: GptOssForCausalLM, input_ids, attention_mask,
                     layers: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """(mean, last) float32 [batch, len(layers), hidden] of a left-padded batch: `hidden_states[layer]`
     pooled over the real tokens and at the last one. Runs blocks 0..max(layers)-1 only."""
-    mean, last = run(model, _pooled, input_ids, attention_mask, static=(tuple(layers),))
+    mean, last = run(model, _pooled, input_ids, attention_mask, static=(tuple(layers), False))
     return distributed.to_host(mean), distributed.to_host(last)
+
+
+def features_with_token_states(model: GptOssForCausalLM, input_ids, attention_mask,
+                               layers: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, last, tokens) of a left-padded batch: `pooled_features` and float32 [batch, len(layers),
+    T, hidden] token states, left-aligned (a prompt's j-th real token at position j), zero past each
+    prompt's real tokens; T is the batch's padded length."""
+    mean, last, tokens = run(model, _pooled, input_ids, attention_mask, static=(tuple(layers), True))
+    return distributed.to_host(mean), distributed.to_host(last), distributed.to_host(tokens)
 
 
 class Progress(Protocol):
@@ -79,8 +99,12 @@ def precompute_features(
     bucket: int = 32,
     options: RunOptions | None = None,
     progress: Progress | None = None,
+    token_states: bool = False,
 ) -> FeatureStore:
     """Write (or finish) the feature store `out` for `prompt_set` at `layers` of `checkpoint`.
+
+    `token_states`: also keep every real token's hidden state at `layers` (`tokens.zarr`, for the
+    attention extractor); a store with and one without them are different jobs.
 
     Only the layers up to the deepest requested one are loaded (no lm_head unless the last hidden state
     is asked for), with the checkpoint's defaults (`RunOptions`; `options` overrides them). Everything
@@ -93,7 +117,8 @@ def precompute_features(
     tokens = tokenize(load_tokenizer(checkpoint), prompt_set.prompts, config.vocab_size, error=StoreError)
     options = options or RunOptions()
     metadata = store_metadata(prompt_set, checkpoint, layers, config.hidden_size, [int(t.size) for t in tokens],
-                              dtype=planned_options(checkpoint, options).dtype, batch_size=batch_size, bucket=bucket)
+                              dtype=planned_options(checkpoint, options).dtype, batch_size=batch_size, bucket=bucket,
+                              token_states=token_states)
     store = _claim_store(out, metadata)
     if store.complete:
         return store
@@ -135,17 +160,34 @@ def _write_batch(store: FeatureStore, model, batch, layers: list[int], prompt_se
     """One batch's features, checked finite, written by the processes owning its rows. Already-done
     rows of a partly done batch are rewritten with the same values."""
     sharding = batch_sharding(mesh)
-    mean, last = pooled_features(model, distributed.global_array(batch.input_ids, sharding),
-                                 distributed.global_array(batch.attention_mask, sharding), layers)
+    ids, mask = (distributed.global_array(a, sharding) for a in (batch.input_ids, batch.attention_mask))
     rows = batch.rows
+    tokens = None
+    if store.has_token_states:
+        mean, last, tokens = features_with_token_states(model, ids, mask, layers)
+        tokens = _to_store_width(tokens[:len(rows)], store.max_tokens)
+    else:
+        mean, last = pooled_features(model, ids, mask, layers)
     mean, last = mean[:len(rows)], last[:len(rows)]
     bad = ~(np.isfinite(mean).all(axis=(1, 2)) & np.isfinite(last).all(axis=(1, 2)))
+    if tokens is not None:
+        bad |= ~np.isfinite(tokens).all(axis=(1, 2, 3))
     if bad.any():
         names = [prompt_set.ids[r] for r in rows[bad]]
         raise StoreError(f"non-finite hidden states for {names}: the checkpoint or dtype is broken; "
                          "nothing was written for this batch")
     mine = store.owned_rows(rows, jax.process_index(), jax.process_count())
-    store.write_batch(rows[mine], mean[mine], last[mine])
+    store.write_batch(rows[mine], mean[mine], last[mine], None if tokens is None else tokens[mine])
+
+
+def _to_store_width(tokens: np.ndarray, max_tokens: int) -> np.ndarray:
+    """Left-aligned token states [B, L, T, H] of a batch -> [B, L, max_tokens, H]: the batch's padded
+    length T is at least its own longest prompt, not the store's, and positions past a prompt's
+    tokens are zero either way."""
+    width = tokens.shape[2]
+    if width >= max_tokens:
+        return np.ascontiguousarray(tokens[:, :, :max_tokens])
+    return np.pad(tokens, ((0, 0), (0, 0), (0, max_tokens - width), (0, 0)))
 
 
 def _mark_complete(store: FeatureStore) -> FeatureStore:

@@ -44,6 +44,33 @@ def score_table(results: dict[str, Any], published: Mapping[str, str] | None = N
     return "\n".join(lines) + "\n"
 
 
+def extractor_table(results: Mapping[str, dict[str, Any]], seconds: Mapping[str, float]) -> str:
+    """Markdown comparing extractors' runs ({"mean": results, "attention": results}) trained on the same
+    tasks, folds and seeds: per task each one's honest score (mean +- std over folds) and the
+    per-fold mean of the difference to the first; then each run's training time."""
+    names = list(results)
+    first = results[names[0]]
+    metric = _METRIC_LABELS[first["metric"]]
+    protocol = first["protocol"]
+    folds = len(next(iter(first["tasks"].values()))["folds"])
+    lines = [
+        f"Extractors compared: honest {metric} on held-out folds, mean +- std over {folds} folds; "
+        f"{protocol['seeds']} seeds, {protocol['epochs']} epochs; the same folds and seeds for each.",
+        "",
+        "| task | scenarios | " + " | ".join(names) + " | " + " | ".join(f"{n} - {names[0]}" for n in names[1:]) + " |",
+        "|---|---:|" + "---|" * len(names) + "---:|" * (len(names) - 1),
+    ]
+    for task, entry in first["tasks"].items():
+        cells = [_mean_std(results[n]["tasks"][task]["honest"]) for n in names]
+        base = np.asarray(entry["honest"]["per_fold"], np.float64)
+        deltas = [f"{np.mean(np.asarray(results[n]['tasks'][task]['honest']['per_fold']) - base):+.3f}"
+                  for n in names[1:]]
+        lines.append(f"| {task} | {entry['scenarios']} | " + " | ".join(cells) + " | " + " | ".join(deltas) + " |")
+    lines += ["", "Training time (this invocation; a resumed run counts only what it trained): "
+              + ", ".join(f"{n} {seconds[n]:.1f} s" for n in names) + "."]
+    return "\n".join(lines) + "\n"
+
+
 def plot_curves(results: dict[str, Any], path: str | Path) -> None:
     """Two panels: training loss per epoch and validation score at each checkpoint, averaged over
     each task's folds and seeds."""

@@ -19,6 +19,12 @@ Selection is honest: a slice of each fold's training scenarios is held out as va
 is chosen there and R^2 is reported on the held-out fold. The reference's rule (keep the seed that
 scores best on the very fold it reports) is reported beside it, labelled optimistic.
 
+Two extractors read a layer of the store: "mean", the paper's probe MLP on a pooled vector (the
+prompt's mean, or its last token), and "attention" (`hybrid.attention`), the same MLP on each
+argument's learned-query attention pooling of the store's token states (`TokenStates`). Both run the
+same protocol on the same tasks, folds and seeds, so their scores compare directly; `compare_extractors`
+trains both and writes one table of them.
+
 Over several processes (`runtime.distributed`) the ensemble axis spans every host's devices; every
 process holds the features in full, gathers scores and the selected probes back, and takes part in
 every orbax save and restore (orbax writes each array shard once, JSON on process 0); process 0
@@ -32,6 +38,7 @@ import functools
 import json
 import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -44,12 +51,13 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ..checkpoint.location import checkpoint_fingerprint
-from ..data.features import FeatureStore, StoreError
+from ..data.features import TOKENS, FeatureStore, StoreError
 from ..domains import Domain, Scaling, domain_origin, resolve_domain
-from ..hybrid.artifacts import DIRECT, save_probes
+from ..hybrid import attention
+from ..hybrid.artifacts import DIRECT, extractor_record, save_probes
 from ..hybrid.probe import PROBE_DROPOUT, PROBE_HIDDEN, probe_apply, probe_init
 from ..runtime import distributed
-from ..runtime.files import claim_run_dir, user_path, write_json_atomically
+from ..runtime.files import claim_run_dir, user_path, write_json_atomically, write_text_atomically
 from ..runtime.sharding import make_mesh, partition_spec
 from . import probe_report
 
@@ -58,6 +66,8 @@ ROUTER_HIDDEN = (128, 32)
 ROUTER_DROPOUT = (0.1, 0.0)
 ROUTER_TASK = ("router", "asks_for_a_metric")
 
+EXTRACTORS = ("mean", "attention")
+COMPARISON_FILE = "extractors.md"
 RUN_FILE = "run.json"
 RESULTS_FILE = "results.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -197,9 +207,26 @@ def split_task(task: Task, protocol: Protocol) -> list[dict[str, np.ndarray]]:
     return splits
 
 
-def check_features(features: np.ndarray, ids: Sequence[str], rows: np.ndarray) -> None:
+@dataclass(frozen=True)
+class TokenStates:
+    """The attention extractor's input: one layer's token states of a store (`FeatureStore.token_states`),
+    float32 [prompts, max_tokens, hidden], left-aligned and zero past each prompt's `counts`."""
+
+    states: np.ndarray
+    counts: np.ndarray
+
+
+def extractor_of(features: np.ndarray | TokenStates) -> str:
+    """Which extractor a run's inputs feed: token states the attention extractor, pooled vectors the mean one."""
+    return "attention" if isinstance(features, TokenStates) else "mean"
+
+
+def check_features(features: np.ndarray | TokenStates, ids: Sequence[str], rows: np.ndarray) -> None:
     """Refuse NaN or infinite features in the rows a run uses, naming the scenarios."""
-    finite = np.isfinite(features[rows]).all(axis=1)
+    if isinstance(features, TokenStates):
+        finite = np.asarray([np.isfinite(features.states[r]).all() for r in rows])
+    else:
+        finite = np.isfinite(features[rows]).all(axis=1)
     if not finite.all():
         bad = [ids[r] for r in rows[~finite]]
         raise ProbeTrainingError(f"non-finite features for {len(bad)} scenarios, e.g. {bad[:5]}; recompute the store")
@@ -283,20 +310,29 @@ def _loss_fn(kind: str, delta: float) -> Callable[[jax.Array, jax.Array], jax.Ar
 
 
 class EnsembleTrainer:
-    """Compiles and runs the ensemble's training and prediction programs on `mesh`."""
+    """Compiles and runs the ensemble's training and prediction programs on `mesh`; `features` [prompts,
+    hidden] train the mean extractor, `TokenStates` the attention extractor."""
 
-    def __init__(self, features: np.ndarray, ensemble: Ensemble, protocol: Protocol, mesh: Mesh):
+    def __init__(self, features: np.ndarray | TokenStates, ensemble: Ensemble, protocol: Protocol, mesh: Mesh):
         self.protocol = protocol
         self.ensemble = ensemble
         self.mesh = mesh
-        self.input_dim = features.shape[1]
+        self.extractor = extractor_of(features)
+        if self.extractor == "attention":
+            self.input_dim = features.states.shape[2]
+            inputs = {"states": np.asarray(features.states, np.float32),
+                      "counts": np.asarray(features.counts, np.int32)}
+        else:
+            self.input_dim = features.shape[1]
+            inputs = {"x": np.asarray(features, np.float32)}
         self.steps_per_epoch = math.ceil(ensemble.train_rows.shape[1] / protocol.batch_size)
         # Minibatches that every member has in every epoch.
         self.common_steps = int(np.min(np.ceil(ensemble.train_count / protocol.batch_size)))
         self.optimizer = optax.inject_hyperparams(optax.adamw)(
             learning_rate=protocol.learning_rate, weight_decay=protocol.weight_decay)
         members = self.sharding(("ensemble",))
-        self.features = distributed.global_array(np.asarray(features, np.float32), NamedSharding(mesh, PartitionSpec()))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        self.features = {name: distributed.global_array(a, replicated) for name, a in inputs.items()}
 
         def put(a):
             return distributed.global_array(a, self.sharding(("ensemble",) + (None,) * (a.ndim - 1), a.shape))
@@ -307,6 +343,15 @@ class EnsembleTrainer:
         self.keys = jax.jit(jax.vmap(jax.random.key), out_shardings=members)(put(ensemble.seeds))
         self._train = jax.jit(self._train_epochs, donate_argnums=(0,))
         self._predict = jax.jit(self._predict_rows)
+
+    def apply(self, params, inputs: dict[str, jax.Array], dropout_key=None) -> jax.Array:
+        """One member's outputs [rows] on its gathered inputs ({"x"} or {"states", "counts"})."""
+        dropout = self.protocol.dropout
+        if self.extractor == "attention":
+            states = inputs["states"]
+            mask = attention.token_mask(inputs["counts"], states.shape[-2])
+            return attention.attention_probe_apply(params, states, mask, dropout_key, dropout)[..., 0]
+        return probe_apply(params, inputs["x"], dropout_key, dropout)[..., 0]
 
     def sharding(self, axes: tuple[str | None, ...], shape: tuple[int, ...] | None = None) -> NamedSharding:
         shape = shape if shape is not None else (self.ensemble.size,) + (1,) * (len(axes) - 1)
@@ -324,6 +369,10 @@ class EnsembleTrainer:
 
         def init(key):
             params = probe_init(jax.random.fold_in(key, 0), self.input_dim, p.hidden)
+            if self.extractor == "attention":
+                # The same MLP as the mean extractor's member of this seed, and a zero query: at step 0
+                # the two extractors compute the same function (`hybrid.attention`).
+                params[attention.QUERY] = attention.query_init(self.input_dim)
             return params, self.optimizer.init(params)
 
         def init_all(keys):
@@ -356,11 +405,13 @@ class EnsembleTrainer:
         batch, steps = p.batch_size, self.steps_per_epoch
         loss_fn = _loss_fn(p.loss, p.huber_delta)
         width = train_rows.shape[1]
-        batch_sharding = self.sharding(("ensemble", "ensemble_batch", None),
-                                       (self.ensemble.size, batch, self.input_dim))
+        def constrain(a):
+            # Each member's minibatch split over the tensor axis; token counts follow their states.
+            axes = ("ensemble", "ensemble_batch") + (None,) * (a.ndim - 2)
+            return jax.lax.with_sharding_constraint(a, self.sharding(axes, a.shape))
 
         def member_loss(params, x, y, valid, key):
-            pred = probe_apply(params, x, key, p.dropout)[..., 0]
+            pred = self.apply(params, x, key)
             # Mean over the real rows only: the last minibatch of an epoch is smaller, as in a DataLoader.
             return jnp.sum(jnp.where(valid, loss_fn(pred, y), 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
@@ -388,7 +439,7 @@ class EnsembleTrainer:
                 valid = (s * batch + jnp.arange(batch))[None, :] < train_count[:, None]
                 rows = jnp.take_along_axis(train_rows, positions, axis=1)
                 y = jnp.take_along_axis(train_targets, positions, axis=1)
-                x = jax.lax.with_sharding_constraint(features[rows], batch_sharding)
+                x = {name: constrain(a[rows]) for name, a in features.items()}
                 step_keys = jax.vmap(lambda k: jax.random.fold_in(k, s + 1))(epoch_keys)
                 loss, grads = grad_fn(params, x, y, valid, step_keys)
                 updates, new_opt_state = jax.vmap(self.optimizer.update)(grads, opt_state, params)
@@ -422,8 +473,8 @@ class EnsembleTrainer:
         """rows [M, R] (R a multiple of the chunk) -> raw outputs [M, R], no dropout."""
         m, r = rows.shape
         chunks = rows.reshape(m, r // _PREDICT_CHUNK, _PREDICT_CHUNK).swapaxes(0, 1)
-        apply = jax.vmap(lambda prm, x: probe_apply(prm, x)[..., 0])
-        out = jax.lax.map(lambda c: apply(params, features[c]), chunks)
+        apply = jax.vmap(self.apply)
+        out = jax.lax.map(lambda c: apply(params, {name: a[c] for name, a in features.items()}), chunks)
         return out.swapaxes(0, 1).reshape(m, r)
 
     def predict(self, params, part: str) -> np.ndarray:
@@ -511,7 +562,7 @@ class RunResult:
 
 def train_run(
     run_dir: str | Path,
-    features: np.ndarray,
+    features: np.ndarray | TokenStates,
     scenario_ids: Sequence[str],
     tasks: Sequence[Task],
     protocol: Protocol,
@@ -524,7 +575,8 @@ def train_run(
     """Train every task's ensemble, checkpointing every `checkpoint_every` epochs under
     `run_dir/checkpoints`, and write the selected probes and `results.json`.
 
-    `identity` (store fingerprint, layer, pooling, task list...) is recorded in `run.json`; a rerun
+    `features`: pooled vectors [prompts, hidden] (the mean extractor) or `TokenStates` (the attention
+    extractor). `identity` (store fingerprint, layer, pooling, task list...) is recorded in `run.json`; a rerun
     into the same directory resumes from the latest checkpoint if its identity and protocol agree,
     and is refused otherwise, before anything is written. `on_epochs(done, total)` reports progress:
     once before training (done > 0 when resuming) and after every checkpoint.
@@ -533,17 +585,24 @@ def train_run(
     used_rows = np.unique(np.concatenate([t.rows for t in tasks]))
     check_features(features, scenario_ids, used_rows)
     ensemble = build_ensemble(tasks, protocol, member_multiple=mesh.shape["data"])
-    record = json.loads(json.dumps({"identity": identity, "protocol": dataclasses.asdict(protocol),
-                                    "tasks": [t.name for t in tasks], "checkpoint_every": checkpoint_every}))
+    extractor = extractor_of(features)
+    record = {"identity": identity, "protocol": dataclasses.asdict(protocol), "tasks": [t.name for t in tasks],
+              "checkpoint_every": checkpoint_every}
+    if extractor != "mean":
+        # Recorded only when not the original extractor, so runs begun before extractors existed resume.
+        record["extractor"] = extractor_record(extractor)
+    record = json.loads(json.dumps(record))
     distributed.on_coordinator(lambda: claim_run_dir(run_dir, record, run_file=RUN_FILE, error=ProbeTrainingError,
                                                      kind="probe run"), ProbeTrainingError)
     trainer = EnsembleTrainer(features, ensemble, protocol, mesh)
     state, curve_points = _train_with_checkpoints(trainer, run_dir, protocol, checkpoint_every, on_epochs)
     scores = {part: s[:len(ensemble.members)] for part, s in trainer.scores(state["params"]).items()}
     summary = select_and_summarize(tasks, ensemble, protocol, scores)
-    _save_selected_probes(run_dir, state["params"], tasks, ensemble, protocol, summary, identity, trainer.input_dim)
+    _save_selected_probes(run_dir, state["params"], tasks, ensemble, protocol, summary, identity, trainer.input_dim,
+                          extractor)
     train_loss = distributed.to_host(state["train_loss"])[:len(ensemble.members)]
     results = {"identity": identity, "protocol": record["protocol"], "metric": _metric_name(protocol),
+               "extractor": extractor_record(extractor),
                "tasks": summary, "members": [dataclasses.asdict(m) for m in ensemble.members],
                "train_loss": train_loss.tolist(), "validation_curve": curve_points}
     if distributed.is_coordinator():
@@ -585,8 +644,10 @@ def _metric_name(protocol: Protocol) -> str:
     return "r2" if protocol.loss == "huber" else "balanced_accuracy"
 
 
-def _save_selected_probes(run_dir: Path, params, tasks, ensemble, protocol, summary, identity, input_dim) -> None:
-    """For every task, the honest pick of each fold, stacked on a leading fold axis."""
+def _save_selected_probes(run_dir: Path, params, tasks, ensemble, protocol, summary, identity, input_dim,
+                          extractor: str = "mean") -> None:
+    """For every task, the honest pick of each fold, stacked on a leading fold axis (an attention
+    extractor's queries with its MLP: `hybrid.attention`'s parameter dict)."""
     host = distributed.to_host(params)
     index = {(m.task, m.fold, m.seed): i for i, m in enumerate(ensemble.members)}
     probes = {}
@@ -595,7 +656,8 @@ def _save_selected_probes(run_dir: Path, params, tasks, ensemble, protocol, summ
         picks = [index[(t, k, seed)] for k, seed in zip(entry["folds"], entry["selected_seed"])]
         probes[task.key] = {leaf: value[picks] for leaf, value in host.items()}
     save_probes(run_dir, probes, {
-        "identity": identity, "input_dim": input_dim, "hidden": list(protocol.hidden),
+        "identity": identity, "extractor": extractor_record(extractor), "input_dim": input_dim,
+        "hidden": list(protocol.hidden),
         "folds": len(summary[tasks[0].name]["folds"]), "loss": protocol.loss,
         "scalings": {t.name: t.scaling.to_dict() for t in tasks if t.scaling is not None},
         "selected_seed": {t.name: summary[t.name]["selected_seed"] for t in tasks}})
@@ -636,9 +698,10 @@ def store_identity(store: FeatureStore, layer: int, pooling: str, domain: Domain
             "layer": layer, "pooling": pooling, "domain": domain_origin(domain)}
 
 
-def train_and_report(out: str | Path, features: np.ndarray, scenario_ids: Sequence[str], tasks: Sequence[Task],
-                     protocol: Protocol, identity: dict[str, Any], *, table_name: str, mesh_tensor: int = 1,
-                     checkpoint_every: int = 10, on_epochs: Callable[[int, int], None] | None = None,
+def train_and_report(out: str | Path, features: np.ndarray | TokenStates, scenario_ids: Sequence[str],
+                     tasks: Sequence[Task], protocol: Protocol, identity: dict[str, Any], *, table_name: str,
+                     mesh_tensor: int = 1, checkpoint_every: int = 10,
+                     on_epochs: Callable[[int, int], None] | None = None,
                      published: Mapping[str, str] | None = None) -> RunResult:
     """Train (or resume) on a mesh over every device (`mesh_tensor` of them splitting each member's
     minibatch), then write the score table `out/table_name` and `out/curves.png` (process 0)."""
@@ -681,6 +744,9 @@ class StoreChoice:
     layer: int | None = None
     pooling: str = "mean"
     expect_model: str | Path | None = None
+    # "mean" (the MLP on the `pooling` vector), "attention" (on the store's token states) or, for
+    # `compare_extractors`, "both".
+    extractor: str = "mean"
     mesh_tensor: int = 1
     checkpoint_every: int = 10
 
@@ -696,25 +762,67 @@ def _train_reported(out, features, ids, tasks, protocol, identity, choice: Store
         bar.close()
 
 
+def store_inputs(store: FeatureStore, layer: int, choice: StoreChoice, domain: Domain
+                 ) -> tuple[np.ndarray | TokenStates, dict[str, Any]]:
+    """(features, identity) of `choice.extractor` on one layer: the `pooling` vectors for "mean", the
+    token states (identity pooling "tokens", extractor "attention") for "attention"; StoreError for a
+    store without token states."""
+    if choice.extractor == "attention":
+        states, counts = store.token_states(layer)
+        return TokenStates(states, counts), {**store_identity(store, layer, TOKENS, domain), "extractor": "attention"}
+    if choice.extractor != "mean":
+        raise ProbeTrainingError(f"extractor must be one of {EXTRACTORS}, got {choice.extractor!r}")
+    return store.features(layer, choice.pooling), store_identity(store, layer, choice.pooling, domain)
+
+
 def train_probes_on_store(store_path: str | Path, out: str | Path, protocol: Protocol, choice: StoreChoice, *,
                           experts: Sequence[str] | None = None, direct: bool = True,
                           domain: str | Domain | None = None) -> RunResult:
     """`train probes`: the argument (and direct-output) probes on one layer of a scenario store, with a
     progress bar; writes `out/r2.md`, `out/curves.png`, `out/results.json` and the probes. `domain`:
-    as named on the command line (default: the store's)."""
+    as named on the command line (default: the store's). `choice.extractor`: "mean" or "attention"
+    (`compare_extractors` trains both)."""
     store = FeatureStore.open(store_path)
     check_expected_model(store, choice.expect_model)
     domain = store_domain(store, domain)
     layer = store_layer(store, choice.layer)
     tasks = probe_tasks(store, domain, experts, direct=direct)
-    return _train_reported(out, store.features(layer, choice.pooling), store.scenario_ids, tasks, protocol,
-                           store_identity(store, layer, choice.pooling, domain), choice, "r2.md", domain.published_r2)
+    features, identity = store_inputs(store, layer, choice, domain)
+    return _train_reported(out, features, store.scenario_ids, tasks, protocol, identity, choice, "r2.md",
+                           domain.published_r2)
+
+
+def compare_extractors(store_path: str | Path, out: str | Path, protocol: Protocol, choice: StoreChoice, *,
+                       experts: Sequence[str] | None = None, direct: bool = True,
+                       domain: str | Domain | None = None) -> dict[str, RunResult]:
+    """`train probes --extractor both`: the mean extractor into `out/mean` and the attention extractor
+    into `out/attention` (each a complete, resumable probe run), on the same tasks, folds and seeds,
+    then `out/extractors.md`: per task the honest score of each, their difference, and each run's
+    training time. The store's token states are checked before anything trains."""
+    store = FeatureStore.open(store_path)
+    if not store.has_token_states:
+        store.token_states(store_layer(store, choice.layer))  # the StoreError naming the flag to rerun with
+    runs, seconds = {}, {}
+    for extractor in EXTRACTORS:
+        start = time.perf_counter()
+        runs[extractor] = train_probes_on_store(store_path, user_path(out) / extractor, protocol,
+                                                dataclasses.replace(choice, extractor=extractor), experts=experts,
+                                                direct=direct, domain=domain)
+        seconds[extractor] = time.perf_counter() - start
+    if distributed.is_coordinator():
+        write_text_atomically(user_path(out) / COMPARISON_FILE,
+                              probe_report.extractor_table({e: r.results for e, r in runs.items()}, seconds))
+    distributed.sync("hmoe_jax.training.probes.compared")
+    return runs
 
 
 def train_router_on_stores(store_path: str | Path, negatives_path: str | Path, out: str | Path, protocol: Protocol,
                            choice: StoreChoice, *, domain: str | Domain | None = None) -> RunResult:
     """`train router`: the reference's router classifier, the domain's prompts against its negatives'
     features; writes `out/accuracy.md`, `out/curves.png`, `out/results.json` and the classifier."""
+    if choice.extractor != "mean":
+        raise ProbeTrainingError(f"the router classifier reads pooled features; extractor {choice.extractor!r} "
+                                 "is for `train probes`")
     positives, negatives = FeatureStore.open(store_path), FeatureStore.open(negatives_path)
     check_expected_model(positives, choice.expect_model)
     domain = store_domain(positives, domain)
