@@ -97,14 +97,15 @@ def test_folds_are_the_reference_permutation_and_splits_are_disjoint():
 def test_one_member_matches_the_pytorch_reference_loop():
     """Full-batch epochs (36 rows, batch 64) make the shuffle irrelevant, dropout 0 makes the forward
     deterministic: then five epochs of our program and of the reference's PyTorch loop (AdamW,
-    CosineAnnealingLR stepped per epoch, HuberLoss) must give the same probe and the same losses."""
+    CosineAnnealingLR stepped per epoch, HuberLoss) must give the same probe and the same losses. The
+    reference trains on raw features and targets: `standardize=False`."""
     import torch
 
     rng = np.random.default_rng(0)
     features = rng.standard_normal((80, 16)).astype(np.float32)
     targets = (features[:, :3].sum(1) + 10.0).astype(np.float32)
     task = Task(("ltv", "loan"), np.arange(80), targets)
-    protocol = Protocol(folds=2, seeds=1, epochs=5, dropout=(0.0, 0.0))
+    protocol = Protocol(folds=2, seeds=1, epochs=5, dropout=(0.0, 0.0), standardize=False)
     ensemble = build_ensemble([task], protocol, member_multiple=8, folds=[0])
     trainer = probe_training.EnsembleTrainer(features, ensemble, protocol, make_mesh())
     state = trainer.init_state()
@@ -134,6 +135,55 @@ def test_one_member_matches_the_pytorch_reference_loop():
         assert rel_err(ours[f"w{i + 1}"], layer.weight.detach().numpy().T) < SAME_MEMBER_REL
         assert rel_err(ours[f"b{i + 1}"], layer.bias.detach().numpy()) < SAME_MEMBER_REL
     assert rel_err(np.asarray(state["train_loss"][0]), losses) < SAME_MEMBER_REL
+
+
+def test_standardized_training_is_the_reference_loop_on_standardized_data_saved_as_a_raw_probe():
+    """`standardize` (the default): a member equals the PyTorch loop run on its training rows'
+    standardized features and targets (numpy's mean and std), and the probe it saves, applied to raw
+    features, gives the standardized probe's prediction mapped back to raw units."""
+    import torch
+
+    rng = np.random.default_rng(3)
+    features = (rng.standard_normal((80, 16)) * rng.uniform(0.1, 30, 16) + rng.uniform(-50, 50, 16)).astype(np.float32)
+    targets = (features[:, :3].sum(1) * 0.01 + 15.0).astype(np.float32)
+    protocol = Protocol(folds=2, seeds=1, epochs=5, dropout=(0.0, 0.0))
+    ensemble = build_ensemble([Task(("ltv", "loan"), np.arange(80), targets)], protocol, member_multiple=8,
+                              folds=[0])
+    trainer = probe_training.EnsembleTrainer(features, ensemble, protocol, make_mesh())
+    state = trainer.init_state()
+    initial = {k: np.asarray(v[0]) for k, v in state["params"].items()}
+    state = trainer.train(state, 0, protocol.epochs)
+
+    rows = ensemble.train_rows[0, :ensemble.train_count[0]]
+    x_raw, y_raw = features[rows].astype(np.float64), targets[rows].astype(np.float64)
+    x_mean, x_std, y_mean, y_std = x_raw.mean(0), x_raw.std(0), y_raw.mean(), y_raw.std()
+    x = torch.from_numpy(((x_raw - x_mean) / x_std).astype(np.float32))
+    model = torch.nn.Sequential(torch.nn.Linear(16, 512), torch.nn.SiLU(), torch.nn.Linear(512, 128), torch.nn.SiLU(),
+                                torch.nn.Linear(128, 1))
+    with torch.no_grad():
+        for i, layer in enumerate((model[0], model[2], model[4])):
+            layer.weight.copy_(torch.from_numpy(initial[f"w{i + 1}"].T))
+            layer.bias.copy_(torch.from_numpy(initial[f"b{i + 1}"]))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=protocol.epochs)
+    y = torch.from_numpy(y_raw.astype(np.float32))
+    for _ in range(protocol.epochs):  # the loss in raw units: y_mean + y_std * f(x')
+        optimizer.zero_grad()
+        torch.nn.HuberLoss(delta=1.0)(float(y_mean) + float(y_std) * model(x).squeeze(-1), y).backward()
+        optimizer.step()
+        schedule.step()
+    ours = {k: np.asarray(v[0]) for k, v in state["params"].items()}
+    # The same function rounded another way in float32 ((x - mean) / std @ w1 against x @ (w1 / std) + ...),
+    # which Adam's normalised steps carry into the weights at ~1e-4; unstandardized they differ at O(1).
+    for i, layer in enumerate((model[0], model[2], model[4])):
+        assert rel_err(ours[f"w{i + 1}"], layer.weight.detach().numpy().T) < 1e-3
+    saved = {k: np.asarray(v[0], np.float64) for k, v in trainer.saved_params(state["params"]).items()}
+    raw = features[:20].astype(np.float64)
+    with torch.no_grad():
+        expected = y_mean + y_std * model(torch.from_numpy(((raw - x_mean) / x_std).astype(np.float32))).numpy()[:, 0]
+    silu = lambda h: h / (1 + np.exp(-h))  # noqa: E731
+    got = (silu(silu(raw @ saved["w1"] + saved["b1"]) @ saved["w2"] + saved["b2"]) @ saved["w3"] + saved["b3"])[:, 0]
+    assert rel_err(got, expected) < 1e-4
 
 
 def test_a_member_trains_the_same_alone_on_one_device_as_in_a_sharded_ensemble():
