@@ -1,16 +1,18 @@
 """`python -m eval demo`: the whole Hybrid MoE pipeline in one command.
 
-Without --model it builds a small random gpt-oss checkpoint in the real HF format (MXFP4 experts,
-a byte-level BPE tokenizer trained on the domain's prompts), so everything runs offline in minutes on a CPU;
-with --model PATH it runs on that checkpoint (e.g. the real gpt-oss-20b, layer 12). Stages, each the
-same library call its own command makes:
+Without --model it first trains its own model: a small gpt-oss (4 layers, 8 experts, 1.9M parameters)
+learns the domain's language from scratch on the training records' prompts and answers, in HF format
+that transformers loads. With --model PATH it runs on that checkpoint (e.g. the real gpt-oss-20b,
+layer 12). Stages, each the same library call its own command makes:
 
-    train data -> checkpoint -> convert (--keep-mxfp4) -> precompute (train, eval) -> train probes
-    -> hybrid model -> eval hybrid -> train hybrid (end to end: by default on the demo model only;
-    --hybrid-training / --no-hybrid-training choose) -> report
+    train data -> train lm -> convert -> precompute (train, eval) -> train probes (--extractor; both,
+    compared, with --compare-extractors) -> eval hybrid -> the LM's own answers -> train hybrid (end to
+    end: by default on the demo model only; --hybrid-training / --no-hybrid-training choose) -> report.md
 
---domain picks the domain (default: CRE, the reference's): a built-in name (cre, circuits), an installed
-entry point, a module or a .py file.
+--quick runs every stage smaller (about 3 minutes on 2 cores; the default, about 15). --random-model
+uses a random model instead of training one (its hidden states carry almost nothing: the hybrid is then
+no better than a constant). --domain picks the domain (default: CRE, the reference's): a built-in name
+(cre, circuits), an installed entry point, a module or a .py file.
 
 Every stage writes under --out and is skipped when its output is already complete, so an interrupted
 demo resumes where it stopped.
@@ -27,26 +29,39 @@ from hmoe_jax.runtime.files import user_path
 
 
 def main(argv=None) -> int:
-    from hmoe_jax.evaluation.demo import DEMO_EPOCHS, DEMO_LAYER
+    from hmoe_jax.evaluation.demo import DEFAULT_EXTRACTOR, DEMO_LAYER, EXTRACTORS, FULL, QUICK
 
     p = argparse.ArgumentParser(prog="python -m eval demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="example: python -m eval demo --out demo_out --n-train 600 --n-eval 100")
+                                epilog="example: python -m eval demo --out demo_out --quick --domain circuits")
     p.add_argument("--model", help="a gpt-oss checkpoint directory (HF, original/ or converted) or hub id; "
-                                              "default: build a small random one")
+                                   "default: train a small one on the domain")
+    p.add_argument("--random-model", action="store_true",
+                   help="the demo model with random weights instead of trained ones")
+    p.add_argument("--quick", action="store_true",
+                   help=f"every stage smaller: {QUICK.n_train} training and {QUICK.n_eval} held-out records, "
+                        f"{QUICK.lm_steps} LM steps, {QUICK.epochs} probe epochs (default: {FULL.n_train}, "
+                        f"{FULL.n_eval}, {FULL.lm_steps}, {FULL.epochs})")
     p.add_argument("--out", type=user_path, default=Path("demo_out"))
     p.add_argument("--layer", type=int,
                    help=f"hidden-state layer (default {DEMO_LAYER} for the demo model, 12 otherwise)")
-    p.add_argument("--epochs", type=int,
-                   help=f"probe epochs (default {DEMO_EPOCHS} for the demo model, the paper's 300 otherwise)")
-    p.add_argument("--n-train", type=int, default=3000)
-    p.add_argument("--n-eval", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0, help="seed of the demo model's random weights")
+    p.add_argument("--epochs", type=int, help="probe epochs (default: as above for the demo model, the paper's "
+                                               "300 otherwise)")
+    p.add_argument("--lm-steps", type=int, help="optimizer steps of the demo's language model (batch 32)")
+    p.add_argument("--n-train", type=int, help="training records")
+    p.add_argument("--n-eval", type=int, help="held-out records")
+    p.add_argument("--extractor", choices=EXTRACTORS,
+                   help=f"the extraction probes the hybrid uses (default {DEFAULT_EXTRACTOR}; attention keeps each "
+                        "prompt's token states in the feature stores)")
+    p.add_argument("--compare-extractors", action="store_true",
+                   help="train both extractors on the same store, folds and seeds and report them side by side "
+                        "(about 3x the probe time)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the demo model's weights")
     training = p.add_mutually_exclusive_group()
     training.add_argument("--hybrid-training", dest="hybrid_training", action="store_true", default=None,
-                          help="train the hybrid layer's router rows and projections end to end on a quarter of the "
-                               "training records (at most 240, one epoch), reported before vs after on at most 64 "
-                               "held-out ones (default: on for the demo model, off with --model)")
+                          help="train the hybrid layer's router rows and projections end to end (one epoch), "
+                               "reported before vs after on held-out records (default: on for the demo model, "
+                               "off with --model)")
     training.add_argument("--no-hybrid-training", dest="hybrid_training", action="store_false",
                           help="skip that, also on the demo model")
     arguments.add_domain_argument(p)
@@ -60,8 +75,13 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as e:
         print(f"eval demo: error: {e}", file=sys.stderr)
         return 1
-    settings = DemoSettings(model=model, layer=args.layer, epochs=args.epochs, n_train=args.n_train,
-                            n_eval=args.n_eval, seed=args.seed, hybrid_training=args.hybrid_training,
+    if args.model is not None and args.random_model:
+        print("eval demo: error: --random-model is the demo's own model; it cannot go with --model", file=sys.stderr)
+        return 1
+    settings = DemoSettings(model=model, random_model=args.random_model, quick=args.quick, layer=args.layer,
+                            epochs=args.epochs, n_train=args.n_train, n_eval=args.n_eval, lm_steps=args.lm_steps,
+                            seed=args.seed, hybrid_training=args.hybrid_training, extractor=args.extractor,
+                            compare_extractors=args.compare_extractors,
                             options=arguments.options_from_args(args), domain=args.domain)
     try:
         report = run_demo(args.out, settings, log=lambda msg: print(msg, flush=True))

@@ -55,7 +55,7 @@ def demo_run(tmp_path_factory):
     """The README's first command, scaled down as the README says, from an empty directory."""
     demo, _ = two_commands()
     scale = shlex.split(re.search(r"scale it\s+down: `([^`]+)`", README).group(1))
-    assert set(a for a in scale if a.startswith("--")) <= {"--n-train", "--n-eval", "--epochs"}
+    assert set(a for a in scale if a.startswith("--")) <= {"--quick", "--n-train", "--n-eval", "--epochs", "--lm-steps"}
     cwd = tmp_path_factory.mktemp("new_user")
     run = subprocess.run([sys.executable, *python_part(demo), *scale], cwd=cwd, capture_output=True, text=True,
                          timeout=1200)
@@ -66,7 +66,9 @@ def demo_run(tmp_path_factory):
 def test_the_readme_demo_runs_with_its_default_out(demo_run):
     cwd, run = demo_run
     out = cwd / "demo_out"  # the default --out, relative to the working directory
-    for report in ("results/report.md", "results/summary.json", "probes/r2.md", "checkpoint/config.json"):
+    for report in ("report.md", "results/report.md", "results/summary.json", "probes/mean/r2.md",
+                   "lm/hf/config.json", "lm/loss_curve.png", "checkpoint/config.json", "lm_answers/baselines.md",
+                   "hybrid_training/report.md"):
         assert (out / report).is_file(), report
     assert "Outputs under demo_out/" in run.stdout
     # Re-run, it finds every stage complete.

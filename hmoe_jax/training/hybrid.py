@@ -344,9 +344,17 @@ def _generated_answers(trainer, params, tokenizer, examples: Examples, domain: D
     preds = {m: np.asarray([p[m] for p in parsed]) for m in domain.experts}
     scores = scoring.score(domain, kept[:n], preds, "honest")
     asked = {m: [m in domain.asked(s) for s in kept[:n]] for m in domain.experts}
+    truth = {m: scoring.truths(domain, kept[:n], m) for m in domain.experts}
+    within_1 = {}
+    for m in domain.experts:
+        rows = [i for i, a in enumerate(asked[m]) if a]
+        # A parse failure counts as a miss: the share is of every record that asks for m.
+        errors = scoring.percent_errors(preds[m][rows], truth[m][rows])
+        within_1[m] = float(100 * np.mean(errors <= 1.0)) if rows else math.nan
     return {
         "n": n,
         "within_20_honest": {m: v["within_20"] for m, v in scores.items()},
+        "within_1_parsed": within_1,
         "parsed_rate": {m: float(np.mean([not math.isnan(p[m]) for p, a in zip(parsed, asked[m]) if a]))
                         if any(asked[m]) else math.nan for m in domain.experts},
         "examples": [{"id": examples.ids[i], "target": domain.answer_text(kept[i]), "generated": texts[i]}
@@ -615,6 +623,9 @@ def report_markdown(summary: Mapping[str, Any]) -> str:
             lines.append(f"| {m}: generated answer within 20% (honest, first {ga['n']}) / parsed | "
                          f"{_num(gb['within_20_honest'].get(m))} / {_pct(gb['parsed_rate'][m])} | "
                          f"{_num(ga['within_20_honest'].get(m))} / {_pct(ga['parsed_rate'][m])} |")
+        for m in summary["experts"] if "within_1_parsed" in ga else ():
+            lines.append(f"| {m}: generated answer parsed and within 1% of the exact value | "
+                         f"{_num(gb.get('within_1_parsed', {}).get(m))} | {_num(ga['within_1_parsed'].get(m))} |")
     lines.append("")
     if summary["formula_predictions_unchanged"] is not None:
         lines += ["The exact-formula predictions read the frozen probes, so training leaves them "

@@ -116,7 +116,7 @@ class LMSettings:
     bucket: int = 32
     seed: int = 0
     checkpoint_every: int = 100
-    n_held_out: int = 200  # the corpus's last records, held out for the held-out loss
+    n_held_out: int = 200  # the corpus's last records held out for the held-out loss (at most a tenth of them)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "bucket", "checkpoint_every", "warmup_steps", "n_held_out", "seed"):
@@ -337,18 +337,19 @@ def train_lm(out: str | Path, config: Mapping[str, Any], records: Sequence[Mappi
     `domain`'s `records` into the run directory `out` (resuming it, or returning at once when it is
     finished); returns `out/hf`, the trained HF checkpoint. See the module doc.
 
-    The last `settings.n_held_out` records are held out. `on_step(done, total, aux)` is called after
-    every step (`done` = steps finished; once with `aux` empty before the first); `progress`: a tqdm bar."""
+    The last `settings.n_held_out` records, at most a tenth of them, are held out. `on_step(done, total,
+    aux)` is called after every step (`done` = steps finished; once with `aux` empty before the first);
+    `progress`: a tqdm bar."""
     out = user_path(out)
     parsed = model_config(config)
     records = check_records(list(records), "records")
-    if len(records) <= settings.n_held_out:
-        raise LMTrainingError(f"{len(records)} records: need more than the {settings.n_held_out} held out "
-                              "(n_held_out)")
+    n_held_out = min(settings.n_held_out, len(records) // 10)
+    if not records:
+        raise LMTrainingError("no records to train on")
     record = json.loads(json.dumps({"settings": dataclasses.asdict(settings), "domain": domain_origin(domain),
                                     "config": dict(config), "n_records": len(records),
                                     "records_sha256": _records_sha256(records)}))
-    n_train = len(records) - settings.n_held_out
+    n_train = len(records) - n_held_out
     corpus = lm_corpus(domain, records)
     tokenizer_dir = _claim_with_tokenizer(out, record, corpus_texts(corpus[:n_train]), config)
     if (out / HF_DIR / "config.json").is_file():
