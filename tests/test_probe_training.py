@@ -94,6 +94,21 @@ def test_folds_are_the_reference_permutation_and_splits_are_disjoint():
         assert len(split["validation"]) == 2  # 10% of the 19 training scenarios, rounded
 
 
+def _torch_probe_loop(initial: dict[str, np.ndarray], epochs: int):
+    """The reference's probe (16 -> 512 -> 128 -> 1, SiLU) from our initial weights, its AdamW and its
+    per-epoch cosine schedule."""
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 512), torch.nn.SiLU(), torch.nn.Linear(512, 128), torch.nn.SiLU(),
+                                torch.nn.Linear(128, 1))
+    with torch.no_grad():
+        for i, layer in enumerate((model[0], model[2], model[4])):
+            layer.weight.copy_(torch.from_numpy(initial[f"w{i + 1}"].T))
+            layer.bias.copy_(torch.from_numpy(initial[f"b{i + 1}"]))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    return model, optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+
+
 def test_one_member_matches_the_pytorch_reference_loop():
     """Full-batch epochs (36 rows, batch 64) make the shuffle irrelevant, dropout 0 makes the forward
     deterministic: then five epochs of our program and of the reference's PyTorch loop (AdamW,
@@ -115,14 +130,7 @@ def test_one_member_matches_the_pytorch_reference_loop():
 
     rows = ensemble.train_rows[0, :ensemble.train_count[0]]
     x, y = torch.from_numpy(features[rows]), torch.from_numpy(targets[rows])
-    model = torch.nn.Sequential(torch.nn.Linear(16, 512), torch.nn.SiLU(), torch.nn.Linear(512, 128), torch.nn.SiLU(),
-                                torch.nn.Linear(128, 1))
-    with torch.no_grad():
-        for i, layer in enumerate((model[0], model[2], model[4])):
-            layer.weight.copy_(torch.from_numpy(initial[f"w{i + 1}"].T))
-            layer.bias.copy_(torch.from_numpy(initial[f"b{i + 1}"]))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=protocol.epochs)
+    model, optimizer, schedule = _torch_probe_loop(initial, protocol.epochs)
     losses = []
     for _ in range(protocol.epochs):
         optimizer.zero_grad()
@@ -158,14 +166,7 @@ def test_standardized_training_is_the_reference_loop_on_standardized_data_saved_
     x_raw, y_raw = features[rows].astype(np.float64), targets[rows].astype(np.float64)
     x_mean, x_std, y_mean, y_std = x_raw.mean(0), x_raw.std(0), y_raw.mean(), y_raw.std()
     x = torch.from_numpy(((x_raw - x_mean) / x_std).astype(np.float32))
-    model = torch.nn.Sequential(torch.nn.Linear(16, 512), torch.nn.SiLU(), torch.nn.Linear(512, 128), torch.nn.SiLU(),
-                                torch.nn.Linear(128, 1))
-    with torch.no_grad():
-        for i, layer in enumerate((model[0], model[2], model[4])):
-            layer.weight.copy_(torch.from_numpy(initial[f"w{i + 1}"].T))
-            layer.bias.copy_(torch.from_numpy(initial[f"b{i + 1}"]))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=protocol.epochs)
+    model, optimizer, schedule = _torch_probe_loop(initial, protocol.epochs)
     y = torch.from_numpy(y_raw.astype(np.float32))
     for _ in range(protocol.epochs):  # the loss in raw units: y_mean + y_std * f(x')
         optimizer.zero_grad()

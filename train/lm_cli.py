@@ -50,7 +50,8 @@ def _parser():
                    help="AdamW peak learning rate, after a linear warmup, cosine-decayed to a tenth (default "
                         "%(default)s)")
     p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="default %(default)s")
-    p.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps, help="default %(default)s")
+    p.add_argument("--warmup-steps", type=int,
+                   help=f"linear warmup (default {defaults.warmup_steps}, at most a fifth of --steps)")
     p.add_argument("--clip-norm", type=float, default=defaults.clip_norm,
                    help="global gradient-norm clip (default %(default)s)")
     p.add_argument("--bucket", type=int, default=defaults.bucket,
@@ -78,8 +79,10 @@ def main(argv):
     try:
         settings = lm.LMSettings(
             steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, weight_decay=args.weight_decay,
-            warmup_steps=args.warmup_steps, clip_norm=args.clip_norm, bucket=args.bucket, seed=args.seed,
-            checkpoint_every=args.checkpoint_every, n_held_out=args.n_held_out)
+            warmup_steps=(args.warmup_steps if args.warmup_steps is not None
+                          else min(lm.LMSettings.warmup_steps, args.steps // 5)),
+            clip_norm=args.clip_norm, bucket=args.bucket, seed=args.seed, checkpoint_every=args.checkpoint_every,
+            n_held_out=args.n_held_out)
         # layer_types left out: tiny_config alternates sliding and full layers over --layers.
         base = {k: v for k, v in lm.DEFAULT_CONFIG.items() if k != "layer_types"}
         config = synthetic.tiny_config(**{**base, **{key: getattr(args, key) for _, key, _ in SHAPE}})

@@ -33,7 +33,7 @@ from ..checkpoint.loading import from_pretrained
 from ..checkpoint.location import locate_checkpoint, resolve_checkpoint
 from ..checkpoint.tokenizer import load_tokenizer
 from ..data.features import scenario_prompts
-from ..domains import EVAL_FILE, TRAIN_FILE, Domain, load_domain, load_records, write_dataset
+from ..domains import EVAL_FILE, TRAIN_FILE, Domain, generate_records, load_domain, load_records, write_dataset
 from ..runtime.files import user_path, write_text_atomically
 from ..runtime.options import RunOptions
 from ..runtime.sharding import make_mesh
@@ -72,6 +72,8 @@ FULL = Sizes(n_train=3000, n_eval=500, lm_steps=400, epochs=20, hybrid_train=320
 QUICK = Sizes(n_train=400, n_eval=80, lm_steps=80, epochs=5, hybrid_train=64, hybrid_epochs=1, hybrid_eval=32,
               n_generate=8)
 EXTRACTORS = ("mean", "attention")
+# The seed of the LM's corpus (plus the demo's --seed): apart from the data's 42 (train) and 43 (eval).
+LM_CORPUS_SEED = 1000
 # Measured on the demo's trained LM (README, "The method, shown working"): the attention-pooled extractor
 # scored +0.002 R^2 over the mean-pooled one on every CRE argument (within the folds' spread) for 3.2x the
 # probe training time and a slower hybrid forward, so the demo defaults to the mean-pooled probes and
@@ -233,10 +235,17 @@ def _checkpoint(out: Path, settings: DemoSettings, sizes: Sizes, domain: Domain,
     else:
         lm_dir = out / "lm"
         source = lm_dir / "hf"
-        lm_settings = lm.LMSettings(steps=sizes.lm_steps, seed=settings.seed)
-        stage(f"language model: python -m train lm --domain {domain.name} --steps {sizes.lm_steps} (from scratch, "
-              "on the training records' prompts and answers)", (source / "config.json").is_file(),
-              lambda: lm.train_lm(lm_dir, DEMO_MODEL, load_records(train_json, domain)[0], domain, lm_settings))
+        lm_settings = lm.LMSettings(steps=sizes.lm_steps, warmup_steps=min(lm.LMSettings.warmup_steps,
+                                                                           sizes.lm_steps // 5), seed=settings.seed)
+        # A corpus of its own, each record read once: an LM trained on the probes' own records memorises
+        # them, and its hidden states then carry their numbers better than an unseen prompt's (measured:
+        # cross-validated probe R^2 0.95-0.96 on the training records, 0.71-0.88 on the held-out ones).
+        n_corpus = sizes.lm_steps * lm_settings.batch_size + lm_settings.n_held_out
+        stage(f"language model: python -m train lm --domain {domain.name} --n-train {n_corpus} --steps "
+              f"{sizes.lm_steps} (from scratch, on {n_corpus} records of its own)", (source / "config.json").is_file(),
+              lambda: lm.train_lm(lm_dir, DEMO_MODEL,
+                                  generate_records(domain, n_corpus, LM_CORPUS_SEED + settings.seed), domain,
+                                  lm_settings))
     if locate_checkpoint(source).layout == "flax":
         return source
     model = out / "checkpoint"
@@ -294,8 +303,8 @@ def demo_report(out: Path, domain: Domain, extractor: str, compared, settings: D
     lm_run = _json(out / "lm" / lm.CURVE_FILE)
     demo = settings.model is None
     what = ("a random gpt-oss-shaped model (--random-model)" if settings.random_model else
-            f"a gpt-oss-shaped language model trained from scratch on the {domain.name} training records "
-            f"({sizes.lm_steps} steps)" if demo else f"`{settings.model}`")
+            f"a gpt-oss-shaped language model trained from scratch on {domain.name} records of its own "
+            f"({sizes.lm_steps} steps, each record read once)" if demo else f"`{settings.model}`")
     lines = [f"# Hybrid MoE demo: domain `{domain.name}`", "",
              f"Model: {what}; hybrid layer {results['layer']}; extraction: the {extractor}-pooled probes; "
              f"{results['n_scenarios']} held-out records.", ""]
