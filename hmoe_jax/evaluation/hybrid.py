@@ -53,12 +53,15 @@ def probe_route_predictions(run_dir: str | Path, features: np.ndarray) -> dict[s
 def argument_r2(domain: Domain, records: Sequence[Mapping], arguments: Mapping[str, np.ndarray]
                 ) -> dict[str, dict[str, float]]:
     """R^2 of each extracted argument, in its probe's training space (sign-log, as the paper reports,
-    unless the domain scales the argument otherwise), over the records that have the metric's inputs."""
+    unless the domain scales the argument otherwise), over the records whose own markers name the metric:
+    the rows its probes train on (`data.features.record_targets`). A marker the domain only implies (CRE:
+    from a record's financials, for a prompt that does not state them) gives a truth to score the formula
+    against, not an argument the prompt holds."""
     out = {}
     for metric in domain.metrics:
         if metric.expert not in arguments:
             continue
-        markers = [domain.marker(r, metric.expert) for r in records]
+        markers = [next((m for m in r["computation_markers"] if m["expert"] == metric.expert), None) for r in records]
         rows = [i for i, m in enumerate(markers) if m is not None]
         out[metric.expert] = {}
         for i, arg in enumerate(metric.spec.arg_names):
