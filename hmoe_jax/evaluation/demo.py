@@ -114,7 +114,6 @@ class DemoSettings:
 class _Stages:
     def __init__(self, log: Callable[[str], None]):
         self.log = log
-        self.seconds: dict[str, float] = {}
 
     def __call__(self, name: str, done: bool, fn: Callable[[], object]) -> None:
         if done:
@@ -123,8 +122,7 @@ class _Stages:
         self.log(f"[run ] {name}")
         start = time.perf_counter()
         fn()
-        self.seconds[name.split(":")[0]] = time.perf_counter() - start
-        self.log(f"[done] {name} in {self.seconds[name.split(':')[0]]:.0f} s")
+        self.log(f"[done] {name} in {time.perf_counter() - start:.0f} s")
 
 
 def _store_complete(store: Path) -> bool:
