@@ -414,8 +414,9 @@ def _prepare_data(model, tokenizer, domain: Domain, train_scenarios, eval_scenar
     return _Data(train, held_out, neg_tokens, neg_eval, neg_length)
 
 
-class _Checkpoints:
-    """The trainer state and the progress record, saved together; a killed run resumes from the last."""
+class TrainerCheckpoints:
+    """The trainer state and the progress record, saved together; a killed run resumes from the last.
+    Shared by end-to-end hybrid training and `training.lm`."""
 
     def __init__(self, run_dir: Path):
         self.manager = ocp.CheckpointManager((run_dir / CHECKPOINT_DIR).resolve(),
@@ -496,7 +497,7 @@ def _evaluate_once(path: Path, evaluate: Callable[[], dict], log) -> dict[str, A
 def _train(trainer: HybridTrainer, inputs: _Data, settings: Settings, total: int, batches_per_epoch: int,
            run_dir: Path, before: Mapping[str, Any], on_step, log) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every step from the last checkpoint on; returns the final trainer state and the progress record."""
-    checkpoints = _Checkpoints(run_dir)
+    checkpoints = TrainerCheckpoints(run_dir)
     fresh = {"step": [], "loss": [], "answer_loss": [], "router_loss": [],
              "held_out": [{"epoch": 0, "step": 0, "answer_loss": before["answer_loss"]}]}
     step, state, progress = checkpoints.restore(trainer.init_state(), fresh)

@@ -78,12 +78,12 @@ from ..model.config import ConfigError, GptOssConfig
 from ..model.transformer import GptOssForCausalLM, default_position_ids
 from ..runtime.files import atomic_directory, claim_run_dir, user_path, write_json_atomically, write_text_atomically
 from ..runtime.options import RunOptions
-from .hybrid import _Checkpoints, epoch_batches
+from .hybrid import TrainerCheckpoints, epoch_batches
 from .objective import answer_terms, differentiable_backend
 
 RUN_FILE = "run.json"
 TOKENIZER_DIR = "tokenizer"
-CHECKPOINT_DIR = "checkpoints"  # `_Checkpoints` writes there
+CHECKPOINT_DIR = "checkpoints"  # `TrainerCheckpoints` writes there
 CURVE_FILE = "loss_curve.json"
 CURVE_PLOT = "loss_curve.png"
 REPORT_FILE = "report.md"
@@ -382,7 +382,7 @@ def _train(trainer: LMTrainer, train: list[np.ndarray], held_out: list[np.ndarra
     s = trainer.settings
     lengths = np.asarray([len(x) for x in train])
     batches_per_epoch = len(epoch_batches(lengths, s.batch_size, s.bucket, s.seed, 0))
-    checkpoints = _Checkpoints(out)
+    checkpoints = TrainerCheckpoints(out)
     step, state, progress = checkpoints.restore(trainer.init_state(), None)
     if step:
         log(f"resuming {out} from its step-{step} checkpoint")
