@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -41,6 +42,7 @@ BUCKET = "256"
 PROBE_ARGS = ["--layer", "1", "--experts", "ltv", "--epochs", "4", "--folds", "2", "--seeds", "2",
               "--checkpoint-every", "2"]
 TIMEOUT_S = 240
+GLOO_LINE = re.compile(r"\[Gloo\]|is connected to \d+ peer ranks")
 
 
 def free_port() -> int:
@@ -77,8 +79,10 @@ def run_processes(module: str, args: list[str], n: int = 2, devices: int = 4) ->
         report = "\n".join(f"--- process {i} (exit {code}) stderr:\n{err[-6000:]}"
                            for i, (code, (_, err)) in enumerate(zip(codes, outputs)))
         pytest.fail(f"{module} over {n} processes failed:\n{report}")
-    # gloo reports its connections on stdout; the rest is the command's.
-    return ["".join(line for line in out.splitlines(keepends=True) if not line.startswith("[Gloo]"))
+    # gloo reports its connections on stdout, one line per device from concurrent threads, so its lines
+    # can interleave ("[Gloo] Rank [Gloo] Rank 4 ...\n5 is connected to 7 peer ranks ..."): drop every
+    # line that holds either part; the rest is the command's.
+    return ["".join(line for line in out.splitlines(keepends=True) if not GLOO_LINE.search(line))
             for out, _ in outputs]
 
 

