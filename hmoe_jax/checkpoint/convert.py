@@ -8,7 +8,8 @@
   plain experts or MXFP4 (`mxfp4=True`), written shard by shard, tensor by tensor.
 
 Every output directory is built under a temporary name next to DST and renamed into place only when
-complete, so an interrupted or failed conversion leaves no DST (at most a hidden `.DST.partial-*`).
+complete, so an interrupted or failed conversion leaves no DST; the hidden `.DST.partial-*` that a killed
+one leaves is removed by the next conversion into DST (`runtime.files.remove_orphans`).
 """
 
 from __future__ import annotations

@@ -8,9 +8,11 @@ and resolves it before use.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 from pathlib import Path
@@ -41,10 +43,43 @@ def write_json_atomically(path: str | os.PathLike, obj: Any) -> None:
     write_text_atomically(path, json.dumps(obj, indent=2))
 
 
+def _owned_name(dst: Path, kind: str) -> Path:
+    """A hidden sibling of `dst` that names its owner (host and process), so a later run can tell an
+    orphan, whose process was killed before it could clean up, from a live run's work in progress."""
+    return dst.parent / f".{dst.name}.{kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_orphans(dst: Path) -> list[Path]:
+    """Delete the temporary siblings (`.DST.partial-*`, `.DST.replaced-*`) that runs on this host left
+    when killed (SIGKILL, OOM, power) before they could remove them; a live process's are kept, and so
+    are other hosts' (their processes cannot be checked from here). Returns what was removed."""
+    host = socket.gethostname()
+    removed = []
+    for kind in ("partial", "replaced"):
+        prefix = f".{dst.name}.{kind}-{host}-"
+        for path in dst.parent.glob(f".{glob.escape(dst.name)}.{kind}-*"):
+            pid = path.name[len(prefix):].split("-", 1)[0] if path.name.startswith(prefix) else ""
+            if pid.isdigit() and not _process_alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_directory(dst: Path, overwrite: bool, src: Path) -> Iterator[Path]:
     """Yield an empty temporary directory next to `dst`; on success it replaces `dst`, on any
-    exception (Ctrl-C included) it is removed and `dst` is left as it was."""
+    exception (Ctrl-C included) it is removed and `dst` is left as it was. What a killed earlier run
+    left beside `dst` is removed first (`remove_orphans`), so interruptions do not leak disk."""
     dst, src = user_path(dst), user_path(src)
     if dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents:
         raise ValueError(f"{dst}: the destination must neither be nor contain the source {src}")
@@ -54,7 +89,8 @@ def atomic_directory(dst: Path, overwrite: bool, src: Path) -> Iterator[Path]:
         if any(dst.iterdir()) and not overwrite:
             raise FileExistsError(f"{dst}: exists and is not empty; pass --overwrite to replace it")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"
+    remove_orphans(dst)
+    tmp = _owned_name(dst, "partial")
     tmp.mkdir()
     try:
         yield tmp
@@ -62,14 +98,12 @@ def atomic_directory(dst: Path, overwrite: bool, src: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if dst.exists():
-        old = dst.parent / f".{dst.name}.replaced-{uuid.uuid4().hex[:8]}"
+        old = _owned_name(dst, "replaced")
         os.rename(dst, old)
         os.rename(tmp, dst)
         shutil.rmtree(old)
     else:
         os.rename(tmp, dst)
-
-
 
 
 def claim_run_dir(run_dir: str | os.PathLike, record: dict[str, Any], *, run_file: str, error: type[Exception],
