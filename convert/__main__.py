@@ -11,6 +11,7 @@ import signal
 import sys
 
 from hmoe_jax.checkpoint import convert
+from hmoe_jax.runtime import arguments
 from hmoe_jax.runtime.files import user_path
 
 
@@ -62,8 +63,7 @@ def main(argv=None) -> int:
             summary = convert.convert_checkpoint(args.src, args.dst, keep_mxfp4=args.keep_mxfp4, dtype=args.dtype,
                                                  overwrite=args.overwrite, progress=True)
     except (OSError, ValueError) as e:  # CheckpointError, ConfigError and FileExistsError among them
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return arguments.input_error("convert", e)
     print(f"wrote {summary.destination} from {summary.source_layout}: {summary.tensors} tensors, "
           f"{summary.bytes / 1e9:.2f} GB in {summary.seconds:.1f} s ({summary.megabytes_per_second:.0f} MB/s)")
     return 0

@@ -97,8 +97,7 @@ def main(argv=None) -> int:
             for bar in bars:
                 bar.close()
     except (FileNotFoundError, FileExistsError, CheckpointError, ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return arguments.input_error("eval baselines", e)
     if info.is_coordinator:
         print(write_results(out, results, generations, args.styles, len(scenarios), args.new_tokens))
     distributed.sync("eval.baselines.written")

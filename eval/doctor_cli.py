@@ -12,7 +12,6 @@ checks the kernels' arithmetic in interpret mode at the tiny shapes instead.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from hmoe_jax.runtime import arguments
 from hmoe_jax.runtime.files import user_path
@@ -42,8 +41,7 @@ def main(argv=None) -> int:
                                    revision=args.revision, shape_sets=tuple(args.shapes),
                                    progress=lambda what: (bar.set_postfix_str(what), bar.update()))
     except (FileNotFoundError, CheckpointError, ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return arguments.input_error("eval doctor", e)
     finally:
         bar.close()
     if args.out:

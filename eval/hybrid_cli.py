@@ -11,7 +11,6 @@ Multi-host: start the same command on every host with --coordinator-address, --n
 from __future__ import annotations
 
 import argparse
-import sys
 
 from hmoe_jax.runtime import arguments, distributed
 from hmoe_jax.runtime.files import user_path
@@ -57,8 +56,7 @@ def main(argv=None) -> int:
                            overwrite=args.overwrite)
         distributed.sync("eval.hybrid.written")
     except (FileNotFoundError, FileExistsError, ArtifactError, CheckpointError, ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return arguments.input_error("eval hybrid", e)
     if info.is_coordinator:
         print((args.out / "report.md").read_text())
     return 0

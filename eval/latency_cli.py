@@ -9,7 +9,6 @@ OUT/latency.md and OUT/latency.png.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from hmoe_jax.runtime import arguments
 from hmoe_jax.runtime.files import user_path
@@ -45,8 +44,7 @@ def main(argv=None) -> int:
                                       options=arguments.options_from_args(args), prompt_format=args.prompt_format,
                                       domain=args.domain)
     except (FileNotFoundError, ArtifactError, CheckpointError, ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return arguments.input_error("eval latency", e)
     latency.write_report(res, args.out)
     print(latency.report_markdown(res))
     return 0

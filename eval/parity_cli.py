@@ -9,6 +9,7 @@ import sys
 from hmoe_jax.checkpoint.location import CheckpointError, resolve_checkpoint
 from hmoe_jax.evaluation import parity
 from hmoe_jax.model.config import ConfigError
+from hmoe_jax.runtime import arguments
 from hmoe_jax.runtime.files import user_path
 from hmoe_jax.runtime.options import KERNEL_PATHS
 
@@ -80,8 +81,7 @@ def main(argv=None) -> int:
                                      kernels=args.kernels)
         bar.close()
     except (FileNotFoundError, CheckpointError, ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return arguments.input_error("eval parity", e)
     out = user_path(args.out)
     parity.write_report(report, out)
     print((out / "parity.md").read_text())

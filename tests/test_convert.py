@@ -371,7 +371,7 @@ def test_existing_destination_needs_overwrite(hf_mxfp4, tmp_path, capsys, monkey
     with pytest.raises(FileExistsError, match="out: exists and is not empty; pass --overwrite"):
         convert_checkpoint(hf_mxfp4, dst)
     assert (dst / "keep.txt").read_text() == "user data"
-    assert convert_main([str(hf_mxfp4), str(dst)]) == 1
+    assert convert_main([str(hf_mxfp4), str(dst)]) == 2
     assert "pass --overwrite" in capsys.readouterr().err
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(hf_mxfp4.parent))
@@ -387,7 +387,7 @@ def test_cli_usage_errors_exit_2(hf_mxfp4, tmp_path):
         with pytest.raises(SystemExit) as exit_info:
             convert_main(argv)
         assert exit_info.value.code == 2
-    assert convert_main(["--to", "hf", str(hf_mxfp4), str(tmp_path / "out")]) == 1  # not a Flax checkpoint
+    assert convert_main(["--to", "hf", str(hf_mxfp4), str(tmp_path / "out")]) == 2  # not a Flax checkpoint
     assert_no_output(tmp_path / "out")
 
 

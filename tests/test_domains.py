@@ -354,7 +354,7 @@ def test_commands_refuse_bad_records_and_the_wrong_domain_before_writing(tiny_ch
         (["--data", "c/train.json", "--domain", "nowhere.py", "--out", "s3"], "does not exist"),
     ]
     for argv, message in cases:
-        assert precompute_cli.main(common + argv) == 1
+        assert precompute_cli.main(common + argv) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / argv[-1]).exists()
     # A domain whose module raises is named, and `train data` writes nothing.

@@ -118,7 +118,7 @@ def test_an_empty_cache_names_the_repository_and_the_cache(tmp_path, monkeypatch
     message = str(e.value)
     assert "openai/gpt-oss-20b" in message and str(empty) in message and "HF_HUB_OFFLINE=1" in message
     monkeypatch.chdir(tmp_path)
-    assert convert_main(["openai/gpt-oss-20b", "out"]) == 1
+    assert convert_main(["openai/gpt-oss-20b", "out"]) == 2
     err = capsys.readouterr().err
     assert "openai/gpt-oss-20b" in err and str(empty) in err
     assert not (tmp_path / "out").exists()

@@ -305,7 +305,7 @@ def test_cli_trains_evaluates_before_and_after_and_eval_hybrid_loads_the_trained
     router_bce = json.loads((out / ht.CURVE_FILE).read_text())["router_loss"]
     assert np.mean(router_bce[-4:]) < np.mean(router_bce[:4])
     assert summary["after"]["routing"]["dscr"]["asked"] >= summary["before"]["routing"]["dscr"]["asked"]
-    assert train_cli.main(argv[:-2] + ["--lr", "1e-3"]) == 1  # another run into the same --out
+    assert train_cli.main(argv[:-2] + ["--lr", "1e-3"]) == 2  # another run into the same --out
     assert "holds another hybrid training run" in capsys.readouterr().err
 
     results = tmp_path / "results"
@@ -341,7 +341,7 @@ def test_cli_refuses_bad_input_before_writing(setup, tmp_path, capsys, monkeypat
     else:
         extra = ["--lr", "-1"]
     argv = [x if x.startswith("--") else os.path.relpath(x, tmp_path) for kv in args.items() for x in map(str, kv)]
-    assert train_cli.main(argv + extra) == 1
+    assert train_cli.main(argv + extra) == 2
     assert match in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 

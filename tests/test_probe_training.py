@@ -302,7 +302,7 @@ def test_bad_inputs_are_refused_with_a_clear_error_and_nothing_written(finished_
     store, run = finished_run
 
     def refused(argv, message, main=probes_main):
-        assert main(argv) == 1
+        assert main(argv) == 2
         err = capsys.readouterr().err
         assert message in err, err
 

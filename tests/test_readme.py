@@ -122,4 +122,4 @@ def test_the_readme_user_domain_runs_through_every_command(tmp_path_factory):
     # The recorded file is not run again by itself: a later stage without --domain says what to pass.
     run = subprocess.run([sys.executable, "-m", "train", "probes", "--store", "store", "--out", "probes2",
                           "--epochs", "1"], cwd=cwd, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 1 and "pass --domain" in run.stderr and "my_domain.py" in run.stderr
+    assert run.returncode == 2 and "pass --domain" in run.stderr and "my_domain.py" in run.stderr

@@ -7,8 +7,8 @@ one; a domain loaded from a .py file is named again with --domain).
 """
 
 import argparse
-import sys
 
+from hmoe_jax.runtime import arguments
 from hmoe_jax.runtime.arguments import add_domain_argument
 from hmoe_jax.runtime.files import user_path
 
@@ -66,8 +66,7 @@ def main(argv):
         domain = load_domain(args.domain)
         train_path, eval_path = write_dataset(domain, args.out, args.seed, args.n_train, args.n_eval)
     except (DomainError, ValueError) as err:
-        print(f"train data: error: {err}", file=sys.stderr)
-        return 2
+        return arguments.input_error("train data", err)
     print(f"wrote {args.n_train} {domain.name} train records (seed {args.seed}) to {train_path}")
     print(f"wrote {args.n_eval} {domain.name} eval records (seed {args.seed + 1}) to {eval_path}")
     return 0

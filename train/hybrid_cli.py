@@ -12,7 +12,6 @@ and .png; checkpoints go to OUT/checkpoints, so an interrupted run resumes where
 """
 
 import argparse
-import sys
 
 from hmoe_jax.runtime import arguments
 from hmoe_jax.runtime.files import user_path
@@ -67,7 +66,6 @@ def main(argv):
                                n_generate=args.n_generate, domain=args.domain)
         result = hybrid.run_from_files(inputs, args.out, settings, options=arguments.options_from_args(args))
     except (ArtifactError, StoreError, CheckpointError, ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"train hybrid: error: {err}", file=sys.stderr)
-        return 1
+        return arguments.input_error("train hybrid", err)
     print((args.out / hybrid.REPORT_FILE).read_text())
     return 0 if result else 1

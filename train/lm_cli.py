@@ -96,8 +96,7 @@ def main(argv):
         lm.train_lm(args.out, config, records, domain, settings,
                     log=lambda msg: print(msg, file=sys.stderr))
     except (lm.LMTrainingError, DomainError, FileNotFoundError, ValueError) as err:
-        print(f"train lm: error: {err}", file=sys.stderr)
-        return 1
+        return arguments.input_error("train lm", err)
     print((args.out / lm.REPORT_FILE).read_text())
     print(f"trained checkpoint: {args.out / lm.HF_DIR}")
     return 0

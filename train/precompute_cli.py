@@ -12,7 +12,6 @@ Multi-host: start the same command on every host with --coordinator-address, --n
 """
 
 import argparse
-import sys
 
 from hmoe_jax.runtime import arguments, distributed
 from hmoe_jax.runtime.files import user_path
@@ -69,8 +68,7 @@ def main(argv):
             token_states=args.token_states)
         distributed.sync("train.precompute.done")
     except (StoreError, ConfigError, CheckpointError, ValueError, FileNotFoundError) as err:
-        print(f"train precompute: error: {err}", file=sys.stderr)
-        return 1
+        return arguments.input_error("train precompute", err)
     finally:
         bars.close()
     if info.is_coordinator:

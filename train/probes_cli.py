@@ -16,7 +16,6 @@ devices and process 0 writes the reports. See README.md.
 """
 
 import argparse
-import sys
 
 from hmoe_jax.runtime import arguments
 from hmoe_jax.runtime.files import user_path
@@ -86,8 +85,7 @@ def main(argv):
                     experts=args.experts, direct=not args.no_direct, domain=args.domain)
     except (StoreError, probes.ProbeTrainingError, DomainError, distributed.DistributedError,
             FileNotFoundError) as err:
-        print(f"train probes: error: {err}", file=sys.stderr)
-        return 1
+        return arguments.input_error("train probes", err)
     if distributed.is_coordinator():
         print((args.out / (probes.COMPARISON_FILE if args.extractor == "both" else "r2.md")).read_text())
     return 0 if run else 1

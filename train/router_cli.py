@@ -10,8 +10,8 @@ RUN/accuracy.md, RUN/results.json, RUN/curves.png and RUN/probes.
 """
 
 import argparse
-import sys
 
+from hmoe_jax.runtime import arguments
 from hmoe_jax.runtime.files import user_path
 from train.probes_cli import add_protocol_options, protocol_settings, store_choice
 
@@ -41,8 +41,7 @@ def main(argv):
                                             domain=args.domain)
     except (StoreError, probes.ProbeTrainingError, DomainError, distributed.DistributedError,
             FileNotFoundError) as err:
-        print(f"train router: error: {err}", file=sys.stderr)
-        return 1
+        return arguments.input_error("train router", err)
     if distributed.is_coordinator():
         print((args.out / "accuracy.md").read_text())
     return 0 if run else 1

@@ -9,14 +9,26 @@
 - Multi-host: `--coordinator-address`, `--num-processes`, `--process-id`, `--local-device-ids`,
   `--distributed`, each falling back to its `HMOE_*` environment variable
   (`distributed.settings_from_args`).
+- Input errors: `input_error`, the one exit rule of every command.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from . import distributed
 from .options import AUTO, COMPUTE_DTYPES, EXECUTIONS, EXPERT_STORAGE, KERNEL_PATHS, MOE_BACKENDS, RunOptions
+
+# The exit status of a command refused for its input (a wrong path, a corrupt file, a bad value): 2, as
+# argparse's own refusals, so a script tells bad input (2) from a crash (1).
+INPUT_ERROR = 2
+
+
+def input_error(command: str, error: object) -> int:
+    """Print `command: error: <what is wrong>` to stderr, as argparse does, and return INPUT_ERROR."""
+    print(f"{command}: error: {error}", file=sys.stderr)
+    return INPUT_ERROR
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
