@@ -21,7 +21,6 @@ demo resumes where it stopped.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from hmoe_jax.runtime import arguments
@@ -48,6 +47,9 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, help="probe epochs (default: as above for the demo model, the paper's "
                                                "300 otherwise)")
     p.add_argument("--lm-steps", type=int, help="optimizer steps of the demo's language model (batch 32)")
+    p.add_argument("--lm-hidden", type=int,
+                   help="width of the demo's language model (default 128; a multiple of 64: heads of 32, two per "
+                        "KV head; bench/extraction_frontier.py measures what a wider one buys)")
     p.add_argument("--n-train", type=int, help="training records")
     p.add_argument("--n-eval", type=int, help="held-out records")
     p.add_argument("--extractor", choices=EXTRACTORS,
@@ -69,24 +71,28 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from hmoe_jax.checkpoint.location import resolve_checkpoint
     from hmoe_jax.evaluation.demo import DemoSettings, run_demo
+    from hmoe_jax.training.lm import widened
 
     try:
         model = None if args.model is None else resolve_checkpoint(args.model, args.revision)
     except (OSError, ValueError) as e:
-        print(f"eval demo: error: {e}", file=sys.stderr)
-        return 1
+        return arguments.input_error("eval demo", e)
+    if args.model is not None and args.lm_hidden is not None:
+        return arguments.input_error("eval demo", "--lm-hidden shapes the demo's own model; it cannot go with --model")
+    try:
+        lm_config = None if args.lm_hidden is None else widened(args.lm_hidden)
+    except ValueError as e:
+        return arguments.input_error("eval demo", f"--lm-hidden: {e}")
     if args.model is not None and args.random_model:
-        print("eval demo: error: --random-model is the demo's own model; it cannot go with --model", file=sys.stderr)
-        return 1
+        return arguments.input_error("eval demo", "--random-model is the demo's own model; it cannot go with --model")
     settings = DemoSettings(model=model, random_model=args.random_model, quick=args.quick, layer=args.layer,
                             epochs=args.epochs, n_train=args.n_train, n_eval=args.n_eval, lm_steps=args.lm_steps,
                             seed=args.seed, hybrid_training=args.hybrid_training, extractor=args.extractor,
-                            compare_extractors=args.compare_extractors,
+                            compare_extractors=args.compare_extractors, lm_config=lm_config,
                             options=arguments.options_from_args(args), domain=args.domain)
     try:
         report = run_demo(args.out, settings, log=lambda msg: print(msg, flush=True))
     except (OSError, ValueError) as e:  # every stage's errors name the file and what is wrong with it
-        print(f"eval demo: error: {e}", file=sys.stderr)
-        return 1
+        return arguments.input_error("eval demo", e)
     print(report)
     return 0

@@ -300,14 +300,14 @@ def test_record_json_keeps_unicode(tmp_path):
 
 
 def test_the_second_domain_runs_the_whole_demo(tmp_path):
-    """`eval demo --domain circuits`, scaled down: data, the language model, convert, precompute, both
-    extractors' probes, evaluation, the LM's own answers, end-to-end training and the report, for a
+    """`eval demo --domain circuits`, scaled down (a narrower LM too): data, the language model, convert,
+    precompute, both extractors' probes, evaluation, the LM's own answers, end-to-end training and the report, for a
     domain other than CRE."""
     import subprocess
 
     run = subprocess.run([sys.executable, "-m", "eval", "demo", "--domain", "circuits", "--out", "demo_c", "--quick",
                           "--n-train", "160", "--n-eval", "32", "--epochs", "3", "--lm-steps", "12",
-                          "--compare-extractors"], cwd=tmp_path,
+                          "--lm-hidden", "64", "--compare-extractors"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stderr[-3000:]
     out = tmp_path / "demo_c"
@@ -324,8 +324,10 @@ def test_the_second_domain_runs_the_whole_demo(tmp_path):
     assert "Within 20% by asks" in run.stdout and "rc_time_constant" in run.stdout
     lm_answers = json.loads((out / "lm_answers" / "baselines.json").read_text())
     assert set(lm_answers["raw"]["continuation"]["honest"]) == {"voltage_divider", "rc_time_constant"}
+    assert json.loads((out / "lm" / "hf" / "config.json").read_text())["hidden_size"] == 64  # --lm-hidden
     report = (out / "report.md").read_text()
-    assert "| voltage_divider |" in report and "attention-pooled" in report and "mean-pooled" in report
+    assert "hidden 64" in report and "| voltage_divider |" in report
+    assert "attention-pooled" in report and "mean-pooled" in report
     assert json.loads((out / "probes" / "attention" / "probes.json").read_text())["extractor"]["kind"] == "attention"
 
 

@@ -151,6 +151,28 @@ def test_settings_and_record_counts_are_checked():
         lm.train_lm("unused", CONFIG, [], CRE, lm.LMSettings(), progress=False)
 
 
+def test_a_wider_demo_model_keeps_the_heads_and_grouping_and_is_checked():
+    wide = lm.widened(256)
+    assert (wide["hidden_size"], wide["intermediate_size"], wide["num_attention_heads"],
+            wide["num_key_value_heads"], wide["head_dim"]) == (256, 256, 8, 4, 32)
+    assert {k: v for k, v in wide.items() if k not in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                                         "num_key_value_heads")} == {
+        k: v for k, v in lm.DEFAULT_CONFIG.items() if k not in ("hidden_size", "intermediate_size",
+                                                                "num_attention_heads", "num_key_value_heads")}
+    assert lm.widened(128) == lm.DEFAULT_CONFIG
+    for bad in (0, 96, -64):
+        with pytest.raises(lm.LMTrainingError, match="multiple of 64"):
+            lm.widened(bad)
+
+
+def test_the_demo_refuses_a_width_it_cannot_build(tmp_path, monkeypatch, capsys):
+    from eval import demo_cli
+
+    monkeypatch.chdir(tmp_path)
+    assert demo_cli.main(["--out", "d", "--lm-hidden", "100"]) == 2
+    assert "--lm-hidden" in capsys.readouterr().err and not (tmp_path / "d").exists()
+
+
 # ------------------------------------------------------------------ the command
 
 
@@ -173,7 +195,7 @@ def test_the_command_refuses_bad_input_before_writing(tmp_path, monkeypatch, cap
     from train import lm_cli
 
     monkeypatch.chdir(tmp_path)
-    assert lm_cli.main(["--out", "out", "--n-train", "8", *argv]) == 1
+    assert lm_cli.main(["--out", "out", "--n-train", "8", *argv]) == 2
     assert match in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 

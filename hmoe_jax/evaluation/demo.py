@@ -104,6 +104,13 @@ class DemoSettings:
     compare_extractors: bool = False  # train both extractors on the same store and report them side by side
     options: RunOptions | None = None
     domain: str | Domain | None = None
+    # The trained LM's shape (an HF-style gpt-oss config dict); None: DEMO_MODEL. Its hybrid layer
+    # defaults to the middle one, as DEMO_LAYER is of DEMO_MODEL's 4 (`lm.widened`: --lm-hidden;
+    # bench/extraction_frontier.py measures what a wider LM buys).
+    lm_config: dict[str, Any] | None = None
+
+    def lm_model(self) -> dict[str, Any]:
+        return DEMO_MODEL if self.lm_config is None else dict(self.lm_config)
 
     def sizes(self) -> Sizes:
         base = QUICK if self.quick else FULL
@@ -137,7 +144,8 @@ def run_demo(out: str | Path, settings: DemoSettings, log: Callable[[str], None]
     stage = _Stages(log)
     demo = settings.model is None
     sizes = settings.sizes()
-    layer = settings.layer if settings.layer is not None else (DEMO_LAYER if demo else 12)
+    layer = settings.layer if settings.layer is not None else (
+        (settings.lm_model()["num_hidden_layers"] // 2 if settings.lm_config else DEMO_LAYER) if demo else 12)
     epochs = settings.epochs if settings.epochs is not None else (sizes.epochs if demo else 300)
     extractor = settings.extractor or DEFAULT_EXTRACTOR
     if extractor not in EXTRACTORS:
@@ -225,8 +233,8 @@ def _checkpoint(out: Path, settings: DemoSettings, sizes: Sizes, domain: Domain,
         def build():
             records, _ = load_records(train_json, domain)
             texts = [r["input_prompt"] for r in records] + [domain.answer_text(r) for r in records]
-            synthetic.write_hf_checkpoint(source, DEMO_MODEL, seed=settings.seed, experts="mxfp4")
-            synthetic.write_tokenizer(source, texts, DEMO_MODEL)
+            synthetic.write_hf_checkpoint(source, settings.lm_model(), seed=settings.seed, experts="mxfp4")
+            synthetic.write_tokenizer(source, texts, settings.lm_model())
 
         stage(f"checkpoint: random gpt-oss in HF format (MXFP4 experts, byte-level BPE tokenizer of the "
               f"{domain.name} prompts)", (source / "tokenizer.json").is_file(), build)
@@ -241,7 +249,7 @@ def _checkpoint(out: Path, settings: DemoSettings, sizes: Sizes, domain: Domain,
         n_corpus = sizes.lm_steps * lm_settings.batch_size + lm_settings.n_held_out
         stage(f"language model: python -m train lm --domain {domain.name} --n-train {n_corpus} --steps "
               f"{sizes.lm_steps} (from scratch, on {n_corpus} records of its own)", (source / "config.json").is_file(),
-              lambda: lm.train_lm(lm_dir, DEMO_MODEL,
+              lambda: lm.train_lm(lm_dir, settings.lm_model(),
                                   generate_records(domain, n_corpus, LM_CORPUS_SEED + settings.seed), domain,
                                   lm_settings))
     if locate_checkpoint(source).layout == "flax":
@@ -302,7 +310,9 @@ def demo_report(out: Path, domain: Domain, extractor: str, compared, settings: D
     demo = settings.model is None
     what = ("a random gpt-oss-shaped model (--random-model)" if settings.random_model else
             f"a gpt-oss-shaped language model trained from scratch on {domain.name} records of its own "
-            f"({sizes.lm_steps} steps, each record read once)" if demo else f"`{settings.model}`")
+            f"({sizes.lm_steps} steps, each record read once"
+            + (f"; hidden {settings.lm_model()['hidden_size']}" if settings.lm_config else "") + ")"
+            if demo else f"`{settings.model}`")
     lines = [f"# Hybrid MoE demo: domain `{domain.name}`", "",
              f"Model: {what}; hybrid layer {results['layer']}; extraction: the {extractor}-pooled probes; "
              f"{results['n_scenarios']} held-out records.", ""]

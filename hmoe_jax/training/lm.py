@@ -96,6 +96,7 @@ DEFAULT_CONFIG = synthetic.tiny_config(
     vocab_size=640, hidden_size=128, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
     num_key_value_heads=2, head_dim=32, num_local_experts=8, num_experts_per_tok=2, sliding_window=16,
 )
+
 # Cosine decay ends at this fraction of the peak learning rate.
 FINAL_LR_FRACTION = 0.1
 
@@ -103,6 +104,20 @@ FINAL_LR_FRACTION = 0.1
 class LMTrainingError(ValueError):
     """Settings, a config or records a language model cannot be trained with, a run directory holding
     something else, or a non-finite loss; raised before anything (more) is written."""
+
+
+def widened(hidden: int, base: dict[str, Any] = DEFAULT_CONFIG) -> dict[str, Any]:
+    """`base`'s shape at another width: heads of `base`'s head_dim, the same query heads per KV head,
+    expert MLPs as wide as the residual stream (as the default's 128 are). For measuring what a larger
+    LM buys (`python -m eval demo --lm-hidden`, bench/extraction_frontier.py)."""
+    head_dim = base["head_dim"]
+    group = base["num_attention_heads"] // base["num_key_value_heads"]
+    if hidden <= 0 or hidden % (head_dim * group):
+        raise LMTrainingError(f"hidden size must be a positive multiple of {head_dim * group} (heads of {head_dim}, "
+                              f"{group} per KV head), got {hidden}")
+    heads = hidden // head_dim
+    return {**base, "hidden_size": hidden, "intermediate_size": hidden, "num_attention_heads": heads,
+            "num_key_value_heads": heads // group}
 
 
 @dataclasses.dataclass(frozen=True)
