@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorstore as ts
+from comparisons import rel_err
 from flax import nnx
 from scenario_inputs import write_scenario_checkpoint
 
@@ -47,11 +48,6 @@ N_PROMPTS = 24
 RUN_ARGS = ["--experts", "ltv", "--epochs", "3", "--folds", "2", "--seeds", "1", "--checkpoint-every", "3"]
 # float32 against float32 computed another way (pool-then-matmul vs matmul-then-pool, padded vs alone).
 FP32_REL = 1e-5
-
-
-def rel_err(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 def read_array(path):

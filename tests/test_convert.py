@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from comparisons import rel_err
 from original_layout import write_original_layout
 from safetensors.torch import load_file, save_file
 
@@ -30,11 +31,6 @@ from hmoe_jax.model.config import GptOssConfig
 
 FP32_REL = 1e-5
 IDS = np.random.default_rng(0).integers(0, 128, (2, 24))  # 3 sliding windows of the tiny config
-
-
-def rel_err(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 def torch_logits(path) -> np.ndarray:

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 import pytest
 import torch
+from comparisons import rel_err
 from flax import nnx
 
 import hmoe_jax
@@ -49,11 +50,6 @@ CONFIG = synthetic.tiny_config()  # 2 layers, hidden 64, 4 experts top-2
 REPO = Path(__file__).resolve().parents[1]
 # The registry's formulas as the layer runs them: compiled (formulas pins eager == jit bit for bit).
 evaluate = jax.jit(formulas.evaluate, static_argnums=0)
-
-
-def rel_err(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 @pytest.fixture(scope="module")

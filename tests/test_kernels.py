@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from comparisons import rel_err
 from flax import nnx
 from grouped_reference import assert_equals_decode_then_matmul
 
@@ -39,11 +40,6 @@ from hmoe_jax.runtime.options import RunOptions, matmul_precision
 
 FP32_REL = 1e-5
 MATMUL_REL = 1e-6
-
-
-def rel_err(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 # ---------------------------------------------------------------------------------------------- attention

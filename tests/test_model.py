@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from comparisons import rel_err
 from flax import nnx
 
 import hmoe_jax
@@ -46,11 +47,6 @@ CONFIGS = {
         num_local_experts=6, num_experts_per_tok=4, sliding_window=6,
     ),
 }
-
-
-def rel_err(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 def torch_forward(model, ids, attention_mask=None, position_ids=None):

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorstore as ts
+from comparisons import rel_err
 from scenario_inputs import write_scenario_checkpoint
 
 from hmoe_jax import formulas, from_pretrained, make_mesh
@@ -57,10 +58,6 @@ def store(checkpoint):
 def read_array(path):
     spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
     return np.asarray(ts.open(spec).result().read().result())
-
-
-def rel_err(ours, ref):
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 def test_features_from_padded_batches_equal_each_prompt_alone(checkpoint, store):

@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from comparisons import rel_err
 
 from hmoe_jax import formulas, make_mesh
 from hmoe_jax.data import features as precompute
@@ -74,11 +75,6 @@ def finished_run(tmp_path_factory):
 
 def snapshot(directory):
     return {p: p.read_bytes() for p in sorted(Path(directory).rglob("*")) if p.is_file()}
-
-
-def rel_err(ours, ref):
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 def test_folds_are_the_reference_permutation_and_splits_are_disjoint():
