@@ -1,6 +1,7 @@
 """The C++ CPU kernel (`hmoe_jax.kernels.cpu`): its decode is bit for bit the oracle's, its products agree
 with decode-then-matmul to float32 summation order, it is built, cached and loaded safely, and where it
 cannot run the model falls back to the XLA path with one warning (or fails loudly when asked for by name).
+Each check runs on every body the source holds (AVX-512, AVX2, scalar), each built here by its own flags.
 
 Tolerance: elementwise |kernel - ref| <= 1e-6 * (|rows| @ |W|.T), ref in float64 over the exactly decoded
 weights: float32 summation-order rounding only, which holds only if every decoded weight is exact. The
@@ -10,6 +11,8 @@ Pallas kernels'.
 
 from __future__ import annotations
 
+import functools
+import platform
 import warnings
 
 import jax
@@ -22,10 +25,16 @@ from hmoe_jax.kernels import cpu
 from hmoe_jax.model import kernel_dispatch, mxfp4
 
 MATMUL_REL = 1e-6
+# Every body the source holds, built on this host: the model runs "native" (AVX-512 here); an AVX2-only
+# CPU would run the "avx2" body and an older x86-64 one the scalar body, so CI runs those too.
+X86 = platform.machine() in ("x86_64", "AMD64")
+HOST_FLAGS = open("/proc/cpuinfo").read() if X86 else ""
+BUILDS = ["native"] + (["scalar"] + (["avx2"] if " avx2" in HOST_FLAGS and " fma" in HOST_FLAGS else [])
+                       if X86 else [])
 
 
-def grouped(rows, sizes, blocks, scales):
-    return np.asarray(jax.jit(cpu.grouped_matmul_mxfp4_cpu)(
+def grouped(rows, sizes, blocks, scales, isa="native"):
+    return np.asarray(jax.jit(functools.partial(cpu.grouped_matmul_mxfp4_cpu, isa=isa))(
         jnp.asarray(rows), jnp.asarray(sizes, jnp.int32), jnp.asarray(blocks), jnp.asarray(scales),
         mxfp4.dequantize_table(np.float32)))
 
@@ -35,7 +44,19 @@ def test_the_kernel_builds_here():
     assert any(cpu.cache_dir().glob("mxfp4_cpu-*.so"))
 
 
-def test_decode_is_bit_exact_for_every_finite_scale_and_code():
+@pytest.mark.parametrize("isa", BUILDS)
+def test_each_build_compiles_the_body_it_names(isa):
+    """The target flags pick the source's body: on an AVX-512 host the native build is the AVX-512 one,
+    and the avx2 and scalar builds compile the other two bodies (what another CPU would run)."""
+    assert cpu.load(isa) == (True, None)
+    expected = {"scalar": "scalar", "avx2": "avx2"}.get(isa)
+    if isa == "native" and X86:
+        expected = "avx512" if " avx512f" in HOST_FLAGS else "avx2" if " avx2" in HOST_FLAGS else "scalar"
+    assert expected is None or cpu.body(isa) == expected
+
+
+@pytest.mark.parametrize("isa", BUILDS)
+def test_decode_is_bit_exact_for_every_finite_scale_and_code(isa):
     """One-hot rows read single decoded weights back: for every scale byte 0..252 (253+ overflow to inf,
     and inf x 0 is NaN in any product) and every packed byte (both nibbles, -0 included), the weight the
     kernel multiplies equals `dequantize_mxfp4_np`'s. XLA's CPU runtime flushes subnormal operands to
@@ -49,7 +70,7 @@ def test_decode_is_bit_exact_for_every_finite_scale_and_code():
     subnormal = np.abs(decoded) < np.finfo(np.float32).tiny
     np.testing.assert_array_equal(xla.T, np.where(subnormal, 0, decoded))  # what the XLA path multiplies
     for sizes in ([512], [3, 509]):  # both paths: registers (<= 4 rows) and the decoded tile
-        out = grouped(eye, sizes, np.concatenate([blocks] * len(sizes)), np.concatenate([scales] * len(sizes)))
+        out = grouped(eye, sizes, np.concatenate([blocks] * len(sizes)), np.concatenate([scales] * len(sizes)), isa)
         np.testing.assert_array_equal(out, xla)
         np.testing.assert_array_equal(np.signbit(out), np.signbit(xla))  # -0 too
 
@@ -67,8 +88,9 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("isa", BUILDS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_grouped_matmul_equals_decode_then_matmul(case):
+def test_grouped_matmul_equals_decode_then_matmul(case, isa):
     group_sizes, extra, k_in, n_out, dtype = CASES[case]
     experts, m = len(group_sizes), sum(group_sizes) + extra
     rng = np.random.default_rng(m + n_out)
@@ -76,7 +98,7 @@ def test_grouped_matmul_equals_decode_then_matmul(case):
     scales = rng.integers(119, 131, (experts, n_out, k_in // 32), dtype=np.uint8)
     rows = jnp.asarray(rng.standard_normal((m, k_in)), dtype)
 
-    out = grouped(rows, group_sizes, blocks, scales)
+    out = grouped(rows, group_sizes, blocks, scales, isa)
     assert out.shape == (m, n_out) and out.dtype == np.float32
     assert_equals_decode_then_matmul(out, rows, group_sizes, extra, blocks, scales, MATMUL_REL)
 
@@ -90,13 +112,14 @@ BF16_CASES = {
 }
 
 
+@pytest.mark.parametrize("isa", BUILDS)
 @pytest.mark.parametrize("case", list(BF16_CASES))
-def test_bf16_matmul_equals_the_widened_float64_product(case):
+def test_bf16_matmul_equals_the_widened_float64_product(case, isa):
     m, k, n = BF16_CASES[case]
     rng = np.random.default_rng(m * 7 + n)
     rows = rng.standard_normal((m, k)).astype(np.float32)
     weights = jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16)
-    out = np.asarray(jax.jit(cpu.matmul_bf16_cpu)(rows, weights))
+    out = np.asarray(jax.jit(functools.partial(cpu.matmul_bf16_cpu, isa=isa))(rows, weights))
     assert out.shape == (m, n) and out.dtype == np.float32
     w = np.asarray(weights.astype(jnp.float32), np.float64)
     ref, bound = rows.astype(np.float64) @ w, np.abs(rows.astype(np.float64)) @ np.abs(w)

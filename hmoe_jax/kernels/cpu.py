@@ -11,6 +11,8 @@ the FFI headers jaxlib ships) into a per-user cache, keyed by the source, the co
 CPU, and written atomically, so concurrent first uses and a second machine sharing the home directory
 are safe. `load()` returns None and the reason where it cannot be built or loaded (no compiler, a CPU or
 OS the build does not support); `hmoe_jax.model.kernel_dispatch` then runs the XLA path with one warning.
+The source holds an AVX-512, an AVX2 and a scalar body; `-march=native` picks the best this CPU runs, and
+`load(isa)` also builds the others here (`ISA_FLAGS`), so one AVX-512 host tests all three.
 
 Registering the FFI target is the one process-wide effect, and it happens on the first call, not at
 import.
@@ -38,7 +40,15 @@ SOURCE = Path(__file__).with_name("mxfp4_cpu.cc")
 TARGET = "hmoe_mxfp4_grouped_matmul"
 BF16_TARGET = "hmoe_bf16_matmul"
 _VERSION = 2  # HmoeMxfp4KernelVersion() of the source this loader expects
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+# Which of the source's bodies a build compiles (`mxfp4_cpu.cc` picks AVX-512, AVX2 or scalar by the
+# compiler's target macros). The model uses "native", the best this CPU has; the others exist so that an
+# AVX-512 host also builds and tests the bodies an AVX2-only or older x86-64 CPU would run.
+ISA_FLAGS = {
+    "native": ("-march=native",),
+    "avx2": ("-march=native", "-mno-avx512f"),  # AVX2 + FMA, no AVX-512 (on any AVX2 host)
+    "scalar": ("-march=x86-64",),  # the x86-64 baseline: SSE2, no AVX
+}
 
 
 class KernelBuildError(RuntimeError):
@@ -68,17 +78,18 @@ def _cpu_identity() -> str:
         return platform.processor() or platform.machine()
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, isa: str = "native") -> Path:
+    flags = (*_FLAGS, *ISA_FLAGS[isa])
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
     key = hashlib.sha256("\n".join([SOURCE.read_text(), version, jax.ffi.include_dir(), jax.__version__,
-                                    " ".join(_FLAGS), _cpu_identity()]).encode()).hexdigest()[:16]
+                                    " ".join(flags), _cpu_identity()]).encode()).hexdigest()[:16]
     library = cache_dir() / f"mxfp4_cpu-{key}.so"
     if library.exists():
         return library
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
         partial = Path(tmp) / library.name
-        result = subprocess.run([compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(partial)],
+        result = subprocess.run([compiler, *flags, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(partial)],
                                 capture_output=True, text=True, check=False)
         if result.returncode:
             raise KernelBuildError(f"{compiler} failed on {SOURCE.name}: {result.stderr.strip()[-800:]}")
@@ -86,49 +97,68 @@ def _build(compiler: str) -> Path:
     return library
 
 
+def _target(name: str, isa: str) -> str:
+    return name if isa == "native" else f"{name}_{isa}"
+
+
 @functools.cache
-def load() -> tuple[bool, str | None]:
-    """(True, None) once the kernel is built, loaded and registered with XLA for the CPU platform, else
-    (False, why). Built at most once per process; the verdict is kept."""
+def load(isa: str = "native") -> tuple[bool, str | None]:
+    """(True, None) once the kernel (the `isa` build: `ISA_FLAGS`) is built, loaded and registered with XLA
+    for the CPU platform, else (False, why). Built at most once per process; the verdict is kept."""
+    if isa not in ISA_FLAGS:
+        raise ValueError(f"unknown kernel build {isa!r}; choose from {sorted(ISA_FLAGS)}")
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64", "aarch64", "arm64"):
         return False, f"the CPU kernel is built for Linux on x86-64 or arm64, not {platform.system()} " \
                       f"{platform.machine()}"
+    if isa != "native" and platform.machine() not in ("x86_64", "AMD64"):
+        return False, f"the {isa} build is an x86-64 one"
     try:
-        library = ctypes.CDLL(str(_build(_compiler())))
+        library = ctypes.CDLL(str(_build(_compiler(), isa)))
         if library.HmoeMxfp4KernelVersion() != _VERSION:
             return False, "the built CPU kernel is not the version this package expects"
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.HmoeMxfp4GroupedMatmul), platform="cpu")
-        jax.ffi.register_ffi_target(BF16_TARGET, jax.ffi.pycapsule(library.HmoeBf16Matmul), platform="cpu")
+        jax.ffi.register_ffi_target(_target(TARGET, isa), jax.ffi.pycapsule(library.HmoeMxfp4GroupedMatmul),
+                                    platform="cpu")
+        jax.ffi.register_ffi_target(_target(BF16_TARGET, isa), jax.ffi.pycapsule(library.HmoeBf16Matmul),
+                                    platform="cpu")
     except (KernelBuildError, OSError, AttributeError) as e:
         return False, f"{type(e).__name__}: {e}"
     return True, None
+
+
+def body(isa: str = "native") -> str:
+    """Which body the `isa` build compiled ("avx512", "avx2" or "scalar"), as the library reports it."""
+    ok, why = load(isa)
+    if not ok:
+        raise KernelBuildError(why)
+    library = ctypes.CDLL(str(_build(_compiler(), isa)))
+    return {2: "avx512", 1: "avx2", 0: "scalar"}[library.HmoeKernelBody()]
 
 
 def available() -> bool:
     return load()[0]
 
 
-def grouped_matmul_mxfp4_cpu(rows, group_sizes, blocks, scales, table) -> jax.Array:
+def grouped_matmul_mxfp4_cpu(rows, group_sizes, blocks, scales, table, isa: str = "native") -> jax.Array:
     """rows [M, K] sorted by expert, group_sizes [E] -> float32 [M, N]: row r of group e times
     `decode(blocks[e], scales[e]).T` (blocks [E, N, K/32, 16], scales [E, N, K/32] uint8), where
     `table` [256, 16] is the decoded value of each (scale, code) pair. Rows past the groups give zeros.
-    Products and sums in float32 whatever the rows' dtype."""
-    ok, why = load()
+    Products and sums in float32 whatever the rows' dtype. `isa`: which build runs it (`ISA_FLAGS`)."""
+    ok, why = load(isa)
     if not ok:
         raise KernelBuildError(why)
     out = jax.ShapeDtypeStruct((rows.shape[0], blocks.shape[1]), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out)(rows.astype(jnp.float32), group_sizes.astype(jnp.int32),
+    return jax.ffi.ffi_call(_target(TARGET, isa), out)(rows.astype(jnp.float32), group_sizes.astype(jnp.int32),
                                          blocks, scales, jnp.asarray(table, jnp.float32))
 
 
-def matmul_bf16_cpu(rows, weights) -> jax.Array:
+def matmul_bf16_cpu(rows, weights, isa: str = "native") -> jax.Array:
     """rows [M, K] (float32) @ weights [K, N] (bfloat16, widened in registers) -> float32 [M, N]: what
     `rows @ weights.astype(float32)` computes, to float32 summation order, reading each weight once."""
-    ok, why = load()
+    ok, why = load(isa)
     if not ok:
         raise KernelBuildError(why)
     out = jax.ShapeDtypeStruct((rows.shape[0], weights.shape[1]), jnp.float32)
-    return jax.ffi.ffi_call(BF16_TARGET, out)(rows.astype(jnp.float32), weights)
+    return jax.ffi.ffi_call(_target(BF16_TARGET, isa), out)(rows.astype(jnp.float32), weights)
 
 
 def expert_ffn_mxfp4_cpu(rows, group_sizes, expert, w: PackedExpertWeights, act, table: np.ndarray) -> jax.Array:

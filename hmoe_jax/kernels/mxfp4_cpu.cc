@@ -513,3 +513,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HmoeMxfp4GroupedMatmul, GroupedMatmulImpl,
 
 // Lets the loader check it runs the build it expects.
 extern "C" int HmoeMxfp4KernelVersion() { return 2; }
+
+// Which body this build compiled (2: AVX-512, 1: AVX2, 0: scalar): the tests build all three on one host.
+extern "C" int HmoeKernelBody() {
+#if defined(HMOE_AVX512)
+  return 2;
+#elif defined(HMOE_AVX2)
+  return 1;
+#else
+  return 0;
+#endif
+}
