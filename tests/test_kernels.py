@@ -487,6 +487,39 @@ def test_model_forward_through_the_kernels_on_an_8_device_mesh(mxfp4_checkpoint,
     assert_forward_equal(out, ref, mask == 1)
 
 
+def test_the_kernels_shard_as_the_logical_axis_table_says(mxfp4_checkpoint, packed_model, monkeypatch):
+    """`LOGICAL_AXIS_RULES` is the one place a sharding strategy changes: with the expert intermediate
+    ("mlp") no longer split over `tensor`, the packed weights and the MoE kernel's per-shard specs
+    both leave it whole, and the forward still equals the single-device XLA one."""
+    from jax.sharding import PartitionSpec
+
+    import hmoe_jax
+
+    monkeypatch.setitem(hmoe_jax.runtime.sharding.LOGICAL_AXIS_RULES, "mlp", None)
+    specs = []
+    real_shard_map = jax.shard_map
+
+    def recording_shard_map(f, **kwargs):
+        specs.append(kwargs["in_specs"])
+        return real_shard_map(f, **kwargs)
+
+    monkeypatch.setattr(jax, "shard_map", recording_shard_map)
+    jax.clear_caches()  # the specs are read when the forward is traced: trace it anew under this table
+    mesh = hmoe_jax.make_mesh(data=2, expert=2, tensor=2)
+    sharded = hmoe_jax.from_pretrained(mxfp4_checkpoint, experts="packed", mesh=mesh, kernels="native")
+    assert sharded.layers[0].mlp.experts.gate_up_proj_blocks[...].sharding.spec[:2] == ("expert", None)
+    ids, mask = left_padded(2, 4, 9, MODEL_CONFIG["vocab_size"], [9, 3, 6, 9])
+    batch = hmoe_jax.runtime.sharding.batch_sharding(mesh)
+    with jax.set_mesh(mesh):
+        out = sharded(jax.device_put(jnp.asarray(ids), batch), jax.device_put(jnp.asarray(mask), batch),
+                      output_hidden_states=True)
+    moe_specs = [s for s in specs if len(s) == 4]  # (rows, weights, indices, experts' weights)
+    assert moe_specs and all(s[3].gate_up_blocks == PartitionSpec("expert", None, None, None) for s in moe_specs)
+    with packed_model.using(kernels="xla"):
+        ref = packed_model(ids, mask, output_hidden_states=True)
+    assert_forward_equal(out, ref, mask == 1)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_generate_with_the_kernels_equals_xla(packed_model, mode):
     """Prefill through the kernels, decode steps through the MoE kernel (attention over the cache stays

@@ -45,6 +45,7 @@ from jax.sharding import PartitionSpec as P
 from ..kernels import PackedExpertWeights, sink_attention
 from ..kernels import cpu as cpu_kernel
 from ..runtime.options import NATIVE, NATIVE_MODES
+from ..runtime.sharding import LOGICAL_AXIS_RULES
 from .moe import moe_packed_kernel, moe_packed_native
 from .mxfp4 import dequantize_table
 
@@ -127,9 +128,12 @@ def _mesh():
     return None if mesh.empty or mesh.size == 1 else mesh
 
 
-def _split(mesh, axis: str, *sizes: int) -> str | None:
-    """`axis` if the mesh has it (size > 1) and it divides every size, else None (unsplit)."""
-    if mesh is None or axis not in mesh.axis_names:
+def _split(mesh, logical: str, *sizes: int) -> str | None:
+    """The mesh axis the logical axis `logical` is split over (`LOGICAL_AXIS_RULES`, as the parameters'
+    shardings are, so the kernels follow a change of the table), if the mesh has it (size > 1) and it
+    divides every size; else None (unsplit)."""
+    axis = LOGICAL_AXIS_RULES.get(logical)
+    if mesh is None or axis is None or axis not in mesh.axis_names:
         return None
     n = mesh.shape[axis]
     return axis if n > 1 and all(s % n == 0 for s in sizes) else None
@@ -153,8 +157,11 @@ def attention(q, k, v, sinks, key_mask, *, window: int | None, scale: float, mod
         return run(q, k, v, sinks, key_mask=key_mask)
 
     mesh = _mesh()
-    data = _split(mesh, "data", q.shape[0])
-    heads = _split(mesh, "tensor", q.shape[2], k.shape[2])
+    data = _split(mesh, "batch", q.shape[0])
+    # Query and KV heads split together (a shard's query heads read its own KV heads): the q_heads rule.
+    heads = _split(mesh, "q_heads", q.shape[2], k.shape[2])
+    if heads != _split(mesh, "kv_heads", q.shape[2], k.shape[2]):
+        heads = None
     act = P(data, None, heads, None)
     specs = (act, act, act, P(heads), P(data, None))
     args = (q, k, v, sinks, key_mask)
@@ -233,9 +240,9 @@ def packed_moe(x, weights, indices, w: PackedExpertWeights, act, precision, *, m
         weights, indices = jnp.where(real, weights, 0), jnp.where(real, indices, num_experts)
     hidden, down_groups = w.down_blocks.shape[1:3]
     mesh = _mesh()
-    data = _split(mesh, "data", x.shape[0])
-    experts = _split(mesh, "expert", num_experts)
-    mlp = _split(mesh, "tensor", down_groups)  # I/32 groups per shard, so 2I/shards stays a multiple of 64
+    data = _split(mesh, "batch", x.shape[0])
+    experts = _split(mesh, "experts", num_experts)
+    mlp = _split(mesh, "mlp", down_groups)  # I/32 groups per shard, so 2I/shards stays a multiple of 64
     if mode in NATIVE_MODES:
         if native_verdict(mode):
             return None
