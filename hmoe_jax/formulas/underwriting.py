@@ -1,6 +1,6 @@
 """The built-in deterministic experts: exact underwriting formulas, registered on import.
 
-Built-in experts (spec: hybrid-moe.md; ids 36 and 37 are registered with ``default_active=False``):
+Built-in experts (docs/hybrid-moe.md; ids 36 and 37 are registered with ``default_active=False``):
 
 ==== ===================== ======================== ========================================
 id   name                  arguments                value

@@ -1,4 +1,4 @@
-"""The layers of a gpt-oss block, as `spec/gpt-oss.md` writes them: RMSNorm, grouped-query attention
+"""The layers of a gpt-oss block, as `docs/gpt-oss.md` writes them: RMSNorm, grouped-query attention
 with learned sinks and sliding windows (over the prompt, or over a KV cache), the router, the neural
 experts (dense, or MXFP4-packed and decoded inside the product) and the MoE that joins them.
 

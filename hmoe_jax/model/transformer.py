@@ -1,6 +1,6 @@
 """gpt-oss as a Flax NNX model, computing exactly what `transformers`' `GptOssForCausalLM` computes.
 
-The forward reads top-down like `spec/gpt-oss.md`:
+The forward reads top-down like `docs/gpt-oss.md`:
 
     x = embed[ids]
     for each block: x = x + attention(rmsnorm(x)); x = x + moe(rmsnorm(x))
