@@ -1,4 +1,4 @@
-"""End-to-end training of the hybrid layer's router rows and projections (`hmoe_jax.hybrid_training`).
+"""End-to-end training of the hybrid layer's router rows and projections (`hmoe_jax.training.hybrid`).
 
 A tiny random checkpoint with its own tokenizer and a random (untrained but well-formed) probe run:
 what is checked is the training machinery, not the quality of the probes.
@@ -29,6 +29,8 @@ from hmoe_jax.hybrid.artifacts import PROBES_DIR, PROBES_FILE
 from hmoe_jax.hybrid.inference import build_hybrid_model
 from hmoe_jax.runtime.options import RunOptions
 from hmoe_jax.training import hybrid as ht
+from hmoe_jax.training.batches import Examples, encode_scenarios, epoch_batches, make_batch, negatives_batch
+from hmoe_jax.training.checkpoints import CHECKPOINT_DIR
 
 CRE = load_domain("cre")
 
@@ -112,15 +114,15 @@ def test_answer_text_is_the_structured_format_and_parses_back_to_the_ground_trut
 
 
 def test_batches_are_bucketed_deterministic_and_mark_the_answer_tokens():
-    ex = ht.Examples([f"s{i}" for i in range(7)], [np.arange(1, 3 + i) for i in range(7)],
-                     [np.full(2 + i % 2, 9) for i in range(7)], np.ones((7, 4), np.float32))
-    plan = ht.epoch_batches(ex.lengths, 3, 8, seed=1, epoch=0)
+    ex = Examples([f"s{i}" for i in range(7)], [np.arange(1, 3 + i) for i in range(7)],
+                  [np.full(2 + i % 2, 9) for i in range(7)], np.ones((7, 4), np.float32))
+    plan = epoch_batches(ex.lengths, 3, 8, seed=1, epoch=0)
     assert sorted(np.concatenate(plan).tolist()) == list(range(7))
-    assert [b.tolist() for b in plan] == [b.tolist() for b in ht.epoch_batches(ex.lengths, 3, 8, seed=1, epoch=0)]
-    assert len(ht.epoch_batches(ex.lengths, 3, 8, seed=1, epoch=1)) == len(plan)
+    assert [b.tolist() for b in plan] == [b.tolist() for b in epoch_batches(ex.lengths, 3, 8, seed=1, epoch=0)]
+    assert len(epoch_batches(ex.lengths, 3, 8, seed=1, epoch=1)) == len(plan)
     for rows in plan:  # one padded length per batch
         assert len({ht.bucket_length(int(n), 8) for n in ex.lengths[rows]}) == 1
-    batch = ht.make_batch(ex, np.array([6]), 2, 8, pad_id=0)
+    batch = make_batch(ex, np.array([6]), 2, 8, pad_id=0)
     p, a = ex.prompts[6], ex.answers[6]
     assert batch["ids"].shape == (2, 16) and batch["weight"].tolist() == [1.0, 0.0]
     np.testing.assert_array_equal(batch["ids"][0, -len(p) - len(a):], np.concatenate([p, a]))
@@ -142,9 +144,9 @@ def test_block_by_block_gradient_equals_the_one_program_gradient(setup):
         blockwise = ht.HybridTrainer(model, SETTINGS, total_steps=1)
     assert blockwise.objective.layerwise and not whole.objective.layerwise
     tok = load_tokenizer(setup["ckpt"])
-    ex = ht.encode_scenarios(CRE, tok, _records(setup["train"]), whole.experts, CONFIG["vocab_size"])
-    batch = ht.make_batch(ex, np.arange(4), 4, SETTINGS.bucket, 0)
-    negatives = ht.negatives_batch([np.array([5, 6, 7]), np.array([9, 3])], 0, 4, 8, 0, 0)
+    ex = encode_scenarios(CRE, tok, _records(setup["train"]), whole.experts, CONFIG["vocab_size"])
+    batch = make_batch(ex, np.arange(4), 4, SETTINGS.bucket, 0)
+    negatives = negatives_batch([np.array([5, 6, 7]), np.array([9, 3])], 0, 4, 8, 0, 0)
     params = whole.init_state()["params"]
     (loss, aux), grads = whole.loss_and_grad(params, batch, negatives)
     (loss_b, aux_b), grads_b = blockwise.loss_and_grad(params, batch, negatives)
@@ -193,9 +195,9 @@ def test_gradients_are_nonzero_and_match_finite_differences_in_float64(setup):
         rows.bias[...] = jnp.full(rows.bias.shape, 3.0, rows.bias.dtype)
         trainer = ht.HybridTrainer(model, SETTINGS, total_steps=1)
         tok = load_tokenizer(setup["ckpt"])
-        ex = ht.encode_scenarios(CRE, tok, _records(setup["train"]), trainer.experts, CONFIG["vocab_size"])
-        batch = ht.make_batch(ex, np.arange(4), 4, SETTINGS.bucket, 0)
-        negatives = ht.negatives_batch([np.array([5, 6, 7])], 0, 4, 8, 0, 0)
+        ex = encode_scenarios(CRE, tok, _records(setup["train"]), trainer.experts, CONFIG["vocab_size"])
+        batch = make_batch(ex, np.arange(4), 4, SETTINGS.bucket, 0)
+        negatives = negatives_batch([np.array([5, 6, 7])], 0, 4, 8, 0, 0)
         params = trainer.init_state()["params"]
         (loss, aux), grads = trainer.loss_and_grad(params, batch, negatives)
         assert loss.dtype == jnp.float64
@@ -370,7 +372,7 @@ def test_a_killed_training_process_resumes_to_the_uninterrupted_params(setup, tm
 
     assert subprocess.run(argv(tmp_path / "a"), cwd=REPO, capture_output=True).returncode == 0
     proc = subprocess.Popen(argv(tmp_path / "b"), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoints = tmp_path / "b" / ht.CHECKPOINT_DIR
+    checkpoints = tmp_path / "b" / CHECKPOINT_DIR
     deadline = time.time() + 300
     while time.time() < deadline and not (checkpoints.is_dir()
                                           and any(p.name.isdigit() for p in checkpoints.iterdir())):

@@ -39,6 +39,11 @@ checkpoints/, before.json (the untrained hybrid's evaluation), hybrid_params/ + 
 `hybrid.artifacts.load_hybrid_params(model, run_dir)` (or `hybrid.inference.build_hybrid_model(...,
 hybrid_params=run_dir)`, `python -m eval hybrid --hybrid-params`) puts the trained values into a hybrid
 model.
+
+This module holds the settings, the trainer, the run directory and `run_from_files` (what `train
+hybrid` runs); `training.batches` the examples, their batches and `HybridTrainingError`,
+`training.checkpoints` the checkpoints, `training.hybrid_evaluation` the before / after evaluation,
+and `training.hybrid_report` loss_curve.png and report.md.
 """
 
 from __future__ import annotations
@@ -57,32 +62,37 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm import tqdm
 
 from ..checkpoint.location import checkpoint_fingerprint, resolve_checkpoint
 from ..checkpoint.tokenizer import load_tokenizer
-from ..data import scoring
-from ..data.prompts import bucket_length, left_pad, pad_token_id, prompt_batches, tokenize
+from ..data.prompts import bucket_length, pad_token_id, prompt_batches
 from ..domains import EVAL_FILE, Domain, domain_origin, load_records, resolve_domain
-from ..hybrid.artifacts import TRAINABLE, ArtifactError, hybrid_layer_of, probe_run_identity, save_hybrid_params
-from ..hybrid.inference import build_hybrid_model, hybrid_predictions
+from ..hybrid.artifacts import TRAINABLE, hybrid_layer_of, probe_run_identity, save_hybrid_params
+from ..hybrid.inference import build_hybrid_model
 from ..runtime.files import claim_run_dir, user_path, write_json_atomically, write_text_atomically
+from .batches import (
+    Examples,
+    HybridTrainingError,
+    _encode,
+    encode_scenarios,
+    epoch_batches,
+    make_batch,
+    negatives_batch,
+    split_negatives,
+)
+from .checkpoints import TrainerCheckpoints
+from .hybrid_evaluation import evaluate_params
+from .hybrid_report import plot_curve, report_markdown
 from .objective import Objective, differentiable_backend
 
 RUN_FILE = "run.json"
 BEFORE_FILE = "before.json"
-CHECKPOINT_DIR = "checkpoints"
 CURVE_FILE = "loss_curve.json"
 CURVE_PLOT = "loss_curve.png"
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
-
-
-class HybridTrainingError(ArtifactError):
-    """Inputs end-to-end training cannot use, a run directory holding something else, or a
-    non-finite loss; raised before anything (more) is written."""
 
 
 @dataclass(frozen=True)
@@ -111,93 +121,6 @@ class Settings:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise HybridTrainingError(f"{name} must be finite and >= 0, got {value!r}")
-
-
-# ------------------------------------------------------------------ examples
-
-
-@dataclass
-class Examples:
-    """Tokenised scenarios: prompt and answer ids, and per configured expert a 0/1 router label."""
-
-    ids: list[str]
-    prompts: list[np.ndarray]
-    answers: list[np.ndarray]
-    labels: np.ndarray  # [N, D]
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.asarray([len(p) + len(a) for p, a in zip(self.prompts, self.answers)])
-
-
-def _encode(tokenizer, texts: Sequence[str], vocab_size: int, what: str) -> list[np.ndarray]:
-    return tokenize(tokenizer, texts, vocab_size, what=what, error=HybridTrainingError)
-
-
-def encode_scenarios(domain: Domain, tokenizer, scenarios: Sequence[Mapping[str, Any]], experts: Sequence[str],
-                     vocab_size: int, where: str = "data") -> Examples:
-    """Records that ask for at least one of the domain's metrics, tokenised (prompt raw, as the probes
-    read it; the domain's answer text after a newline)."""
-    kept = [s for s in scenarios if domain.asked(s)]
-    if not kept:
-        raise HybridTrainingError(f"{where}: no record asks for any of {list(domain.experts)}: nothing to train on")
-    prompts = _encode(tokenizer, [s["input_prompt"] for s in kept], vocab_size, f"{where}: prompt")
-    answers = _encode(tokenizer, ["\n" + domain.answer_text(s) for s in kept], vocab_size, f"{where}: answer")
-    labels = np.asarray([[float(e in domain.asked(s)) for e in experts] for s in kept], np.float32)
-    return Examples([s["id"] for s in kept], prompts, answers, labels)
-
-
-def split_negatives(prompts: Sequence[str], every: int = 5) -> tuple[list[str], list[str]]:
-    """(train, held out): every `every`-th negative prompt is held out."""
-    return ([p for i, p in enumerate(prompts) if i % every], [p for i, p in enumerate(prompts) if not i % every])
-
-
-# ------------------------------------------------------------------ batches
-
-
-def epoch_batches(lengths: np.ndarray, batch_size: int, bucket: int, seed: int, epoch: int) -> list[np.ndarray]:
-    """Row indices of each batch of an epoch: rows grouped by padded length (so a batch pads to its
-    bucket, one compiled program per bucket), shuffled within a bucket and across batches by
-    (seed, epoch) alone. The batch count does not depend on the epoch."""
-    rng = np.random.default_rng([seed, epoch])
-    padded = np.asarray([bucket_length(int(n), bucket) for n in lengths])
-    batches = []
-    for length in np.unique(padded):
-        rows = rng.permutation(np.flatnonzero(padded == length))
-        batches += [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
-    return [batches[i] for i in rng.permutation(len(batches))]
-
-
-def make_batch(examples: Examples, rows: np.ndarray, batch_size: int, bucket: int,
-               pad_id: int) -> dict[str, np.ndarray]:
-    """Left-padded [prompt | answer] rows. A short batch is filled with copies of its first row at
-    weight 0 (static shapes). `answer` marks the answer tokens, `prompt_last` each prompt's last index."""
-    rows = list(rows)
-    weight = np.asarray([1.0] * len(rows) + [0.0] * (batch_size - len(rows)), np.float32)
-    rows += [rows[0]] * (batch_size - len(rows))
-    length = bucket_length(int(max(examples.lengths[rows])), bucket)
-    ids, mask = left_pad([np.concatenate([examples.prompts[r], examples.answers[r]]) for r in rows], length,
-                         batch_size, pad_id)
-    answer = np.zeros((batch_size, length), np.float32)
-    prompt_last = np.zeros(batch_size, np.int32)
-    for b, r in enumerate(rows):
-        n_answer = len(examples.answers[r])
-        answer[b, length - n_answer:] = 1.0
-        prompt_last[b] = length - n_answer - 1
-    return {"ids": ids, "mask": mask, "answer": answer, "prompt_last": prompt_last,
-            "labels": examples.labels[rows], "weight": weight}
-
-
-def negatives_batch(negatives: list[np.ndarray], step: int, batch_size: int, length: int, seed: int,
-                    pad_id: int) -> dict[str, np.ndarray]:
-    """The step's negative prompts (a seeded cycle through them), left-padded to `length`."""
-    order = np.random.default_rng([seed, 1]).permutation(len(negatives))
-    rows = [order[(step * batch_size + i) % len(negatives)] for i in range(batch_size)]
-    ids, mask = left_pad([negatives[r] for r in rows], length, batch_size, pad_id)
-    return {"ids": ids, "mask": mask}
 
 
 # ------------------------------------------------------------------ the trainer
@@ -290,93 +213,7 @@ class HybridTrainer:
         return texts
 
 
-# ------------------------------------------------------------------ evaluation before / after
-
-
-def evaluate_params(trainer: HybridTrainer, params, tokenizer, examples: Examples, domain: Domain,
-                    scenarios: Sequence[Mapping[str, Any]], negative_prompts: Sequence[str], *,
-                    n_generate: int = 0, new_tokens: int = 64, full: bool = True) -> dict[str, Any]:
-    """What the hybrid model with `params` achieves on held-out data (`full=False`: the answer loss only).
-
-    - answer_loss / answer_token_accuracy: teacher-forced, on the answer tokens;
-    - routing at each prompt's last token (`hybrid.inference.hybrid_predictions`): per expert, the share
-      of the domain's prompts that ask for it routed to it, of those that do not, and of held-out negatives;
-    - formula: the exact-formula predictions scored within 20% (they read the frozen probes, so
-      training cannot change them: reported to show it does not);
-    - generated: greedy answers of the first `n_generate` scenarios, parsed as the generation
-      baselines are (`Domain.parse_answer`), scored within 20% (honest protocol) and parse rate.
-    """
-    by_id = {s["id"]: s for s in scenarios}
-    kept = [by_id[i] for i in examples.ids]
-    out: dict[str, Any] = trainer.answer_loss(params, examples)
-    if not full:
-        return out
-    model = trainer.model(params)
-    predict = functools.partial(hybrid_predictions, model, trainer.layer, tokenizer,
-                                batch_size=trainer.settings.batch_size)
-    pred = predict([s["input_prompt"] for s in kept])
-    routing = {}
-    for d, expert in enumerate(trainer.experts):
-        sel, lab = np.asarray(pred["selected"][expert], bool), examples.labels[:, d] > 0.5
-        routing[expert] = {"asked": float(sel[lab].mean()) if lab.any() else math.nan,
-                           "not_asked": float(sel[~lab].mean()) if (~lab).any() else math.nan}
-    if negative_prompts:
-        neg = predict(list(negative_prompts))["selected"]
-        for expert in trainer.experts:
-            routing[expert]["negatives"] = float(np.asarray(neg[expert]).mean())
-    out["routing"] = routing
-    formula = {m: pred["results"][m] for m in domain.experts if m in pred["results"]}
-    out["formula_within_20"] = {p: {m: v["within_20"] for m, v in scoring.score(domain, kept, formula, p).items()}
-                                for p in scoring.PROTOCOLS}
-    out["_formula_results"] = {m: np.asarray(v).tolist() for m, v in formula.items()}
-    if n_generate > 0:
-        out["generated"] = _generated_answers(trainer, params, tokenizer, examples, domain, kept, n_generate,
-                                              new_tokens)
-    return out
-
-
-def _generated_answers(trainer, params, tokenizer, examples: Examples, domain: Domain, kept, n_generate: int,
-                       new_tokens: int) -> dict[str, Any]:
-    n = min(n_generate, len(examples))
-    sub = Examples(examples.ids[:n], examples.prompts[:n], examples.answers[:n], examples.labels[:n])
-    texts = trainer.generate_answers(params, sub, tokenizer, new_tokens)
-    parsed = [domain.parse_answer(t) for t in texts]
-    preds = {m: np.asarray([p[m] for p in parsed]) for m in domain.experts}
-    scores = scoring.score(domain, kept[:n], preds, "honest")
-    asked = {m: [m in domain.asked(s) for s in kept[:n]] for m in domain.experts}
-    truth = {m: scoring.truths(domain, kept[:n], m) for m in domain.experts}
-    within_1 = {}
-    for m in domain.experts:
-        rows = [i for i, a in enumerate(asked[m]) if a]
-        # A parse failure counts as a miss: the share is of every record that asks for m.
-        errors = scoring.percent_errors(preds[m][rows], truth[m][rows])
-        within_1[m] = float(100 * np.mean(errors <= 1.0)) if rows else math.nan
-    return {
-        "n": n,
-        "within_20_honest": {m: v["within_20"] for m, v in scores.items()},
-        "within_1_parsed": within_1,
-        "parsed_rate": {m: float(np.mean([not math.isnan(p[m]) for p, a in zip(parsed, asked[m]) if a]))
-                        if any(asked[m]) else math.nan for m in domain.experts},
-        "examples": [{"id": examples.ids[i], "target": domain.answer_text(kept[i]), "generated": texts[i]}
-                     for i in range(min(3, n))],
-    }
-
-
 # ------------------------------------------------------------------ the run directory
-
-
-def _leaves(tree) -> dict[str, Any]:
-    return {f"leaf_{i:05d}": leaf for i, leaf in enumerate(jax.tree.leaves(tree))}
-
-
-def _from_leaves(template, flat: Mapping[str, Any]):
-    treedef = jax.tree.structure(template)
-    return jax.tree.unflatten(treedef, [flat[f"leaf_{i:05d}"] for i in range(treedef.num_leaves)])
-
-
-def _placed_like(tree):
-    """Shapes, dtypes and shardings of `tree`'s arrays: a checkpoint restores into the same placement."""
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -413,30 +250,6 @@ def _prepare_data(model, tokenizer, domain: Domain, train_scenarios, eval_scenar
     neg_length = bucket_length(max(len(t) for t in neg_tokens), settings.bucket) if neg_tokens else 0
     return _Data(train, held_out, neg_tokens, neg_eval, neg_length)
 
-
-class TrainerCheckpoints:
-    """The trainer state and the progress record, saved together; a killed run resumes from the last.
-    Shared by end-to-end hybrid training and `training.lm`."""
-
-    def __init__(self, run_dir: Path):
-        self.manager = ocp.CheckpointManager((run_dir / CHECKPOINT_DIR).resolve(),
-                                             options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
-
-    def restore(self, state, fresh_progress) -> tuple[int, Any, dict[str, Any]]:
-        latest = self.manager.latest_step()
-        if latest is None:
-            return 0, state, fresh_progress
-        restored = self.manager.restore(latest, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_placed_like(_leaves(state))), progress=ocp.args.JsonRestore()))
-        return latest, _from_leaves(state, restored["state"]), restored["progress"]
-
-    def save(self, step: int, state, progress) -> None:
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_leaves(state)),
-                                                        progress=ocp.args.JsonSave(progress)))
-
-    def last_saved(self) -> int | None:
-        self.manager.wait_until_finished()
-        return self.manager.latest_step()
 
 
 def train_run(
@@ -558,91 +371,6 @@ def _write_outputs(run_dir: Path, record, progress, before, after, params, total
 def _same_results(a: Mapping[str, list], b: Mapping[str, list]) -> bool:
     return set(a) == set(b) and all(
         np.array_equal(np.asarray(a[k], np.float64), np.asarray(b[k], np.float64), equal_nan=True) for k in a)
-
-
-# ------------------------------------------------------------------ report
-
-
-def plot_curve(curve: Mapping[str, Any], path: Path) -> None:
-    from matplotlib.figure import Figure  # no pyplot: no process-wide backend is chosen
-
-    fig = Figure(figsize=(6.5, 3.6))
-    ax = fig.subplots()
-    steps = np.asarray(curve["step"])
-    for key, label in (("loss", "total (train)"), ("answer_loss", "answer tokens (train)"),
-                       ("router_loss", "router BCE (train)")):
-        values = np.asarray([np.nan if v is None else v for v in curve[key]], np.float64)
-        if steps.size and np.isfinite(values).any():
-            ax.plot(steps, values, lw=0.8, label=label)
-    held = curve["held_out"]
-    ax.plot([h["step"] for h in held], [h["answer_loss"] for h in held], "o-", color="black",
-            label="answer tokens (held out)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats)")
-    ax.set_yscale("log")
-    ax.legend(fontsize=7)
-    ax.set_title("end-to-end hybrid training")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-def _pct(x) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
-
-
-def _num(x, fmt="{:.1f}") -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
-
-
-def report_markdown(summary: Mapping[str, Any]) -> str:
-    b, a, s = summary["before"], summary["after"], summary["settings"]
-    lines = [
-        "# End-to-end hybrid training", "",
-        f"Model `{summary['identity'].get('model')}`, probes `{summary['identity'].get('probes')}`, hybrid layer "
-        f"{summary['layer']}, experts {', '.join(summary['experts'])}. Trained: router rows and projection MLPs + "
-        f"output scales ({summary['trainable_parameters']:,} parameters); frozen: gpt-oss and the extraction probes. "
-        f"{summary['n_train']} training records, {s['epochs']} epoch(s), {summary['steps']} steps of batch "
-        f"{s['batch_size']}, AdamW lr {s['learning_rate']} (cosine), router weight {s['router_weight']}. Held out: "
-        f"{summary['n_held_out']} records.", "",
-        "| held-out measure | before | after |", "|---|---:|---:|",
-        f"| answer-token cross-entropy (nats/token) | {b['answer_loss']:.4f} | {a['answer_loss']:.4f} |",
-        f"| answer-token top-1 accuracy (teacher forced) | {_pct(b['answer_token_accuracy'])} | "
-        f"{_pct(a['answer_token_accuracy'])} |",
-    ]
-    for expert in summary["experts"] if "routing" in a else ():
-        rb, ra = b["routing"][expert], a["routing"][expert]
-        lines.append(f"| routed to {expert} at the last prompt token: prompts asking for it / not / negatives | "
-                     f"{_pct(rb['asked'])} / {_pct(rb['not_asked'])} / {_pct(rb.get('negatives'))} | "
-                     f"{_pct(ra['asked'])} / {_pct(ra['not_asked'])} / {_pct(ra.get('negatives'))} |")
-    for m in summary["experts"] if "formula_within_20" in a else ():
-        fb, fa = b["formula_within_20"]["honest"].get(m), a["formula_within_20"]["honest"].get(m)
-        if fb is not None:
-            lines.append(f"| {m}: exact-formula prediction within 20% (honest) | {_num(fb)} | {_num(fa)} |")
-    if "generated" in a:
-        gb, ga = b["generated"], a["generated"]
-        for m in summary["experts"]:
-            lines.append(f"| {m}: generated answer within 20% (honest, first {ga['n']}) / parsed | "
-                         f"{_num(gb['within_20_honest'].get(m))} / {_pct(gb['parsed_rate'][m])} | "
-                         f"{_num(ga['within_20_honest'].get(m))} / {_pct(ga['parsed_rate'][m])} |")
-        for m in summary["experts"] if "within_1_parsed" in ga else ():
-            lines.append(f"| {m}: generated answer parsed and within 1% of the exact value | "
-                         f"{_num(gb.get('within_1_parsed', {}).get(m))} | {_num(ga['within_1_parsed'].get(m))} |")
-    lines.append("")
-    if summary["formula_predictions_unchanged"] is not None:
-        lines += ["The exact-formula predictions read the frozen probes, so training leaves them "
-                  + ("unchanged (checked: identical)." if summary["formula_predictions_unchanged"] else
-                     "CHANGED, which should not happen: check the run."), ""]
-    if "generated" in a:
-        lines += ["Greedy answers (first held-out scenarios):", ""]
-        for before_ex, after_ex in zip(b["generated"]["examples"], a["generated"]["examples"]):
-            lines += [f"- `{after_ex['id']}` target `{after_ex['target']!r}`",
-                      f"  - before: `{before_ex['generated'][:120]!r}`",
-                      f"  - after: `{after_ex['generated'][:120]!r}`"]
-        lines.append("")
-    held = summary.get("held_out_curve")
-    if held:
-        lines.append("Held-out answer loss per epoch: " + ", ".join(f"{h['answer_loss']:.4f}" for h in held))
-    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------ from files (what `train hybrid` runs)

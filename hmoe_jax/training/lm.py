@@ -10,14 +10,14 @@ training and the generation baselines see a scenario,
 
     tokens(prompt) + tokens("\\n" + answer text) + [eos]
 
-(prompt and answer tokenized separately and concatenated, `training.hybrid.encode_scenarios`); a
+(prompt and answer tokenized separately and concatenated, `training.batches.encode_scenarios`); a
 record that asks for none of the domain's metrics has no answer text and is its prompt alone + eos.
 The loss is the next-token cross-entropy over every real token, prompt and answer (mean per token);
 padding is masked out, and so is the first token of each row (its input would be padding).
 
 Training: the model's parameters split off once (`nnx.split`), one jitted step (`jax.value_and_grad`
 over all parameters, optax AdamW with global-norm clipping and a linear warmup into a cosine decay to a
-tenth of the peak), batches of fixed size bucketed by padded length (`training.hybrid.epoch_batches`,
+tenth of the peak), batches of fixed size bucketed by padded length (`training.batches.epoch_batches`,
 so a handful of shapes compiles), and a data order that is a function of (seed, epoch) alone. A run is
 a number of optimizer steps; orbax checkpoints hold parameters, optimizer state and the progress
 record, so a killed run resumed in the same directory ends with bit-identical parameters. A
@@ -78,12 +78,12 @@ from ..model.config import ConfigError, GptOssConfig
 from ..model.transformer import GptOssForCausalLM, default_position_ids
 from ..runtime.files import atomic_directory, claim_run_dir, user_path, write_json_atomically, write_text_atomically
 from ..runtime.options import RunOptions
-from .hybrid import TrainerCheckpoints, epoch_batches
+from .batches import epoch_batches
+from .checkpoints import TrainerCheckpoints
 from .objective import answer_terms, differentiable_backend
 
 RUN_FILE = "run.json"
 TOKENIZER_DIR = "tokenizer"
-CHECKPOINT_DIR = "checkpoints"  # `TrainerCheckpoints` writes there
 CURVE_FILE = "loss_curve.json"
 CURVE_PLOT = "loss_curve.png"
 REPORT_FILE = "report.md"
