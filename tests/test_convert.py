@@ -388,7 +388,7 @@ def test_cli_usage_errors_exit_2(hf_mxfp4, tmp_path):
 
 
 def test_interrupted_conversion_leaves_no_destination(hf_mxfp4, tmp_path, monkeypatch):
-    from hmoe_jax.checkpoint import layouts as checkpoint
+    from hmoe_jax.checkpoint import layout_reading as checkpoint
 
     real = checkpoint.SafetensorsReader.get
     calls = []

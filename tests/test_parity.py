@@ -11,6 +11,7 @@ import hmoe_jax
 from eval.parity_cli import main as parity_main
 from hmoe_jax.checkpoint import synthetic
 from hmoe_jax.checkpoint.convert import convert_checkpoint
+from hmoe_jax.checkpoint.weight_source import WeightSource
 from hmoe_jax.evaluation import parity
 
 
@@ -120,7 +121,7 @@ def test_vocabulary_chunks_and_rows_equal_the_whole_tensor(hf_dir, tmp_path):
     head = embed = nnx.eval_shape(lambda: EmbeddingAndHead(cfg, parity._storage_options("float32", False),
                                                            rngs=nnx.Rngs(0)))
     for path in (hf_dir, converted):
-        source = parity.WeightSource(path, cfg, jnp.float32)
+        source = WeightSource(path, cfg, jnp.float32)
         whole_head = source.params("", head)["lm_head"]
         chunks = list(source.vocab_chunks("lm_head", head, 7))
         assert [c[0] for c in chunks] == list(range(0, cfg.vocab_size, 7))

@@ -30,6 +30,7 @@ from ..model.config import load_config
 from ..runtime.files import atomic_directory
 from ..runtime.options import RunOptions
 from .flax_format import GROUP_BYTES, open_converted, write_flax_checkpoint
+from .layout_reading import SafetensorsReader, check_sources, read_params, safetensors_files
 from .layouts import (
     HF_BF16_EXPERTS,
     HF_GLOBAL,
@@ -37,16 +38,12 @@ from .layouts import (
     HF_MXFP4_EXPERTS,
     HF_PACKED_EXPERTS,
     MXFP4_MODULES_NOT_CONVERTED,
-    SafetensorsReader,
     TensorRule,
-    check_sources,
     expand_rules,
     hf_rules,
     hf_tensor_shapes,
     mxfp4_experts,
     original_rules,
-    read_params,
-    safetensors_files,
 )
 from .loading import abstract_model, expected_params
 from .location import CheckpointError, locate_checkpoint

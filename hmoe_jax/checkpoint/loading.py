@@ -29,15 +29,8 @@ from ..runtime.host import release_freed_heap
 from ..runtime.options import AUTO, RunOptions, dtype_name
 from ..runtime.sharding import param_sharding
 from .flax_format import FlaxCheckpoint, open_flax_checkpoint
-from .layouts import (
-    SafetensorsReader,
-    TensorRule,
-    check_sources,
-    hf_rules,
-    original_rules,
-    read_params,
-    safetensors_files,
-)
+from .layout_reading import SafetensorsReader, check_sources, read_params, safetensors_files
+from .layouts import TensorRule, hf_rules, original_rules
 from .location import CheckpointError, locate_checkpoint, resolve_checkpoint
 
 
