@@ -47,58 +47,38 @@ def main(argv=None) -> int:
     arguments.add_mesh_arguments(p)
     arguments.add_distributed_arguments(p)
     args = p.parse_args(argv)
-    out = args.out
     from tqdm import tqdm
 
-    from hmoe_jax.checkpoint.chat import ChatFormat
-    from hmoe_jax.checkpoint.loading import from_pretrained
-    from hmoe_jax.checkpoint.location import CheckpointError, resolve_checkpoint
-    from hmoe_jax.checkpoint.tokenizer import load_tokenizer
-    from hmoe_jax.domains import load_records
-    from hmoe_jax.evaluation.baselines import run_baselines, write_results
+    from hmoe_jax.checkpoint.location import CheckpointError
+    from hmoe_jax.evaluation.baselines import run_and_write_baselines
     from hmoe_jax.model.config import ConfigError
     from hmoe_jax.runtime.sharding import make_mesh
 
+    bars = []
     try:
         info = distributed.initialize(args)
-        if out.exists() and any(out.iterdir()) and not args.overwrite:
-            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
-        checkpoint = resolve_checkpoint(args.model, args.revision)
-        tokenizer = load_tokenizer(checkpoint)
-        formats = list(dict.fromkeys(args.prompt_format or PROMPT_FORMATS))
-        chat = None
-        if "chat" in formats:
-            try:
-                chat = ChatFormat.of(checkpoint).with_variables(reasoning_effort=args.reasoning_effort)
-                chat.stop_ids(tokenizer)
-                chat.render(["a prompt"])
-            except CheckpointError as e:
-                if args.prompt_format is not None:  # asked for: an error
-                    raise
-                formats = ["raw"]  # the default: both where the checkpoint has a chat format it can read
-                if info.is_coordinator:
-                    print(f"note: raw prompts only: {e}", file=sys.stderr)
-        scenarios, domain = load_records(args.data, args.domain)
-        scenarios = scenarios[: args.n]
-        mesh = make_mesh(data=-1, expert=args.mesh_expert, tensor=args.mesh_tensor)
-        model = from_pretrained(checkpoint, arguments.options_from_args(args), mesh=mesh)
-        bars = []
 
-        def progress(style):
-            bars.append(tqdm(total=len(scenarios), unit="prompt", desc=style, disable=not info.is_coordinator))
+        def progress(style, prompts):
+            bars.append(tqdm(total=prompts, unit="prompt", desc=style, disable=not info.is_coordinator))
             return bars[-1].update
 
-        try:
-            results, generations = run_baselines(model, tokenizer, domain, scenarios, args.styles,
-                                                 new_tokens=args.new_tokens, mesh=mesh, progress=progress,
-                                                 batch_size=arguments.batch_size_for(args.batch_size, mesh),
-                                                 formats=formats, chat=chat)
-        finally:
-            for bar in bars:
-                bar.close()
+        def note(message):  # why the default runs raw prompts only
+            if info.is_coordinator:
+                print(f"note: {message}", file=sys.stderr)
+
+        mesh = make_mesh(data=-1, expert=args.mesh_expert, tensor=args.mesh_tensor)
+        run = run_and_write_baselines(
+            args.model, args.data, args.out, revision=args.revision, styles=args.styles, formats=args.prompt_format,
+            reasoning_effort=args.reasoning_effort, n=args.n, new_tokens=args.new_tokens,
+            batch_size=arguments.batch_size_for(args.batch_size, mesh), mesh=mesh,
+            options=arguments.options_from_args(args), domain=args.domain, overwrite=args.overwrite,
+            progress=progress, note=note)
     except (FileNotFoundError, FileExistsError, CheckpointError, ConfigError, ValueError) as e:
         return arguments.input_error("eval baselines", e)
+    finally:
+        for bar in bars:
+            bar.close()
     if info.is_coordinator:
-        print(write_results(out, results, generations, args.styles, len(scenarios), args.new_tokens))
+        print(run.report)
     distributed.sync("eval.baselines.written")
     return 0

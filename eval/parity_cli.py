@@ -3,31 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from hmoe_jax.checkpoint.location import CheckpointError, resolve_checkpoint
 from hmoe_jax.evaluation import parity
+from hmoe_jax.evaluation.parity_prompts import parity_prompts
 from hmoe_jax.model.config import ConfigError
 from hmoe_jax.runtime import arguments
 from hmoe_jax.runtime.files import user_path
 from hmoe_jax.runtime.options import KERNEL_PATHS
-
-
-def _prompts(args) -> list[str]:
-    if args.prompts:
-        text = user_path(args.prompts).read_text()
-        try:
-            prompts = json.loads(text)
-        except json.JSONDecodeError:
-            prompts = [line for line in text.splitlines() if line.strip()]
-        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts) or not prompts:
-            raise ValueError(f"{args.prompts}: expected a JSON list of strings or one prompt per line")
-        return prompts
-    from hmoe_jax.domains import load_domain
-
-    # The CRE eval set's first prompts (its generator at seed 43): any text will do for parity.
-    return [r["input_prompt"] for r in load_domain("cre").generate(args.n_prompts, 43)]
 
 
 def main(argv=None) -> int:
@@ -70,7 +54,8 @@ def main(argv=None) -> int:
     try:
         model = resolve_checkpoint(args.model, args.revision)
         config = parity.config_of(model)
-        ids, mask = parity.prompt_inputs(_prompts(args), [model] + ([args.source] if args.source else []),
+        prompts = parity_prompts(args.prompts or None, args.n_prompts)
+        ids, mask = parity.prompt_inputs(prompts, [model] + ([args.source] if args.source else []),
                                          config.vocab_size, args.seed,
                                          warn=lambda msg: print(msg, file=sys.stderr))
         from tqdm import tqdm

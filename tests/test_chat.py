@@ -12,6 +12,7 @@ from hmoe_jax.checkpoint import synthetic
 from hmoe_jax.checkpoint.chat import ChatFormat, final_answer
 from hmoe_jax.checkpoint.location import CheckpointError
 from hmoe_jax.domains.cre import generator as data
+from hmoe_jax.evaluation.baselines import prompt_formats_for
 
 CONFIG = synthetic.tiny_config(vocab_size=320, hidden_size=64, num_hidden_layers=2)
 PROMPTS = ["What is the DSCR for NOI $1,250,000 and annual debt service $1,000,000?",
@@ -83,6 +84,22 @@ def test_a_checkpoint_without_a_template_names_the_files_it_looked_for(checkpoin
     assert code == 2
     assert "chat_template.jinja" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    # The library's decision: by default raw prompts only, and why; chat asked for is an error.
+    notes = []
+    tokenizer = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    assert prompt_formats_for(ckpt, tokenizer, note=notes.append) == (["raw"], None)
+    assert len(notes) == 1 and notes[0].startswith("raw prompts only: ") and "chat_template.jinja" in notes[0]
+    with pytest.raises(CheckpointError, match="no chat template"):
+        prompt_formats_for(ckpt, tokenizer, ["raw", "chat"])
+    assert prompt_formats_for(ckpt, tokenizer, ["raw"]) == (["raw"], None)
+
+
+def test_prompt_formats_default_to_both_where_the_checkpoint_has_a_template(checkpoint, tokenizer):
+    formats, chat = prompt_formats_for(checkpoint["ckpt"], tokenizer, reasoning_effort="high")
+    assert formats == ["raw", "chat"] and "high" in chat.render(["a prompt"])[0]
+    assert prompt_formats_for(checkpoint["ckpt"], tokenizer, ["chat", "chat"])[0] == ["chat"]
+    with pytest.raises(ValueError, match="unknown prompt format"):
+        prompt_formats_for(checkpoint["ckpt"], tokenizer, ["xml"])
 
 
 def _ids(tokenizer, text):

@@ -145,7 +145,7 @@ def test_latency_command_reports_medians_and_speedups(pipeline, tmp_path, monkey
     assert (out / "latency.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_baselines_command_generates_parses_and_scores(pipeline, tmp_path):
+def test_baselines_command_generates_parses_and_scores(pipeline, tmp_path, capsys):
     from eval import baselines_cli
 
     out = tmp_path / "base"
@@ -156,6 +156,10 @@ def test_baselines_command_generates_parses_and_scores(pipeline, tmp_path):
     assert res["raw"]["zeroshot"]["reference"]["ltv"]["n"] == 4
     gens = json.loads((out / "generations.json").read_text())
     assert len(gens["raw"]["structured"]) == 4 and all(isinstance(g["text"], str) for g in gens["raw"]["structured"])
+    # A written OUT is refused, before the model loads.
+    assert baselines_cli.main(["--model", str(pipeline["ckpt"]), "--data", str(pipeline["eval"]),
+                               "--out", str(out)]) == 2
+    assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
     # The 20b-on-a-small-host options generate the same text.
     layerwise = tmp_path / "layerwise"
     assert baselines_cli.main(["--model", str(pipeline["ckpt"]), "--data", str(pipeline["eval"]), "--n", "4",

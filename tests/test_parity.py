@@ -140,3 +140,18 @@ def test_chunked_logits_equal_one_chunk(hf_dir, monkeypatch):
     # float32 noise of a differently blocked matmul, the same size either way
     assert max(chunked.logits_rel, whole.logits_rel) < 2e-6
     assert chunked.kl == pytest.approx(whole.kl, abs=1e-10)
+
+
+def test_parity_prompts_come_from_a_file_or_the_eval_set(tmp_path):
+    from hmoe_jax.evaluation.parity_prompts import parity_prompts
+
+    (tmp_path / "p.json").write_text(json.dumps(["one", "two"]))
+    (tmp_path / "p.txt").write_text("first\n\nsecond line\n")
+    assert parity_prompts(tmp_path / "p.json") == ["one", "two"]
+    assert parity_prompts(tmp_path / "p.txt") == ["first", "second line"]
+    defaults = parity_prompts(n=3)
+    assert len(defaults) == 3 and all(isinstance(p, str) and p for p in defaults)
+    for bad in ('{"a": 1}', "[1, 2]", "[]", "\n"):
+        (tmp_path / "bad").write_text(bad)
+        with pytest.raises(ValueError, match="expected a JSON list of strings or one prompt per line"):
+            parity_prompts(tmp_path / "bad")

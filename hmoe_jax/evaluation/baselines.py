@@ -9,6 +9,10 @@ structured) and reaches the model in one or both prompt formats:
 Answers come from the KV-cache generator (`model.generate`), are read back by the domain (each metric's
 label pattern and sanity range, `Domain.parse_answer`, the reference's way) and scored under both
 protocols. The structured style asks for the domain's own answer lines.
+
+`run_and_write_baselines` is `eval baselines` from files: the output directory checked, the prompt
+formats the checkpoint allows settled (`prompt_formats_for`), the model loaded, `run_baselines`, and
+`write_results`.
 """
 
 from __future__ import annotations
@@ -21,12 +25,16 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..checkpoint.chat import ChatFormat, final_answer
+from ..checkpoint.loading import from_pretrained
+from ..checkpoint.location import CheckpointError, resolve_checkpoint
+from ..checkpoint.tokenizer import load_tokenizer
 from ..data import scoring
 from ..data.prompts import pad_token_id, prompt_batches, tokenize
-from ..domains import Domain
+from ..domains import Domain, load_records
 from ..model.generate import generate
 from ..runtime import distributed
 from ..runtime.files import user_path, write_json_atomically, write_text_atomically
+from ..runtime.options import RunOptions
 from ..runtime.sharding import batch_sharding
 
 PROMPT_FORMATS = ("raw", "chat")
@@ -100,6 +108,41 @@ def score_style(domain: Domain, scenarios: Sequence[Mapping[str, Any]], texts: S
     return {protocol: scoring.score(domain, scenarios, preds, protocol) for protocol in scoring.PROTOCOLS}
 
 
+def _check_formats(formats: Sequence[str]) -> list[str]:
+    """`formats` without repeats, each one of PROMPT_FORMATS (ValueError otherwise)."""
+    formats = list(dict.fromkeys(formats))
+    unknown = set(formats) - set(PROMPT_FORMATS)
+    if unknown:
+        raise ValueError(f"unknown prompt format(s) {sorted(unknown)}; choose from {PROMPT_FORMATS}")
+    return formats
+
+
+def prompt_formats_for(checkpoint: str | Path, tokenizer, requested: Sequence[str] | None = None, *,
+                       reasoning_effort: str = "low", note: Callable[[str], None] | None = None
+                       ) -> tuple[list[str], ChatFormat | None]:
+    """(formats, chat): the prompt formats a baselines run on `checkpoint` uses, and the chat format the
+    chat one needs (None without it), its template variable `reasoning_effort` set.
+
+    `requested` as asked for; None, the default: both where the checkpoint has a chat template this
+    project can read (found, its end-of-turn tokens in `tokenizer`, a prompt rendered), else raw only,
+    `note("raw prompts only: <why>")` told. A chat format asked for that the checkpoint cannot give raises
+    its `CheckpointError` (a ValueError), which names the files it looked for."""
+    formats = _check_formats(requested or PROMPT_FORMATS)
+    if "chat" not in formats:
+        return formats, None
+    try:
+        chat = ChatFormat.of(checkpoint).with_variables(reasoning_effort=reasoning_effort)
+        chat.stop_ids(tokenizer)
+        chat.render(["a prompt"])
+    except CheckpointError as e:
+        if requested is not None:  # asked for: an error
+            raise
+        if note is not None:
+            note(f"raw prompts only: {e}")
+        return ["raw"], None
+    return formats, chat
+
+
 def run_baselines(model, tokenizer, domain: Domain, scenarios: Sequence[Mapping[str, Any]], styles: Sequence[str], *,
                   new_tokens: int, batch_size: int, formats: Sequence[str] = ("raw",), chat: ChatFormat | None = None,
                   mesh=None, progress: Callable[[str], Callable[[int], None] | None] | None = None
@@ -107,10 +150,7 @@ def run_baselines(model, tokenizer, domain: Domain, scenarios: Sequence[Mapping[
     """(results, generations)[format][style]: the scores (`score_style`) with the seconds the style took
     (and in chat format the share of answers that reached the final channel), and every scenario's
     answer. `progress("FORMAT/STYLE")` gives the per-batch callback of one style in one format."""
-    formats = list(dict.fromkeys(formats))
-    unknown = set(formats) - set(PROMPT_FORMATS)
-    if unknown:
-        raise ValueError(f"unknown prompt format(s) {sorted(unknown)}; choose from {PROMPT_FORMATS}")
+    formats = _check_formats(formats)
     if not scenarios:
         raise ValueError("no scenarios to generate answers for")
     if "chat" in formats:
@@ -170,3 +210,50 @@ def write_results(out: str | Path, results: Mapping[str, Any], generations: Mapp
     text = report_markdown(results, styles, n_scenarios, new_tokens)
     write_text_atomically(out / "baselines.md", text)
     return text
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselinesRun:
+    """What `run_and_write_baselines` ran and wrote."""
+    results: dict  # [format][style]: as `run_baselines` gives them
+    generations: dict  # [format][style]: every scenario's answer
+    formats: list[str]  # the prompt formats run (`prompt_formats_for`)
+    n_scenarios: int
+    report: str  # baselines.md's markdown
+
+
+def run_and_write_baselines(checkpoint: str | Path, data: str | Path, out: str | Path, *,
+                            revision: str | None = None, styles: Sequence[str] = tuple(PROMPT_STYLES),
+                            formats: Sequence[str] | None = None, reasoning_effort: str = "low",
+                            n: int | None = None, new_tokens: int = 256, batch_size: int = 8, mesh=None,
+                            options: RunOptions | None = None, domain: str | Domain | None = None,
+                            overwrite: bool = False,
+                            progress: Callable[[str, int], Callable[[int], None] | None] | None = None,
+                            note: Callable[[str], None] | None = None) -> BaselinesRun:
+    """`eval baselines`: the first `n` records of `data` (all with None) answered in each of `styles` and
+    prompt `formats` (`prompt_formats_for`: None, both where the checkpoint allows chat, `note` told
+    otherwise) by `checkpoint` (a path, or a hub id at `revision`), scored (`run_baselines`) and written
+    to `out` (`write_results`, by process 0; every process computes the same results).
+    `progress("FORMAT/STYLE", prompts)` gives the per-batch callback of one style in one format.
+
+    Before anything loads: a non-empty `out` is refused (FileExistsError) unless `overwrite`, and a chat
+    format asked for that the checkpoint cannot give raises its `CheckpointError`; nothing is written
+    then."""
+    out = user_path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    checkpoint = resolve_checkpoint(checkpoint, revision)
+    tokenizer = load_tokenizer(checkpoint)
+    formats, chat = prompt_formats_for(checkpoint, tokenizer, formats, reasoning_effort=reasoning_effort, note=note)
+    scenarios, domain = load_records(data, domain)
+    scenarios = scenarios[:n]
+    model = from_pretrained(checkpoint, options, mesh=mesh)
+    results, generations = run_baselines(model, tokenizer, domain, scenarios, styles, new_tokens=new_tokens,
+                                         batch_size=batch_size, formats=formats, chat=chat, mesh=mesh,
+                                         progress=None if progress is None else
+                                         lambda label: progress(label, len(scenarios)))
+    if distributed.is_coordinator():
+        report = write_results(out, results, generations, styles, len(scenarios), new_tokens)
+    else:
+        report = report_markdown(results, styles, len(scenarios), new_tokens)
+    return BaselinesRun(results, generations, formats, len(scenarios), report)
