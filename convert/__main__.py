@@ -47,21 +47,11 @@ def main(argv=None) -> int:
         parser.error("--keep-mxfp4 applies to --to flax; use --mxfp4 for MXFP4 experts in an HF export")
     if args.to == "flax" and args.mxfp4:
         parser.error("--mxfp4 applies to --to hf; use --keep-mxfp4 to keep experts packed in a Flax checkpoint")
-    from hmoe_jax.checkpoint.location import locate_checkpoint, resolve_checkpoint
-    from hmoe_jax.hybrid.artifacts import convert_probe
+    from hmoe_jax.hybrid.artifacts import convert_any
 
     try:
-        args.src = resolve_checkpoint(args.src, args.revision)
-        if args.to == "hf":
-            summary = convert.export_hf(args.src, args.dst, mxfp4=args.mxfp4, dtype=args.dtype,
-                                        overwrite=args.overwrite, progress=True)
-        elif locate_checkpoint(args.src).layout == "probe":
-            if args.keep_mxfp4:
-                parser.error("--keep-mxfp4 applies to gpt-oss checkpoints, not to a probe")
-            summary = convert_probe(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
-        else:
-            summary = convert.convert_checkpoint(args.src, args.dst, keep_mxfp4=args.keep_mxfp4, dtype=args.dtype,
-                                                 overwrite=args.overwrite, progress=True)
+        summary = convert_any(args.src, args.dst, to=args.to, revision=args.revision, keep_mxfp4=args.keep_mxfp4,
+                              mxfp4=args.mxfp4, dtype=args.dtype, overwrite=args.overwrite, progress=True)
     except (OSError, ValueError) as e:  # CheckpointError, ConfigError and FileExistsError among them
         return arguments.input_error("convert", e)
     print(f"wrote {summary.destination} from {summary.source_layout}: {summary.tensors} tensors, "

@@ -386,7 +386,7 @@ def test_attention_on_a_store_without_token_states_is_refused_naming_the_flag(sc
     for extractor in ("attention", "both"):
         out = tmp_path / extractor
         assert probes_main(["--store", str(pooled_only.path), "--out", str(out), "--extractor", extractor,
-                            *RUN_ARGS]) == 1
+                            *RUN_ARGS]) == 2
         err = capsys.readouterr().err
         assert "no per-token hidden states" in err and "--token-states" in err, err
         assert not out.exists()

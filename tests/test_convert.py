@@ -25,7 +25,7 @@ from hmoe_jax.checkpoint.convert import convert_checkpoint, export_hf
 from hmoe_jax.checkpoint.flax_format import open_flax_checkpoint
 from hmoe_jax.checkpoint.layouts import hf_tensor_shapes
 from hmoe_jax.checkpoint.location import CheckpointError
-from hmoe_jax.hybrid.artifacts import convert_probe, load_probe
+from hmoe_jax.hybrid.artifacts import convert_any, convert_probe, load_probe
 from hmoe_jax.hybrid.probe import probe_apply
 from hmoe_jax.model.config import GptOssConfig
 
@@ -374,6 +374,20 @@ def test_existing_destination_needs_overwrite(hf_mxfp4, tmp_path, capsys, monkey
     assert convert_main([f"~/{hf_mxfp4.name}", "out", "--overwrite", "--keep-mxfp4"]) == 0
     assert not (dst / "keep.txt").exists() and open_flax_checkpoint(dst).packed_experts
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_convert_any_refuses_options_that_do_not_apply(hf_mxfp4, tmp_path, capsys):
+    torch.save(_Probe(8).state_dict(), tmp_path / "probe.pt")
+    with pytest.raises(ValueError, match="--keep-mxfp4 applies to gpt-oss checkpoints, not to a probe"):
+        convert_any(tmp_path / "probe.pt", tmp_path / "out", keep_mxfp4=True)
+    assert convert_main([str(tmp_path / "probe.pt"), str(tmp_path / "out"), "--keep-mxfp4"]) == 2
+    assert "convert: error: --keep-mxfp4 applies to gpt-oss checkpoints, not to a probe" in capsys.readouterr().err
+    for options, match in ((dict(to="hf", keep_mxfp4=True), "--keep-mxfp4 applies to --to flax"),
+                           (dict(mxfp4=True), "--mxfp4 applies to --to hf"),
+                           (dict(to="torch"), "to must be 'flax' or 'hf'")):
+        with pytest.raises(ValueError, match=match):
+            convert_any(hf_mxfp4, tmp_path / "out", **options)
+    assert_no_output(tmp_path / "out")
 
 
 def test_cli_usage_errors_exit_2(hf_mxfp4, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 import textwrap
 
@@ -291,6 +292,17 @@ def test_the_synthetic_tokenizer_round_trips_arbitrary_unicode(tmp_path):
 def test_a_vocabulary_too_small_for_bytes_is_refused(tmp_path):
     with pytest.raises(ValueError, match="a byte-level tokenizer needs vocab_size >= 266"):
         synthetic.write_tokenizer(tmp_path, ["x"], synthetic.tiny_config(vocab_size=200))
+
+
+def test_write_dataset_refuses_existing_files_unless_overwrite(tmp_path):
+    train, held_out = write_dataset(CIRCUITS, tmp_path, 1, 3, 2)
+    before = train.read_bytes()
+    held_out.unlink()  # one file left is enough to refuse
+    with pytest.raises(FileExistsError, match=re.escape(f"refusing to overwrite {train}; pass --overwrite")):
+        write_dataset(CIRCUITS, tmp_path, 2, 4, 2)
+    assert train.read_bytes() == before and not held_out.exists()
+    write_dataset(CIRCUITS, tmp_path, 2, 4, 2, overwrite=True)
+    assert len(read_records(train)[0]) == 4 and len(read_records(held_out)[0]) == 2
 
 
 def test_record_json_keeps_unicode(tmp_path):

@@ -165,6 +165,37 @@ def test_a_wider_demo_model_keeps_the_heads_and_grouping_and_is_checked():
             lm.widened(bad)
 
 
+def test_default_warmup_is_at_most_a_fifth_of_the_run():
+    assert lm.LMSettings.warmup_steps == 50
+    assert [lm.default_warmup(steps) for steps in (1, 4, 5, 100, 250, 251, 1500)] == [0, 0, 1, 20, 50, 50, 50]
+    for steps in (1, 7, 300):
+        lm.LMSettings(steps=steps, warmup_steps=lm.default_warmup(steps))  # always accepted
+
+
+def test_config_from_changes_the_shape_and_derives_the_layer_types_again():
+    assert lm.config_from({}) == lm.DEFAULT_CONFIG
+    deeper = lm.config_from({"num_hidden_layers": 6, "hidden_size": 64})
+    assert (deeper["num_hidden_layers"], deeper["hidden_size"]) == (6, 64)
+    assert deeper["layer_types"] == synthetic.tiny_config(num_hidden_layers=6)["layer_types"]
+    assert len(deeper["layer_types"]) == 6 and len(lm.DEFAULT_CONFIG["layer_types"]) == 4
+    assert {k: v for k, v in deeper.items() if k not in ("num_hidden_layers", "hidden_size", "layer_types")} == {
+        k: v for k, v in lm.DEFAULT_CONFIG.items() if k not in ("num_hidden_layers", "hidden_size", "layer_types")}
+    with pytest.raises(lm.LMTrainingError, match="num_layers"):
+        lm.config_from({"num_layers": 6})
+
+
+def test_training_records_read_the_data_file_or_generate(tmp_path):
+    from hmoe_jax.domains import write_records
+
+    records, domain = lm.training_records(None, "circuits", 3, 5)
+    assert domain.name == "circuits" and records == generate_records(domain, 3, 5)
+    path = write_records(tmp_path / "train.json", _records()[:4], None)
+    records, domain = lm.training_records(path, None, 0, 5)  # n_train is not used with a file
+    assert domain.name == "cre" and [r["id"] for r in records] == [r["id"] for r in _records()[:4]]
+    with pytest.raises(lm.LMTrainingError, match="--n-train must be positive, got 0"):
+        lm.training_records(None, "circuits", 0, 5)
+
+
 def test_the_demo_refuses_a_width_it_cannot_build(tmp_path, monkeypatch, capsys):
     from eval import demo_cli
 
@@ -190,6 +221,7 @@ def test_help_ends_with_an_example(capsys):
     (["--data", "absent.json"], "no such data file"),
     (["--lr", "-1"], "learning_rate"),
     (["--heads", "3"], "not a multiple of num_key_value_heads"),
+    (["--n-train", "0"], "--n-train must be positive"),
 ])
 def test_the_command_refuses_bad_input_before_writing(tmp_path, monkeypatch, capsys, argv, match):
     from train import lm_cli

@@ -44,12 +44,11 @@ def _parser():
 def main(argv):
     """Write both data sets and return 0.
 
-    Exits with status 2 (argparse's usage error) when a data set file already exists in --out and
-    --overwrite is not given: a regenerated file with other settings would silently replace the one
-    a trained probe was fitted on. A domain that cannot be loaded, or whose generator writes records
-    that do not fit, exits 2 with the reason; nothing is written then.
+    Returns 2 (an input error) when a data set file already exists in --out and --overwrite is not
+    given (`write_dataset` refuses), when the domain cannot be loaded, or when its generator writes
+    records that do not fit; nothing is written then.
     """
-    from hmoe_jax.domains import EVAL_FILE, TRAIN_FILE, DomainError, load_domain, write_dataset
+    from hmoe_jax.domains import DomainError, load_domain, write_dataset
 
     parser = _parser()
     args = parser.parse_args(argv)
@@ -57,15 +56,11 @@ def main(argv):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
 
-    targets = [args.out / TRAIN_FILE, args.out / EVAL_FILE]
-    existing = [str(path) for path in targets if path.exists()]
-    if existing and not args.overwrite:
-        parser.error(f"refusing to overwrite {', '.join(existing)}; pass --overwrite to replace")
-
     try:
         domain = load_domain(args.domain)
-        train_path, eval_path = write_dataset(domain, args.out, args.seed, args.n_train, args.n_eval)
-    except (DomainError, ValueError) as err:
+        train_path, eval_path = write_dataset(domain, args.out, args.seed, args.n_train, args.n_eval,
+                                              overwrite=args.overwrite)
+    except (DomainError, ValueError, FileExistsError) as err:
         return arguments.input_error("train data", err)
     print(f"wrote {args.n_train} {domain.name} train records (seed {args.seed}) to {train_path}")
     print(f"wrote {args.n_eval} {domain.name} eval records (seed {args.seed + 1}) to {eval_path}")

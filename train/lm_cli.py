@@ -72,27 +72,17 @@ def _parser():
 
 def main(argv):
     args = _parser().parse_args(argv)
-    from hmoe_jax.checkpoint import synthetic
-    from hmoe_jax.domains import DomainError, generate_records, load_domain, load_records
+    from hmoe_jax.domains import DomainError
     from hmoe_jax.training import lm
 
     try:
         settings = lm.LMSettings(
             steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, weight_decay=args.weight_decay,
-            warmup_steps=(args.warmup_steps if args.warmup_steps is not None
-                          else min(lm.LMSettings.warmup_steps, args.steps // 5)),
+            warmup_steps=args.warmup_steps if args.warmup_steps is not None else lm.default_warmup(args.steps),
             clip_norm=args.clip_norm, bucket=args.bucket, seed=args.seed, checkpoint_every=args.checkpoint_every,
             n_held_out=args.n_held_out)
-        # layer_types left out: tiny_config alternates sliding and full layers over --layers.
-        base = {k: v for k, v in lm.DEFAULT_CONFIG.items() if k != "layer_types"}
-        config = synthetic.tiny_config(**{**base, **{key: getattr(args, key) for _, key, _ in SHAPE}})
-        if args.data is not None:
-            records, domain = load_records(args.data, args.domain)
-        else:
-            if args.n_train < 1:
-                raise lm.LMTrainingError(f"--n-train must be positive, got {args.n_train}")
-            domain = load_domain(args.domain)
-            records = generate_records(domain, args.n_train, args.seed)
+        config = lm.config_from({key: getattr(args, key) for _, key, _ in SHAPE})
+        records, domain = lm.training_records(args.data, args.domain, args.n_train, args.seed)
         lm.train_lm(args.out, config, records, domain, settings,
                     log=lambda msg: print(msg, file=sys.stderr))
     except (lm.LMTrainingError, DomainError, FileNotFoundError, ValueError) as err:

@@ -80,12 +80,12 @@ def main(argv):
 
     try:
         distributed.initialize(args)
-        train = probes.compare_extractors if args.extractor == "both" else probes.train_probes_on_store
-        run = train(args.store, args.out, probes.Protocol(**protocol_settings(args)), store_choice(args),
-                    experts=args.experts, direct=not args.no_direct, domain=args.domain)
+        run, table = probes.train_probes(args.store, args.out, probes.Protocol(**protocol_settings(args)),
+                                         store_choice(args), experts=args.experts, direct=not args.no_direct,
+                                         domain=args.domain)
     except (StoreError, probes.ProbeTrainingError, DomainError, distributed.DistributedError,
             FileNotFoundError) as err:
         return arguments.input_error("train probes", err)
     if distributed.is_coordinator():
-        print((args.out / (probes.COMPARISON_FILE if args.extractor == "both" else "r2.md")).read_text())
+        print(table.read_text())
     return 0 if run else 1

@@ -6,6 +6,7 @@
   `hmoe_jax.hybrid.artifacts.convert_probe`.)
 - `export_hf(SRC, DST)`: a converted gpt-oss checkpoint -> an HF checkpoint that transformers loads,
   plain experts or MXFP4 (`mxfp4=True`), written shard by shard, tensor by tensor.
+(`hmoe_jax.hybrid.artifacts.convert_any` chooses among these and `convert_probe`: `python -m convert`.)
 
 Every output directory is built under a temporary name next to DST and renamed into place only when
 complete, so an interrupted or failed conversion leaves no DST; the hidden `.DST.partial-*` that a killed

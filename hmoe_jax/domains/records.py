@@ -184,11 +184,18 @@ def generate_records(domain: Domain, n: int, seed: int) -> list[dict[str, Any]]:
     return records
 
 
-def write_dataset(domain: Domain, out_dir: str | Path, seed: int, n_train: int, n_eval: int) -> tuple[Path, Path]:
+def write_dataset(domain: Domain, out_dir: str | Path, seed: int, n_train: int, n_eval: int, *,
+                  overwrite: bool = False) -> tuple[Path, Path]:
     """`train.json` (the generator at `seed`) and `eval.json` (at `seed + 1`) in `out_dir`, recording the
     domain; a domain's own writer (CRE's byte-identical reference files) where it has one. Everything
-    is generated and checked before either file is written."""
+    is generated and checked before either file is written.
+
+    FileExistsError, before anything is generated, when either file exists and `overwrite` is False: a
+    data set regenerated with other settings would silently replace the one a probe was trained on."""
     out_dir = user_path(out_dir)
+    existing = [str(path) for path in (out_dir / TRAIN_FILE, out_dir / EVAL_FILE) if path.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"refusing to overwrite {', '.join(existing)}; pass --overwrite to replace")
     if domain.write_data is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         return tuple(domain.write_data(out_dir, seed, n_train, n_eval))

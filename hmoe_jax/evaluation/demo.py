@@ -155,7 +155,8 @@ def run_demo(out: str | Path, settings: DemoSettings, log: Callable[[str], None]
     data_dir = out / "data"
     train_json, eval_json = data_dir / TRAIN_FILE, data_dir / EVAL_FILE
     stage(f"data: python -m train data --domain {domain.name}", train_json.is_file() and eval_json.is_file(),
-          lambda: write_dataset(domain, data_dir, 42, sizes.n_train, sizes.n_eval))
+          # overwrite: the stage check above decides; a half-written pair from an interrupted run is replaced.
+          lambda: write_dataset(domain, data_dir, 42, sizes.n_train, sizes.n_eval, overwrite=True))
     load_records(train_json, domain)  # a resumed demo of another domain stops here
     model = _checkpoint(out, settings, sizes, domain, train_json, stage)
 
@@ -241,8 +242,8 @@ def _checkpoint(out: Path, settings: DemoSettings, sizes: Sizes, domain: Domain,
     else:
         lm_dir = out / "lm"
         source = lm_dir / "hf"
-        lm_settings = lm.LMSettings(steps=sizes.lm_steps, warmup_steps=min(lm.LMSettings.warmup_steps,
-                                                                           sizes.lm_steps // 5), seed=settings.seed)
+        lm_settings = lm.LMSettings(steps=sizes.lm_steps, warmup_steps=lm.default_warmup(sizes.lm_steps),
+                                    seed=settings.seed)
         # A corpus of its own, each record read once, so the probes' records and the held-out ones are
         # equally unseen by the LM (on the probes' own records it read each ~4.5 times; measured, that
         # changed little: cross-validated probe R^2 0.95-0.96 there, 0.946-0.957 here).

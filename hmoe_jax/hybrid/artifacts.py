@@ -12,6 +12,8 @@ restored into the placement (device or mesh sharding) its own variables already 
     hybrid run    hybrid_params.json (layer, experts, shapes) + hybrid_params/ (orbax, the trained
                   `RouterRowParam` and `ProjectionParam` values keyed by their model path)
     probe .pt     the reference's `nn.Sequential` state dict -> a converted Flax checkpoint (`load_probe`)
+
+`convert_any` is `python -m convert`: a probe `.pt` or a gpt-oss checkpoint to Flax, or back to HF.
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from ..checkpoint.convert import DTYPES, ConversionSummary, resolve_dtype
+from ..checkpoint.convert import DTYPES, ConversionSummary, convert_checkpoint, export_hf, resolve_dtype
 from ..checkpoint.flax_format import open_converted, write_flax_checkpoint
-from ..checkpoint.location import CheckpointError
+from ..checkpoint.location import CheckpointError, locate_checkpoint, resolve_checkpoint
 from ..domains import OUTPUT, SIGN_LOG, Scaling
 from ..runtime import distributed
 from ..runtime.files import atomic_directory, user_path, write_json_atomically
@@ -299,6 +301,42 @@ def convert_probe(
         write_flax_checkpoint(tmp, meta, ((name, params[name].astype(param_dtype)) for name in PARAM_NAMES))
     nbytes = sum(p.nbytes for p in params.values())
     return ConversionSummary(Path(dst), "probe", len(params), nbytes, time.perf_counter() - start)
+
+
+def convert_any(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    to: str = "flax",
+    revision: str | None = None,
+    keep_mxfp4: bool = False,
+    mxfp4: bool = False,
+    dtype: str | np.dtype | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> ConversionSummary:
+    """`python -m convert`: whatever `src` is, the conversion it asks for. `src` is a path or a hub id
+    (with `revision`, `checkpoint.location.resolve_checkpoint`). `to="hf"`: `export_hf` of a converted
+    checkpoint (`mxfp4`: MXFP4 experts). `to="flax"`: by `src`'s layout, a probe `.pt` -> `convert_probe`,
+    anything else -> `convert_checkpoint` (`keep_mxfp4`: experts kept packed). It lives here, not in
+    `checkpoint.convert`, because a probe is a hybrid artifact: the checkpoint layer may not import this one.
+
+    ValueError for an option that does not apply: `keep_mxfp4` with `to="hf"` or for a probe (a probe has
+    no experts), `mxfp4` with `to="flax"`; CheckpointError / FileExistsError as the conversion raises them."""
+    if to not in ("flax", "hf"):
+        raise ValueError(f"to must be 'flax' or 'hf', got {to!r}")
+    if to == "hf" and keep_mxfp4:
+        raise ValueError("--keep-mxfp4 applies to --to flax; use --mxfp4 for MXFP4 experts in an HF export")
+    if to == "flax" and mxfp4:
+        raise ValueError("--mxfp4 applies to --to hf; use --keep-mxfp4 to keep experts packed in a Flax checkpoint")
+    src = resolve_checkpoint(src, revision)
+    if to == "hf":
+        return export_hf(src, dst, mxfp4=mxfp4, dtype=dtype, overwrite=overwrite, progress=progress)
+    if locate_checkpoint(src).layout == "probe":
+        if keep_mxfp4:
+            raise ValueError("--keep-mxfp4 applies to gpt-oss checkpoints, not to a probe")
+        return convert_probe(src, dst, dtype=dtype, overwrite=overwrite)
+    return convert_checkpoint(src, dst, keep_mxfp4=keep_mxfp4, dtype=dtype, overwrite=overwrite, progress=progress)
 
 
 def load_probe(path: str | Path) -> dict[str, jax.Array]:

@@ -73,7 +73,7 @@ from ..checkpoint.convert import TOKENIZER_FILES, export_hf
 from ..checkpoint.flax_format import write_flax_checkpoint
 from ..checkpoint.loading import path_key
 from ..data.prompts import bucket_length, left_pad, pad_token_id, tokenize
-from ..domains import Domain, check_records, domain_origin
+from ..domains import Domain, check_records, domain_origin, generate_records, load_domain, load_records
 from ..model.config import ConfigError, GptOssConfig
 from ..model.transformer import GptOssForCausalLM, default_position_ids
 from ..runtime.files import atomic_directory, claim_run_dir, user_path, write_json_atomically, write_text_atomically
@@ -120,6 +120,17 @@ def widened(hidden: int, base: dict[str, Any] = DEFAULT_CONFIG) -> dict[str, Any
             "num_key_value_heads": heads // group}
 
 
+def config_from(shape: Mapping[str, Any]) -> dict[str, Any]:
+    """`DEFAULT_CONFIG` with the model-shape keys of `shape` (e.g. {"num_hidden_layers": 6}) replaced. Its
+    `layer_types` is not carried over but derived again (`synthetic.tiny_config`: sliding and full layers
+    alternate), so it always matches `num_hidden_layers`. LMTrainingError for a key the config lacks."""
+    unknown = sorted(set(shape) - set(DEFAULT_CONFIG))
+    if unknown:
+        raise LMTrainingError(f"not keys of the model config: {unknown}")
+    base = {k: v for k, v in DEFAULT_CONFIG.items() if k != "layer_types"}
+    return synthetic.tiny_config(**{**base, **shape})
+
+
 @dataclasses.dataclass(frozen=True)
 class LMSettings:
     steps: int = 1500
@@ -150,7 +161,27 @@ class LMSettings:
             raise LMTrainingError(f"weight_decay must be finite and >= 0, got {self.weight_decay!r}")
 
 
+def default_warmup(steps: int) -> int:
+    """The warmup of a run of `steps` steps when none is asked for: `LMSettings.warmup_steps`, at most a
+    fifth of the run (a short run still spends most of it past the warmup, and `LMSettings` refuses a
+    warmup as long as the run)."""
+    return min(LMSettings.warmup_steps, steps // 5)
+
+
 # ------------------------------------------------------------------ the corpus
+
+
+def training_records(data: str | Path | None, domain: str | Domain | None, n_train: int, seed: int
+                     ) -> tuple[list[dict[str, Any]], Domain]:
+    """(records, domain) to train on: the data file `data` (`domains.load_records`: `domain` must be the
+    one it records, if any), or without one `n_train` records from `domain`'s generator at `seed`.
+    LMTrainingError for an `n_train` below 1 (only when generating)."""
+    if data is not None:
+        return load_records(data, domain)
+    if n_train < 1:
+        raise LMTrainingError(f"--n-train must be positive, got {n_train}")
+    domain = load_domain(domain)
+    return generate_records(domain, n_train, seed), domain
 
 
 def lm_corpus(domain: Domain, records: Sequence[Mapping[str, Any]]) -> list[tuple[str, str | None]]:

@@ -23,7 +23,8 @@ Two extractors read a layer of the store: "mean", the paper's probe MLP on a poo
 prompt's mean, or its last token), and "attention" (`hybrid.attention`), the same MLP on each
 argument's learned-query attention pooling of the store's token states (`TokenStates`). Both run the
 same protocol on the same tasks, folds and seeds, so their scores compare directly; `compare_extractors`
-trains both and writes one table of them.
+trains both and writes one table of them. `train_probes` runs whichever `StoreChoice.extractor` names
+("mean", "attention" or "both"), as `python -m train probes --extractor` does.
 
 Over several processes (`runtime.distributed`) the ensemble axis spans every host's devices; every
 process holds the features in full, gathers scores and the selected probes back, and takes part in
@@ -68,6 +69,7 @@ ROUTER_TASK = ("router", "asks_for_a_metric")
 
 EXTRACTORS = ("mean", "attention")
 COMPARISON_FILE = "extractors.md"
+SCORES_FILE = "r2.md"  # a probe run's score table
 RUN_FILE = "run.json"
 RESULTS_FILE = "results.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -794,7 +796,7 @@ class StoreChoice:
     pooling: str = "mean"
     expect_model: str | Path | None = None
     # "mean" (the MLP on the `pooling` vector), "attention" (on the store's token states) or, for
-    # `compare_extractors`, "both".
+    # `train_probes` and `compare_extractors`, "both".
     extractor: str = "mean"
     mesh_tensor: int = 1
     checkpoint_every: int = 10
@@ -837,7 +839,7 @@ def train_probes_on_store(store_path: str | Path, out: str | Path, protocol: Pro
     layer = store_layer(store, choice.layer)
     tasks = probe_tasks(store, domain, experts, direct=direct)
     features, identity = store_inputs(store, layer, choice, domain)
-    return _train_reported(out, features, store.scenario_ids, tasks, protocol, identity, choice, "r2.md",
+    return _train_reported(out, features, store.scenario_ids, tasks, protocol, identity, choice, SCORES_FILE,
                            domain.published_r2)
 
 
@@ -863,6 +865,19 @@ def compare_extractors(store_path: str | Path, out: str | Path, protocol: Protoc
                               probe_report.extractor_table({e: r.results for e, r in runs.items()}, seconds))
     distributed.sync("hmoe_jax.training.probes.compared")
     return runs
+
+
+def train_probes(store_path: str | Path, out: str | Path, protocol: Protocol, choice: StoreChoice, *,
+                 experts: Sequence[str] | None = None, direct: bool = True, domain: str | Domain | None = None
+                 ) -> tuple[RunResult | dict[str, RunResult], Path]:
+    """`train probes` for the extractor `choice.extractor` names: "mean" or "attention" is one run
+    (`train_probes_on_store`, its table `out/r2.md`), "both" the two compared (`compare_extractors`,
+    their table `out/extractors.md`). Returns (the run, or the runs by extractor; that table's path)."""
+    if choice.extractor == "both":
+        return (compare_extractors(store_path, out, protocol, choice, experts=experts, direct=direct, domain=domain),
+                user_path(out) / COMPARISON_FILE)
+    return (train_probes_on_store(store_path, out, protocol, choice, experts=experts, direct=direct, domain=domain),
+            user_path(out) / SCORES_FILE)
 
 
 def train_router_on_stores(store_path: str | Path, negatives_path: str | Path, out: str | Path, protocol: Protocol,
