@@ -11,7 +11,7 @@ from eval import baselines_cli
 from hmoe_jax.checkpoint import synthetic
 from hmoe_jax.checkpoint.chat import ChatFormat, final_answer
 from hmoe_jax.checkpoint.location import CheckpointError
-from hmoe_jax.domains.cre import generator as data
+from hmoe_jax.domains.cre import generator as cre_generator
 from hmoe_jax.evaluation.baselines import prompt_formats_for
 
 CONFIG = synthetic.tiny_config(vocab_size=320, hidden_size=64, num_hidden_layers=2)
@@ -22,7 +22,7 @@ PROMPTS = ["What is the DSCR for NOI $1,250,000 and annual debt service $1,000,0
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("chat")
-    train_json, eval_json = data.write_dataset(root / "data", n_train=40, n_eval=6)
+    train_json, eval_json = cre_generator.write_dataset(root / "data", n_train=40, n_eval=6)
     ckpt = synthetic.write_hf_checkpoint(root / "ckpt", CONFIG, seed=3)
     prompts = [s["input_prompt"] for s in json.loads(train_json.read_text())]
     synthetic.write_tokenizer(ckpt, prompts + PROMPTS, CONFIG)

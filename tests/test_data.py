@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hmoe_jax.domains import DomainError, read_records
-from hmoe_jax.domains.cre import generator as data
+from hmoe_jax.domains.cre import generator as cre_generator
 from train.data_cli import main as data_main
 
 REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -24,7 +24,7 @@ def git_blob_id(content):
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("dataset")
-    data.write_dataset(out_dir)
+    cre_generator.write_dataset(out_dir)
     return out_dir
 
 
@@ -43,12 +43,13 @@ def test_embedded_vocabulary_equals_the_reference_file():
     reference = REFERENCE_DIR / "generator_vocab.json"
     if not reference.exists():
         pytest.skip(f"reference vocabulary not found at {reference}")
-    assert data.VOCAB == json.loads(reference.read_text())
+    assert cre_generator.VOCAB == json.loads(reference.read_text())
 
 
 def test_eval_is_drawn_from_the_train_seed_plus_one_with_ids_from_10000():
-    assert data.eval_seed(42) == 43
-    first, last = data.generate_scenarios(500, data.eval_seed(42), data.EVAL_ID_OFFSET)[::499]
+    assert cre_generator.eval_seed(42) == 43
+    scenarios = cre_generator.generate_scenarios(500, cre_generator.eval_seed(42), cre_generator.EVAL_ID_OFFSET)
+    first, last = scenarios[0], scenarios[499]
     assert (first["id"], last["id"]) == ("cre_10000", "cre_10499")
 
 
@@ -124,7 +125,7 @@ def _ltv_first(records):
     ],
 )
 def test_record_errors_name_the_file_record_and_key(tmp_path, corrupt, expected_message):
-    records = data.generate_scenarios(3, 43, data.EVAL_ID_OFFSET)
+    records = cre_generator.generate_scenarios(3, 43, cre_generator.EVAL_ID_OFFSET)
     _ltv_first(records)
     corrupt(records)
     path = tmp_path / "eval.json"
@@ -165,10 +166,8 @@ def test_file_level_errors_name_the_problem(tmp_path, content, expected_message)
 def test_cli_refuses_to_overwrite_without_flag(tmp_path, capsys):
     existing = tmp_path / "train.json"
     existing.write_text("keep me")
-    with pytest.raises(SystemExit) as exit_info:
-        data_main(["--out", str(tmp_path), "--n-train", "2", "--n-eval", "2"])
-    assert exit_info.value.code == 2
-    assert "refusing to overwrite" in capsys.readouterr().err
+    assert data_main(["--out", str(tmp_path), "--n-train", "2", "--n-eval", "2"]) == 2
+    assert f"train data: error: refusing to overwrite {existing}" in capsys.readouterr().err
     assert existing.read_text() == "keep me"
     assert not (tmp_path / "eval.json").exists()
 

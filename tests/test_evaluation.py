@@ -10,7 +10,7 @@ from eval import hybrid_cli
 from hmoe_jax.checkpoint import synthetic
 from hmoe_jax.data.features import FeatureStore
 from hmoe_jax.domains import read_records
-from hmoe_jax.domains.cre import generator as data
+from hmoe_jax.domains.cre import generator as cre_generator
 from hmoe_jax.evaluation import hybrid as evaluation
 from hmoe_jax.hybrid.inference import build_hybrid_model, hybrid_predictions
 from train import precompute_cli, probes_cli
@@ -22,7 +22,7 @@ CONFIG = synthetic.tiny_config(vocab_size=320, hidden_size=64, num_hidden_layers
 def pipeline(tmp_path_factory):
     """A tiny checkpoint with tokenizer, a small data set, features at layer 1 and briefly trained probes."""
     root = tmp_path_factory.mktemp("pipeline")
-    train_json, eval_json = data.write_dataset(root / "data", n_train=240, n_eval=40)
+    train_json, eval_json = cre_generator.write_dataset(root / "data", n_train=240, n_eval=40)
     ckpt = synthetic.write_hf_checkpoint(root / "ckpt", CONFIG, seed=7)
     synthetic.write_tokenizer(ckpt, [s["input_prompt"] for s in json.loads(train_json.read_text())], CONFIG)
     stores = {split: root / f"features_{split}" for split in ("train", "eval")}

@@ -23,7 +23,7 @@ from hmoe_jax import formulas
 from hmoe_jax.checkpoint import synthetic
 from hmoe_jax.checkpoint.tokenizer import load_tokenizer
 from hmoe_jax.domains import load_domain, read_records
-from hmoe_jax.domains.cre import generator as data
+from hmoe_jax.domains.cre import generator as cre_generator
 from hmoe_jax.hybrid import artifacts, probe
 from hmoe_jax.hybrid.artifacts import PROBES_DIR, PROBES_FILE
 from hmoe_jax.hybrid.inference import build_hybrid_model
@@ -72,7 +72,7 @@ def write_random_probe_run(run_dir: Path, hidden: int, layer: int, seed: int = 0
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("hybrid_training")
-    train_json, eval_json = data.write_dataset(root / "data", n_train=8, n_eval=4)
+    train_json, eval_json = cre_generator.write_dataset(root / "data", n_train=8, n_eval=4)
     scenarios = _records(train_json) + _records(eval_json)
     ckpt = synthetic.write_hf_checkpoint(root / "ckpt", CONFIG, seed=7)
     synthetic.write_tokenizer(ckpt, [s["input_prompt"] for s in scenarios] + [CRE.answer_text(s) for s in scenarios],
@@ -104,7 +104,7 @@ def run(setup, out, settings=SETTINGS, **kwargs):
 
 
 def test_answer_text_is_the_structured_format_and_parses_back_to_the_ground_truth():
-    for s in data.generate_scenarios(40, 5, 0):
+    for s in cre_generator.generate_scenarios(40, 5, 0):
         text = CRE.answer_text(s)
         asked = CRE.asked(s)
         assert len(text.splitlines()) == len(asked) == (1 if s["complexity"] == 1 else 4)

@@ -22,7 +22,7 @@ from comparisons import rel_err
 from hmoe_jax import formulas, make_mesh
 from hmoe_jax.data import features as precompute
 from hmoe_jax.domains import domain_origin, load_domain
-from hmoe_jax.domains.cre import generator as data
+from hmoe_jax.domains.cre import generator as cre_generator
 from hmoe_jax.hybrid import artifacts
 from hmoe_jax.hybrid.probe import decode, encode, probe_apply
 from hmoe_jax.training import probes as probe_training
@@ -41,7 +41,7 @@ CRE = load_domain("cre")
 
 def write_store(path, n, *, kind="scenarios", seed=0, fingerprint="0123456789abcdef", shift=0.0, nan_row=None):
     """A complete feature store of `n` generated scenarios (or negatives) with informative features."""
-    scenarios = data.generate_scenarios(n, seed, 0)
+    scenarios = cre_generator.generate_scenarios(n, seed, 0)
     truth = np.asarray([[s["financials"]["noi"], s["financials"]["loan_amount"], s["financials"]["purchase_price"],
                          s["ground_truth"]["annual_debt_service"], s["ground_truth"]["dscr"], s["ground_truth"]["ltv"],
                          s["ground_truth"]["cap_rate"], s["ground_truth"]["debt_yield"]] for s in scenarios])

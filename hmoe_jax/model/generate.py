@@ -27,33 +27,33 @@ from .layers import LayerCache
 from .transformer import EmbeddingAndHead, GptOssForCausalLM, default_position_ids, run
 
 
-def _last_logits(outer: EmbeddingAndHead, x):
+def _last_logits(embedding_and_head: EmbeddingAndHead, x):
     """Logits [B, V] of the last position."""
-    return outer.logits(outer.final_norm(x[:, -1:]))[:, 0]
+    return embedding_and_head.logits(embedding_and_head.final_norm(x[:, -1:]))[:, 0]
 
 
 def _prefill(model: GptOssForCausalLM, ids, mask, total_len: int):
     """Run the prompt through every block, filling a fresh cache per layer: (last position's logits,
     caches, each row's next position)."""
     positions = default_position_ids(mask)
-    outer = model.embedding_and_head
-    x, ctx = model.part(EmbeddingAndHead.embed, outer, ids, mask, positions)
+    embedding_and_head = model.embedding_and_head
+    x, ctx = model.part(EmbeddingAndHead.embed, embedding_and_head, ids, mask, positions)
     empty = [layer.self_attn.empty_cache(ids.shape[0], total_len) for layer in model.layers]
     caches = []
     for x, _, cache in model.blocks(x, ctx, caches=empty):
         caches.append(cache)
-    return model.part(_last_logits, outer, x), caches, positions[:, -1] + 1
+    return model.part(_last_logits, embedding_and_head, x), caches, positions[:, -1] + 1
 
 
 def _decode_step(model: GptOssForCausalLM, token, position, step, caches: list[LayerCache]):
     """One token per row at sequence index `step`: (its logits [B, V], the extended caches)."""
-    outer = model.embedding_and_head
-    x, ctx = model.part(EmbeddingAndHead.embed, outer, token[:, None], None, position[:, None])
+    embedding_and_head = model.embedding_and_head
+    x, ctx = model.part(EmbeddingAndHead.embed, embedding_and_head, token[:, None], None, position[:, None])
     ctx = ctx.replace(full=None, sliding=None, decode_step=step)
     new_caches = []
     for x, _, cache in model.blocks(x, ctx, caches=caches):
         new_caches.append(cache)
-    return model.part(_last_logits, outer, x), new_caches
+    return model.part(_last_logits, embedding_and_head, x), new_caches
 
 
 def _choose(logits, key, temperature: float, top_k: int | None):

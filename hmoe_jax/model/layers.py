@@ -49,7 +49,7 @@ def project(spec: str, x, w, contract: int, options: RunOptions):
     return jnp.einsum(spec, x, w.astype(options.compute_dtype), precision=options.precision)
 
 
-class Computing(nnx.Module):
+class RunOptionsModule(nnx.Module):
     """A module that computes as the model's `RunOptions` say (`self.options`, set by its constructor)."""
 
     @property
@@ -154,7 +154,7 @@ class LayerCache(NamedTuple):
 # ------------------------------------------------------------------ attention
 
 
-class Attention(Computing):
+class Attention(RunOptionsModule):
     """Grouped-query attention with biases, learned sinks and an optional sliding window. Over a prompt
     `attend` runs the Pallas sink attention where the options' kernel path is not "xla" (a GPU by
     default), the XLA path otherwise; KV-cache decode steps take the XLA path."""
@@ -256,7 +256,7 @@ def sink_attention_xla(q, k, v, sinks, allowed, dtype):
 # ------------------------------------------------------------------ the MoE
 
 
-class Router(Computing):
+class Router(RunOptionsModule):
     """`logits = h @ W + b`; top-k of the raw logits, softmax over those k values only."""
 
     def __init__(self, config: GptOssConfig, options: RunOptions, *, rngs: nnx.Rngs):
@@ -278,7 +278,7 @@ class Router(Computing):
         return logits, jax.nn.softmax(top_values, axis=-1), top_indices
 
 
-class Experts(Computing):
+class Experts(RunOptionsModule):
     """The neural experts, each matrix stored [out, in] (`moe.ExpertWeightsOutIn`): gate_up [E, 2I, H]
     with gate/up INTERLEAVED along axis 1, down [E, H, I].
 
@@ -317,7 +317,7 @@ class Experts(Computing):
 _PACKED_INIT_SCALE = 120
 
 
-class PackedExperts(Computing):
+class PackedExperts(RunOptionsModule):
     """The neural experts kept as MXFP4, exactly as the checkpoint stores them, decoded inside the forward.
 
     Blocks are uint8 [E, out, in/32, 16] and scales uint8 [E, out, in/32]: 4.25 bits per value, about a
@@ -392,9 +392,9 @@ class PackedExperts(Computing):
                                      o.precision)
 
 
-def _lazily_decoded_experts(packed: PackedExpertWeights, dtype) -> moe.PackedExpertWeightsOutIn:
+def _lazily_decoded_experts(packed: PackedExpertWeights, dtype) -> moe.LazilyDecodedExpertWeights:
     decode = functools.partial(dequantize_mxfp4, dtype=dtype)
-    return moe.PackedExpertWeightsOutIn(
+    return moe.LazilyDecodedExpertWeights(
         moe.PackedMatrix(packed.gate_up_blocks, packed.gate_up_scales, decode, jnp.dtype(dtype)), packed.gate_up_bias,
         moe.PackedMatrix(packed.down_blocks, packed.down_scales, decode, jnp.dtype(dtype)), packed.down_bias)
 

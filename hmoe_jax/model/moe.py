@@ -81,10 +81,11 @@ class PackedMatrix(NamedTuple):
         return e, out, groups * per_block * 2
 
 
-class PackedExpertWeightsOutIn(NamedTuple):
-    """`ExpertWeightsOutIn` with both matrices `PackedMatrix`: only the `grouped` backend's per-expert
-    loop reads it (the layout of `PackedExperts` at small batches on CPU, where the whole decode would
-    be the layer's largest temporary: 3.2 GB in float32 at 20b width)."""
+class LazilyDecodedExpertWeights(NamedTuple):
+    """`ExpertWeightsOutIn` with both matrices kept MXFP4 (`PackedMatrix`) and decoded lazily, a chunk
+    at a time where they are read: only the `grouped` backend's per-expert loop reads it (the layout of
+    `PackedExperts` at small batches on CPU, where the whole decode would be the layer's largest
+    temporary: 3.2 GB in float32 at 20b width)."""
 
     gate_up: PackedMatrix
     gate_up_bias: jax.Array
@@ -92,11 +93,11 @@ class PackedExpertWeightsOutIn(NamedTuple):
     down_bias: jax.Array
 
 
-AnyExpertWeights = ExpertWeights | ExpertWeightsOutIn | PackedExpertWeightsOutIn
+AnyExpertWeights = ExpertWeights | ExpertWeightsOutIn | LazilyDecodedExpertWeights
 
 
 def _out_in(w) -> bool:
-    return isinstance(w, (ExpertWeightsOutIn, PackedExpertWeightsOutIn))
+    return isinstance(w, (ExpertWeightsOutIn, LazilyDecodedExpertWeights))
 
 
 def _expert_rows(w, e, start, size: int):
@@ -310,7 +311,7 @@ def moe_grouped(
     # Padded so a tile starting at any pair index stays in bounds (dynamic_slice would clamp it).
     rows = jnp.concatenate([xs, jnp.zeros((tiles[-1], hidden), x.dtype)])
     starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(s.group_sizes)[:-1]])
-    if not _out_in(w) or isinstance(w, PackedExpertWeightsOutIn):  # packed: no batched part, it reads all
+    if not _out_in(w) or isinstance(w, LazilyDecodedExpertWeights):  # packed: no batched part, it reads all
         out = _per_expert(rows, starts, s.group_sizes, w, act, precision, tiles, chunk_bytes, x.dtype)
         return combine(x, s, out[:pairs])
     rank = jnp.arange(pairs, dtype=jnp.int32) - starts[s.expert]  # position of each pair in its group

@@ -219,12 +219,12 @@ class GptOssForCausalLM(EmbeddingAndHead):
         after the last of all blocks is final-normed when the model has a head. A caller that keeps only
         the states it needs holds one residual at a time."""
         n_layers = self.layer_count(n_layers)
-        outer = self.embedding_and_head
-        x, ctx = self.part(EmbeddingAndHead.embed, outer, input_ids, attention_mask, position_ids)
+        embedding_and_head = self.embedding_and_head
+        x, ctx = self.part(EmbeddingAndHead.embed, embedding_and_head, input_ids, attention_mask, position_ids)
         yield 0, x, None
         for i, (x, info, _) in enumerate(self.blocks(x, ctx, n_layers), start=1):
             if i == self.config.num_hidden_layers and self.has_head:
-                x = self.part(EmbeddingAndHead.final_norm, outer, x)
+                x = self.part(EmbeddingAndHead.final_norm, embedding_and_head, x)
             yield i, x, info
 
     def blocks(self, x, ctx: BlockContext, n_layers: int | None = None,

@@ -254,8 +254,12 @@ def _hybrid_forward(graphdef, trainable, rest, x, ctx):
 @functools.partial(jax.jit, static_argnums=0)
 def _head_loss_and_grad(graphdef, state, x, batch):
     """((answer loss, aux), its gradient with respect to the last residual x)."""
-    outer = nnx.merge(graphdef, state)
-    return jax.value_and_grad(lambda x: answer_terms(outer.logits(outer.final_norm(x)), batch), has_aux=True)(x)
+    embedding_and_head = nnx.merge(graphdef, state)
+
+    def loss(x):
+        return answer_terms(embedding_and_head.logits(embedding_and_head.final_norm(x)), batch)
+
+    return jax.value_and_grad(loss, has_aux=True)(x)
 
 
 @functools.partial(jax.jit, static_argnums=0)
