@@ -1,6 +1,6 @@
 """`python -m eval demo`: the whole Hybrid MoE pipeline in one command.
 
-Without --model it first trains its own model: a small gpt-oss (4 layers, 8 experts, 1.9M parameters)
+Without --model it first trains its own model: a small gpt-oss (4 layers, 8 experts, 0.53M parameters)
 learns the domain's language from scratch on the training records' prompts and answers, in HF format
 that transformers loads. With --model PATH it runs on that checkpoint (e.g. the real gpt-oss-20b,
 layer 12). Stages, each the same library call its own command makes:
@@ -48,8 +48,8 @@ def main(argv=None) -> int:
                                                "300 otherwise)")
     p.add_argument("--lm-steps", type=int, help="optimizer steps of the demo's language model (batch 32)")
     p.add_argument("--lm-hidden", type=int,
-                   help="width of the demo's language model (default 128; a multiple of 64: heads of 32, two per "
-                        "KV head; bench/extraction_frontier.py measures what a wider one buys)")
+                   help="width of the demo's language model (default 64; a multiple of 64: heads of 32, two per "
+                        "KV head; bench/extraction_frontier.py measures what another width buys)")
     p.add_argument("--n-train", type=int, help="training records")
     p.add_argument("--n-eval", type=int, help="held-out records")
     p.add_argument("--extractor", choices=EXTRACTORS,

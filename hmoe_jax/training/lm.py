@@ -90,8 +90,9 @@ REPORT_FILE = "report.md"
 FLAX_DIR = "flax"
 HF_DIR = "hf"
 
-# The demo's model shape (`evaluation.demo.DEMO_MODEL`): 640 ids leave the byte-level tokenizer ~370
-# merges; every width is a multiple of 32, so the trained experts export as MXFP4 too.
+# `train lm`'s default shape (the demo's, `evaluation.demo.DEMO_MODEL`, is it at width 64): 640 ids
+# leave the byte-level tokenizer ~370 merges; every width is a multiple of 32, so the trained experts
+# export as MXFP4 too.
 DEFAULT_CONFIG = synthetic.tiny_config(
     vocab_size=640, hidden_size=128, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
     num_key_value_heads=2, head_dim=32, num_local_experts=8, num_experts_per_tok=2, sliding_window=16,
@@ -108,8 +109,8 @@ class LMTrainingError(ValueError):
 
 def widened(hidden: int, base: dict[str, Any] = DEFAULT_CONFIG) -> dict[str, Any]:
     """`base`'s shape at another width: heads of `base`'s head_dim, the same query heads per KV head,
-    expert MLPs as wide as the residual stream (as the default's 128 are). For measuring what a larger
-    LM buys (`python -m eval demo --lm-hidden`, bench/extraction_frontier.py)."""
+    expert MLPs as wide as the residual stream (as the default's 128 are): the demo's model (width 64),
+    `python -m eval demo --lm-hidden`, and bench/extraction_frontier.py's grid."""
     head_dim = base["head_dim"]
     group = base["num_attention_heads"] // base["num_key_value_heads"]
     if hidden <= 0 or hidden % (head_dim * group):
