@@ -26,7 +26,7 @@ from ..hybrid import probe
 from ..hybrid.artifacts import extraction_probes, probe_run_identity, probe_run_scalings
 from ..hybrid.inference import build_hybrid_model, hybrid_predictions
 from ..runtime import distributed
-from ..runtime.files import user_path, write_json_atomically
+from ..runtime.files import save_figure, user_path, write_json_atomically
 from ..runtime.options import RunOptions
 
 # The constant baseline's training records when no train file is given: the domain's generator, at the
@@ -202,7 +202,7 @@ def plot_errors(summary: Mapping[str, Any], out_dir: Path) -> list[Path]:
         ax.set_xlabel("log10 % error (red: 20%)")
     fig.tight_layout()
     paths.append(out_dir / "error_distributions.png")
-    fig.savefig(paths[-1], dpi=110)
+    save_figure(fig, paths[-1], dpi=110)
 
     scores = summary["scores"]["reference"]["hybrid"]
     for column in sorted({c for s in scores.values() for c in s.get("by_group", {})}):
@@ -218,7 +218,7 @@ def plot_errors(summary: Mapping[str, Any], out_dir: Path) -> list[Path]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         paths.append(out_dir / f"accuracy_by_{column}.png")
-        fig.savefig(paths[-1], dpi=110)
+        save_figure(fig, paths[-1], dpi=110)
     return paths
 
 

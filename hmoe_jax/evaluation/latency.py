@@ -35,7 +35,7 @@ from ..hybrid.inference import make_hybrid_from_run
 from ..hybrid.layer import HybridConfig, make_hybrid
 from ..model.generate import generate
 from ..model.transformer import default_position_ids
-from ..runtime.files import user_path, write_json_atomically, write_text_atomically
+from ..runtime.files import save_figure, user_path, write_json_atomically, write_text_atomically
 from ..runtime.options import RunOptions
 
 PAPER_SPEEDUP_256 = 173.2857041583295  # shared/reference/single_latency.json, one B200
@@ -192,4 +192,4 @@ def _plot(med: dict[str, float], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("median ms (log)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)

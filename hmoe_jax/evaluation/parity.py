@@ -45,7 +45,7 @@ from ..model.transformer import (
     parameter_bytes,
     unembed,
 )
-from ..runtime.files import user_path, write_json_atomically, write_text_atomically
+from ..runtime.files import save_figure, user_path, write_json_atomically, write_text_atomically
 from ..runtime.options import RunOptions
 
 
@@ -510,4 +510,4 @@ def _plot(report: ParityReport, path: Path) -> None:
     ax.set_title(f"parity vs transformers ({report.dtype})")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)

@@ -43,6 +43,20 @@ def write_json_atomically(path: str | os.PathLike, obj: Any) -> None:
     write_text_atomically(path, json.dumps(obj, indent=2))
 
 
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> None:
+    """A matplotlib figure to `path` as PNG, all or nothing (a temporary file, then a rename), as every
+    report file is written."""
+    path = user_path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def _owned_name(dst: Path, kind: str) -> Path:
     """A hidden sibling of `dst` that names its owner (host and process), so a later run can tell an
     orphan, whose process was killed before it could clean up, from a live run's work in progress."""

@@ -9,6 +9,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..runtime.files import save_figure
+
 
 def plot_curve(curve: Mapping[str, Any], path: Path) -> None:
     from matplotlib.figure import Figure  # no pyplot: no process-wide backend is chosen
@@ -30,7 +32,7 @@ def plot_curve(curve: Mapping[str, Any], path: Path) -> None:
     ax.legend(fontsize=7)
     ax.set_title("end-to-end hybrid training")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def _pct(x) -> str:

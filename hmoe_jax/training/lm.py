@@ -76,7 +76,14 @@ from ..data.prompts import bucket_length, left_pad, pad_token_id, tokenize
 from ..domains import Domain, check_records, domain_origin, generate_records, load_domain, load_records
 from ..model.config import ConfigError, GptOssConfig
 from ..model.transformer import GptOssForCausalLM, default_position_ids
-from ..runtime.files import atomic_directory, claim_run_dir, user_path, write_json_atomically, write_text_atomically
+from ..runtime.files import (
+    atomic_directory,
+    claim_run_dir,
+    save_figure,
+    user_path,
+    write_json_atomically,
+    write_text_atomically,
+)
 from ..runtime.options import RunOptions
 from .batches import epoch_batches
 from .checkpoints import TrainerCheckpoints
@@ -523,7 +530,7 @@ def plot_curve(curve: Mapping[str, Any], path: Path) -> None:
     ax.legend(fontsize=7)
     ax.set_title("language model training from scratch")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def report_markdown(record: Mapping[str, Any], progress: Mapping[str, Any], config: GptOssConfig, params,

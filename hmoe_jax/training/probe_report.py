@@ -7,6 +7,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..runtime.files import save_figure
+
 _METRIC_LABELS = {"r2": "R^2 (in each target's training space: its scaling column)",
                   "balanced_accuracy": "balanced accuracy"}
 
@@ -106,4 +108,4 @@ def plot_curves(results: dict[str, Any], path: str | Path) -> None:
         ax_val.set_ylim(-1.05, 1.0)
     ax_val.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
