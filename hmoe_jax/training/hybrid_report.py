@@ -7,32 +7,15 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
-
-from ..runtime.files import save_figure
+from .loss_plot import plot_losses
 
 
 def plot_curve(curve: Mapping[str, Any], path: Path) -> None:
-    from matplotlib.figure import Figure  # no pyplot: no process-wide backend is chosen
-
-    fig = Figure(figsize=(6.5, 3.6))
-    ax = fig.subplots()
-    steps = np.asarray(curve["step"])
-    for key, label in (("loss", "total (train)"), ("answer_loss", "answer tokens (train)"),
-                       ("router_loss", "router BCE (train)")):
-        values = np.asarray([np.nan if v is None else v for v in curve[key]], np.float64)
-        if steps.size and np.isfinite(values).any():
-            ax.plot(steps, values, lw=0.8, label=label)
     held = curve["held_out"]
-    ax.plot([h["step"] for h in held], [h["answer_loss"] for h in held], "o-", color="black",
-            label="answer tokens (held out)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats)")
-    ax.set_yscale("log")
-    ax.legend(fontsize=7)
-    ax.set_title("end-to-end hybrid training")
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
+    plot_losses(path, curve["step"], {"total (train)": curve["loss"], "answer tokens (train)": curve["answer_loss"],
+                                      "router BCE (train)": curve["router_loss"]},
+                [h["step"] for h in held], [h["answer_loss"] for h in held], "answer tokens (held out)",
+                title="end-to-end hybrid training")
 
 
 def _pct(x) -> str:

@@ -79,7 +79,6 @@ from ..model.transformer import GptOssForCausalLM, default_position_ids
 from ..runtime.files import (
     atomic_directory,
     claim_run_dir,
-    save_figure,
     user_path,
     write_json_atomically,
     write_text_atomically,
@@ -87,6 +86,7 @@ from ..runtime.files import (
 from ..runtime.options import RunOptions
 from .batches import epoch_batches
 from .checkpoints import TrainerCheckpoints
+from .loss_plot import plot_losses
 from .objective import answer_terms, differentiable_backend
 
 RUN_FILE = "run.json"
@@ -515,22 +515,10 @@ def write_trained_checkpoint(dst: Path, config: GptOssConfig, params, tokenizer_
 
 
 def plot_curve(curve: Mapping[str, Any], path: Path) -> None:
-    from matplotlib.figure import Figure  # no pyplot: no process-wide backend is chosen
-
-    fig = Figure(figsize=(6.5, 3.6))
-    ax = fig.subplots()
-    ax.plot(curve["step"], curve["loss"], lw=0.8, label="next-token loss (train batch)")
     held = curve["held_out"]
-    if held:
-        ax.plot([h["step"] for h in held], [h["loss"] for h in held], "o-", color="black", ms=3,
-                label="next-token loss (held out)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_yscale("log")
-    ax.legend(fontsize=7)
-    ax.set_title("language model training from scratch")
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
+    plot_losses(path, curve["step"], {"next-token loss (train batch)": curve["loss"]},
+                [h["step"] for h in held], [h["loss"] for h in held], "next-token loss (held out)",
+                title="language model training from scratch", unit="nats/token")
 
 
 def report_markdown(record: Mapping[str, Any], progress: Mapping[str, Any], config: GptOssConfig, params,
