@@ -192,7 +192,7 @@ def test_a_cli_refuses_inconsistent_settings_before_touching_anything(tiny, tmp_
     out = tmp_path / "store"
     code = precompute_cli.main(precompute_args(tiny, out) + ["--num-processes", "2", "--process-id", "5",
                                                               "--coordinator-address", "127.0.0.1:1"])
-    assert code == 1
+    assert code == 2
     assert "out of range" in capsys.readouterr().err
     assert not out.exists()
 

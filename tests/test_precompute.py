@@ -181,7 +181,7 @@ def test_data_file_off_schema_is_refused_before_any_store_exists(checkpoint, tmp
     bad.write_text(json.dumps(scenarios))
     rc = precompute_main(["--model", str(checkpoint / "ckpt"), "--data", str(bad), "--layer", "2",
                           "--out", str(tmp_path / "store")])
-    assert rc == 1
+    assert rc == 2
     assert "cre_00003" in capsys.readouterr().err
     assert not (tmp_path / "store").exists()
 
