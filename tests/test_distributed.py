@@ -215,14 +215,16 @@ def test_chunks_are_dealt_to_processes_disjointly(single_store):
 def test_two_process_precompute_equals_single_process(tiny, single_store):
     out = tiny / "store_2p"
     stdout = run_processes("train.precompute_cli", precompute_args(tiny, out))
-    assert "features of 24 prompts" in stdout[0] and not stdout[1].strip(), "process 0 alone reports"
+    # Process 0 alone reports. (Process 1's stdout is not required to be empty: gloo's threads print
+    # their connection lines there, interleaved at any character, so fragments of them can remain.)
+    assert "features of 24 prompts" in stdout[0] and "features of" not in stdout[1], "process 0 alone reports"
     assert_same_store(out, single_store)
 
 
 def test_two_process_probe_training_equals_single_process(tiny, single_store, single_run):
     out = tiny / "run_2p"
     stdout = run_processes("train.probes_cli", ["--store", str(single_store), "--out", str(out), *PROBE_ARGS])
-    assert "| ltv/loan |" in stdout[0] and not stdout[1].strip()
+    assert "| ltv/loan |" in stdout[0] and "ltv/loan" not in stdout[1]
     assert (out / "r2.md").read_text() == (single_run / "r2.md").read_text()
     assert_same_run(out, single_run)
 
