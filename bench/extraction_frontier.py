@@ -31,7 +31,7 @@ from safetensors import safe_open  # noqa: E402
 
 from hmoe_jax.domains import load_domain  # noqa: E402
 from hmoe_jax.evaluation.demo import DemoSettings, run_demo  # noqa: E402
-from hmoe_jax.runtime.files import user_path, write_json_atomically, write_text_atomically  # noqa: E402
+from hmoe_jax.runtime.files import save_figure, user_path, write_json_atomically, write_text_atomically  # noqa: E402
 from hmoe_jax.training.lm import LMTrainingError, widened  # noqa: E402
 
 DEFAULT_POINTS = ("64:400", "128:200", "128:400", "128:800", "256:400")
@@ -108,10 +108,8 @@ def plot(points: list[dict], path: Path) -> None:
     left.legend(fontsize=7)
     right.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def main(argv=None) -> int:

@@ -24,18 +24,25 @@ def user_path(path: str | os.PathLike) -> Path:
     return Path(path).expanduser()
 
 
-def write_text_atomically(path: str | os.PathLike, text: str) -> None:
-    """`text` to `path`, all or nothing: a temporary file in the same directory, then a rename, so an
-    interrupted run never leaves a truncated file behind."""
-    path = user_path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+@contextlib.contextmanager
+def _replacing(path: Path, suffix: str) -> Iterator[str]:
+    """Yield a temporary file's name beside `path`; once the body returns it replaces `path` (a rename,
+    so an interrupted run never leaves a truncated file behind); on any exception it is removed."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """`text` to `path`, all or nothing (`_replacing`)."""
+    path = user_path(path)
+    with _replacing(path, ".tmp") as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def write_json_atomically(path: str | os.PathLike, obj: Any) -> None:
@@ -44,17 +51,10 @@ def write_json_atomically(path: str | os.PathLike, obj: Any) -> None:
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> None:
-    """A matplotlib figure to `path` as PNG, all or nothing (a temporary file, then a rename), as every
-    report file is written."""
+    """A matplotlib figure to `path` as PNG, all or nothing, as every report file is written."""
     path = user_path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
+    with _replacing(path, ".png") as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _owned_name(dst: Path, kind: str) -> Path:
