@@ -53,7 +53,8 @@ from .hybrid import evaluate_and_write
 # (400 steps: 0.947 at 64, 0.950 at 128; 800 steps: 0.959 at 64, 0.963 at 128), and a width-64 step
 # takes about a third of the time, so the demo's budget buys twice the steps at width 64.
 DEMO_MODEL = lm.widened(64)
-DEMO_LAYER = 2  # of 4: the scaled-down analogue of the paper's layer 12 of 24
+# The middle block (2 of 4): the scaled-down analogue of the paper's layer 12 of 24.
+DEMO_LAYER = DEMO_MODEL["num_hidden_layers"] // 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +150,7 @@ def run_demo(out: str | Path, settings: DemoSettings, log: Callable[[str], None]
     demo = settings.model is None
     sizes = settings.sizes()
     layer = settings.layer if settings.layer is not None else (
-        (settings.lm_model()["num_hidden_layers"] // 2 if settings.lm_config else DEMO_LAYER) if demo else 12)
+        settings.lm_model()["num_hidden_layers"] // 2 if demo else 12)
     epochs = settings.epochs if settings.epochs is not None else (sizes.epochs if demo else 300)
     extractor = settings.extractor or DEFAULT_EXTRACTOR
     if extractor not in EXTRACTORS:
